@@ -1,0 +1,283 @@
+"""Claims about taco.py: files decode bit-exactly without the caption, and bad files fail clearly."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import taco
+from taco import (GDN, TACO, BitstreamError, CheckpointError, TacoConfig, TextEncoder, load_checkpoint,
+                  save_checkpoint)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return TextEncoder("tiny", "random")
+
+
+def tiny_model(encoder, gammas=True, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = TACO(TacoConfig(**{**TINY, **overrides})).eval()
+    if model.config.text_adapter:
+        model.attach_text_encoder(encoder)
+        if gammas:                                   # as after training: the caption now matters
+            for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
+                injector.gamma.data.normal_()
+    return model.update()
+
+
+def natural_image(H, W, seed=0):
+    """A smooth image with some texture: something like a photo, made here."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, max(H // 16, 2), max(W // 16, 2), generator=g)
+    smooth = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False)
+    return (smooth + 0.05 * torch.randn(1, 3, H, W, generator=g)).clamp(0, 1)
+
+
+def eval_reconstruction(model, x, caption):
+    """The model's own forward pass at test time, on the padded image, cropped back."""
+    H, W = x.shape[-2:]
+    padded = F.pad(x, (0, -W % 64, 0, -H % 64), mode="replicate")
+    with torch.no_grad():
+        return model(padded, [caption])["x_hat"].clamp(0, 1)[:, :, :H, :W]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (70, 100), (17, 33), (130, 200)])
+def test_decompress_equals_the_models_own_reconstruction_exactly(encoder, size):
+    model = tiny_model(encoder)
+    x = natural_image(*size)
+    data = model.compress(x, "a red barn in the snow")
+    assert torch.equal(model.decompress(data), eval_reconstruction(model, x, "a red barn in the snow"))
+
+
+def test_decoding_needs_no_caption_and_zero_gammas_make_the_caption_irrelevant(encoder):
+    x = natural_image(64, 96)
+    model = tiny_model(encoder, gammas=False)
+    first, second = model.compress(x, "a cat"), model.compress(x, "an aircraft carrier at dawn")
+    assert first == second
+    decoder = TACO(model.config).eval()              # a fresh model: no text encoder anywhere
+    decoder.load_state_dict(model.state_dict())
+    assert decoder.text_encoder is None
+    assert torch.equal(decoder.decompress(first), model.decompress(first))
+
+
+def test_with_nonzero_gammas_the_caption_changes_the_bitstream(encoder):
+    x = natural_image(64, 96)
+    model = tiny_model(encoder, gammas=True)
+    assert model.compress(x, "a cat") != model.compress(x, "an aircraft carrier at dawn")
+
+
+def test_model_without_text_adapter_codes_without_any_text_tower():
+    model = TACO(TacoConfig(**{**TINY, "text_adapter": False})).eval().update()
+    x = natural_image(40, 50)
+    assert torch.equal(model.decompress(model.compress(x)), eval_reconstruction(model, x, None))
+
+
+@pytest.fixture(scope="module")
+def trained_model(encoder):
+    """A tiny model trained briefly for rate and distortion, so its likelihoods mean something."""
+    model = tiny_model(encoder).train()
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "quantiles" not in n], lr=3e-3)
+    aux = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=0.3)
+    images = torch.cat([natural_image(64, 64, seed) for seed in range(4)])
+    for _ in range(150):
+        out = model(images, ["a photo"] * 4)
+        bits = sum(-torch.log2(l).sum() for l in out["likelihoods"].values())
+        loss = bits / images[0, 0].numel() / 4 + 0.01 * 255 ** 2 * F.mse_loss(out["x_hat"], images)
+        optimizer.zero_grad(), aux.zero_grad()
+        loss.backward()
+        model.entropy_bottleneck.aux_loss().backward()
+        optimizer.step(), aux.step()
+    return model.eval().update()
+
+
+def test_file_size_matches_the_likelihood_estimate(trained_model):
+    x = natural_image(192, 256, seed=9)
+    data = trained_model.compress(x, "a photo")
+    with torch.no_grad():
+        likelihoods = trained_model(x, ["a photo"])["likelihoods"]
+    estimate_bytes = sum(float(-torch.log2(l).sum()) for l in likelihoods.values()) / 8
+    payload = len(data) - taco.HEADER.size - taco.CHECKSUM.size
+    assert abs(payload - estimate_bytes) <= 0.03 * estimate_bytes + 16
+
+
+def test_gdn_follows_its_formula():
+    torch.manual_seed(0)
+    gdn = GDN(4)
+    with torch.no_grad():
+        gdn.gamma.param.add_(0.1 * torch.rand(4, 4))
+        gdn.beta.param.add_(0.1 * torch.rand(4))
+    x = torch.randn(2, 4, 3, 5)
+    beta, gamma = gdn.beta().detach().numpy(), gdn.gamma().detach().numpy()
+    xn = x.numpy()
+    norm = beta[None, :, None, None] + np.einsum("ij,bjhw->bihw", gamma, xn ** 2)
+    assert np.allclose(gdn(x).detach().numpy(), xn / np.sqrt(norm), rtol=1e-5, atol=1e-6)
+    gdn.inverse = True
+    assert np.allclose(gdn(x).detach().numpy(), xn * np.sqrt(norm), rtol=1e-5, atol=1e-6)
+    assert (beta >= 1e-6).all() and (gamma >= 0).all()
+
+
+def test_grayscale_and_rgba_inputs_are_handled(encoder):
+    model = tiny_model(encoder)
+    gray = natural_image(40, 30)[:, :1]
+    decoded = model.decompress(model.compress(gray, "x"))
+    assert decoded.shape == (1, 1, 40, 30)
+    rgba = torch.cat([natural_image(40, 30), torch.ones(1, 1, 40, 30)], dim=1)
+    assert model.decompress(model.compress(rgba, "x")).shape == (1, 3, 40, 30)
+
+
+@pytest.fixture(scope="module")
+def coded(encoder):
+    model = tiny_model(encoder)
+    return model, model.compress(natural_image(70, 90), "a boat")
+
+
+def test_truncated_file_raises_clear_error(coded):
+    model, data = coded
+    for cut in (0, 3, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises(BitstreamError):
+            model.decompress(data[:cut])
+
+
+def test_every_flipped_byte_raises_clear_error(coded):
+    model, data = coded
+    for position in range(len(data)):
+        corrupted = bytearray(data)
+        corrupted[position] ^= 0x5A
+        with pytest.raises(BitstreamError):
+            model.decompress(bytes(corrupted))
+
+
+def test_file_that_is_not_ours_raises_clear_error(coded):
+    model, _ = coded
+    with pytest.raises(BitstreamError, match="not a TACO file"):
+        model.decompress(b"\x89PNG\r\n\x1a\n" + bytes(100))
+
+
+def test_file_from_another_model_raises_clear_error(encoder, coded):
+    _, data = coded
+    other = tiny_model(encoder, seed=1)
+    with pytest.raises(BitstreamError, match="another model"):
+        other.decompress(data)
+
+
+def test_absurd_size_in_a_well_formed_header_raises_before_allocating(coded):
+    model, data = coded
+    fields = list(taco.HEADER.unpack_from(data))
+    fields[3], fields[4] = 65535, 65535                          # 4.3 gigapixels
+    body = taco.HEADER.pack(*fields) + data[taco.HEADER.size:-taco.CHECKSUM.size]
+    forged = body + taco.CHECKSUM.pack(__import__("zlib").crc32(body))
+    with pytest.raises(BitstreamError, match="impossible image size"):
+        model.decompress(forged)
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save({"config": {**TINY, "M": 32}, "state_dict": TACO(TacoConfig(**TINY)).state_dict()},
+               tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(str(tmp_path / "mismatch.pt"))
+
+
+def test_checkpoint_loaded_in_a_fresh_process_decodes_files_written_before_the_save(encoder, tmp_path):
+    model = tiny_model(encoder)
+    x = natural_image(50, 70)
+    (tmp_path / "image.taco").write_bytes(model.compress(x, "a boat"))
+    np.save(tmp_path / "expected.npy", model.decompress((tmp_path / "image.taco").read_bytes()).numpy())
+    save_checkpoint(str(tmp_path / "model.pt"), model, step=7)
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {ROOT!r})
+        from taco import load_checkpoint
+        model, checkpoint = load_checkpoint({str(tmp_path / "model.pt")!r})
+        x_hat = model.decompress(open({str(tmp_path / "image.taco")!r}, "rb").read()).numpy()
+        assert checkpoint["step"] == 7
+        assert np.array_equal(x_hat, np.load({str(tmp_path / "expected.npy")!r})), "different image"
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
+def test_cli_roundtrip_refuses_to_overwrite_and_reports_errors(encoder, tmp_path, capsys):
+    from PIL import Image
+    model = tiny_model(encoder, text_adapter=False)
+    save_checkpoint(str(tmp_path / "model.pt"), model)
+    image = (natural_image(45, 60)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    ckpt, photo, coded = str(tmp_path / "model.pt"), str(tmp_path / "photo.png"), str(tmp_path / "photo.taco")
+    assert taco.main(["compress", photo, "--checkpoint", ckpt, "-o", coded]) == 0
+    assert "bpp" in capsys.readouterr().out
+    decoded = str(tmp_path / "decoded.png")
+    assert taco.main(["decompress", coded, "--checkpoint", ckpt, "-o", decoded]) == 0
+    expected = model.decompress(open(coded, "rb").read())
+    assert np.array_equal(np.asarray(Image.open(decoded)),
+                          (expected[0].permute(1, 2, 0) * 255).round().byte().numpy())
+
+    before = open(coded, "rb").read()
+    assert taco.main(["compress", photo, "--checkpoint", ckpt, "-o", coded]) == 1
+    assert "--force" in capsys.readouterr().err and open(coded, "rb").read() == before
+
+    (tmp_path / "broken.taco").write_bytes(before[:-5])
+    assert taco.main(["decompress", str(tmp_path / "broken.taco"), "--checkpoint", ckpt,
+                      "-o", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_cli_text_model_requires_a_caption(encoder, tmp_path, capsys):
+    from PIL import Image
+    save_checkpoint(str(tmp_path / "model.pt"), tiny_model(encoder))
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    assert taco.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model.pt")]) == 1
+    assert "--caption" in capsys.readouterr().err
+    (tmp_path / "caption.txt").write_text("a black square\n")
+    assert taco.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model.pt"),
+                      "--caption-file", str(tmp_path / "caption.txt")]) == 0
+    assert os.path.exists(tmp_path / "a.taco")
+
+
+def test_text_embedding_matches_open_clips_own_encode_text(encoder):
+    """Our 38-token path and open_clip's 77-token encode_text agree for captions that fit."""
+    import open_clip
+    torch.manual_seed(0)
+    clip = taco.load_clip("tiny", "random")
+    ours = TextEncoder("tiny", "random", clip=clip)
+    captions = ["a red barn in the snow", "two dogs", ""]
+    _, _, embedding = ours(captions)
+    with torch.no_grad():
+        reference = clip.encode_text(open_clip.get_tokenizer("ViT-B-32")(captions))
+    assert torch.allclose(embedding, reference, atol=1e-5)
+
+
+def test_padding_mask_changes_only_padding_positions(encoder):
+    ids, padding = encoder.tokenize(["a short caption"])
+    assert padding[0].tolist() == [False] * 5 + [True] * 33         # start, 3 words, end; then padding
+    assert (ids[0, 4:] == encoder.tokenizer.eot_token_id).all()
+    masked, _ = encoder.encode(ids, padding)
+    unmasked, _ = encoder.encode(ids, torch.zeros_like(padding))
+    assert torch.allclose(masked[0, :5], unmasked[0, :5], atol=1e-6)
+    assert not torch.allclose(masked[0, 5:], unmasked[0, 5:])
+
+
+def test_long_captions_are_cut_to_the_token_budget(encoder):
+    ids, padding = encoder.tokenize(["word " * 100])
+    assert ids.shape == (1, 38) and not padding.any()
+    assert ids[0, 0] == encoder.tokenizer.sot_token_id and ids[0, -1] == encoder.tokenizer.eot_token_id
+
+
+def test_missing_pretrained_weights_fail_at_once_with_instructions():
+    with pytest.raises(taco.WeightsUnavailable, match="--clip-pretrained"):
+        taco.load_clip("ViT-B-32", "openai")
