@@ -367,11 +367,13 @@ class EntropyBottleneck(_CodingTables):
 
     def forward(self, z):
         """z (B, C, H, W) -> z_hat for the decoder, likelihoods (B, C, H, W)."""
+        z = z.float()                           # likelihoods need float32, even under bf16 autocast
         B, C, H, W = z.shape
         medians = self.medians.view(1, C, 1, 1)
         z_tilde = quantize(z, "noise") if self.training else quantize(z, "dequantize", medians)
         v = z_tilde.permute(1, 0, 2, 3).reshape(C, 1, -1)                  # (C, 1, B*H*W)
-        likelihoods = self._likelihood(v).reshape(C, B, H, W).permute(1, 0, 2, 3)
+        with torch.autocast(z.device.type, enabled=False):
+            likelihoods = self._likelihood(v).reshape(C, B, H, W).permute(1, 0, 2, 3)
         z_hat = quantize(z, "ste", medians) if self.training else z_tilde
         return z_hat, lower_bound(likelihoods, 1e-9)
 
@@ -437,9 +439,12 @@ class GaussianConditional(_CodingTables):
 
     def forward(self, y, scales, means=None):
         """y, scales, means (B, M, h, w) -> y_hat for the decoder, likelihoods of the training proxy."""
+        y, scales = y.float(), scales.float()     # likelihoods need float32, even under bf16 autocast
+        means = None if means is None else means.float()
         y_tilde = quantize(y, "noise") if self.training else quantize(y, "dequantize", means)
         y_hat = quantize(y, "ste", means) if self.training else y_tilde
-        return y_hat, self.likelihood(y_tilde, scales, means)
+        with torch.autocast(y.device.type, enabled=False):
+            return y_hat, self.likelihood(y_tilde, scales, means)
 
     @torch.no_grad()
     def update(self):

@@ -9,13 +9,16 @@ from the file alone. Backbone: Balle et al. 2017 (GDN), Balle et al. 2018 and Mi
 hyperprior). Run `python taco.py --help` for the compress/decompress CLI.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import socket
 import struct
 import sys
 import time
+import urllib.parse
 import zlib
 from dataclasses import dataclass
 
@@ -174,17 +177,38 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (no network, no local file)."""
 
 
+@contextlib.contextmanager
+def hub_offline_unless_reachable(timeout=3.0):
+    """Without network, make the Hugging Face hub read its local cache at once instead of retrying for a
+    minute: the weights still load when they were downloaded before."""
+    from huggingface_hub import constants
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    saved = constants.HF_HUB_OFFLINE
+    if not saved:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError:
+            constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def load_clip(name, pretrained):
     """An open_clip CLIP model: `pretrained` is a tag ("openai"), a local weights file, or "random"."""
     import open_clip
-    if name == "tiny":
-        if pretrained != "random":
-            raise ValueError('the "tiny" CLIP exists only with random weights (clip_pretrained="random")')
-        return open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
-    if pretrained == "random":
-        return open_clip.create_model(name, pretrained=None)
+    if name == "tiny" and pretrained != "random":
+        raise ValueError('the "tiny" CLIP exists only with random weights (clip_pretrained="random")')
+    if pretrained == "random":             # seeded: the same stand-in in every process, for train and compress
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if name == "tiny":
+                return open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
+            return open_clip.create_model(name, pretrained=None)
     try:
-        return open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
+        with hub_offline_unless_reachable():
+            return open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
     except Exception as error:
         raise WeightsUnavailable(
             f"could not load CLIP {name} weights '{pretrained}' ({type(error).__name__}). Either run once "

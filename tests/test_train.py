@@ -1,0 +1,217 @@
+"""Claims about train.py: the joint loss trains the codec only, runs resume exactly, data loads or fails clearly."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import eval as metrics
+import taco
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ["--N", "16", "--M", "24", "--clip-model", "tiny", "--clip-pretrained", "random", "--crop", "64",
+            "--batch-size", "2", "--log-every", "1"]
+
+
+def tiny_towers():
+    """Random-weight stand-ins with the real architectures: tiny CLIP, AlexNet LPIPS."""
+    torch.manual_seed(0)
+    clip = taco.load_clip("tiny", "random")
+    lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
+    return taco.TextEncoder("tiny", "random", clip=clip), clip.visual, lpips
+
+
+def tiny_model(encoder):
+    torch.manual_seed(0)
+    config = taco.TacoConfig(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
+    return taco.TACO(config).attach_text_encoder(encoder)
+
+
+def photo_batch(n=4, size=64):
+    import skimage.data
+    image = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float() / 255
+    return torch.stack([image[:, 100 + 40 * i:100 + 40 * i + size, 150:150 + size] for i in range(n)])
+
+
+def test_every_loss_term_reaches_the_codec_and_none_reaches_the_frozen_towers():
+    encoder, visual, lpips = tiny_towers()
+    model = tiny_model(encoder).train()
+    x, captions = photo_batch(), ["an astronaut"] * 2 + ["a flag", "a helmet"]
+    for term in ("bpp", "mse", "lpips", "joint"):
+        model.zero_grad()
+        criterion = train.JointLoss(0.01, 1.0, 1.0, lpips, visual)
+        features, padding, embedding = encoder(captions)
+        _, terms = criterion(model(x, (features, padding)), x, embedding)
+        terms[term].backward()
+        codec_grads = [p.grad for n, p in model.named_parameters() if n.startswith("g_a.stages.0")]
+        assert all(g is not None and g.abs().sum() > 0 for g in codec_grads), term
+        towers = list(visual.parameters()) + list(lpips.parameters()) + list(encoder.parameters())
+        assert all(p.grad is None for p in towers), term
+
+
+def test_joint_term_is_infonce_plus_embedding_distance():
+    """Against a computation written here: symmetric cross-entropy on the cosine logits, plus 40 * norm."""
+    _, visual, _ = tiny_towers()
+    criterion = train.JointLoss(0.01, 1.0, 1.0, None, visual)
+    torch.manual_seed(1)
+    x, x_hat, text = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        e_hat = visual(train.clip_preprocess(x_hat))
+        e = visual(train.clip_preprocess(x))
+        e_hat, e, t = (v / v.norm(dim=1, keepdim=True) for v in (e_hat, e, text))
+        logits = (t @ e_hat.T).numpy() / 0.07
+        rows = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(1)))
+        cols = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(0)))
+        expected = (rows + cols) / 2 + 40 * np.sqrt(((e_hat - e) ** 2).sum().item())
+        assert np.isclose(criterion.joint_term(x_hat, x, text).item(), expected, rtol=1e-4)
+
+
+def test_loss_falls_over_a_few_dozen_steps():
+    encoder, visual, lpips = tiny_towers()
+    model = tiny_model(encoder).train()
+    criterion = train.JointLoss(0.01, 1.0, 0.01, lpips, visual)
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "quantiles" not in n], lr=3e-3)
+    x, captions = photo_batch(), ["an astronaut"] * 4
+    features, padding, embedding = encoder(captions)
+    losses = []
+    for _ in range(40):
+        torch.manual_seed(len(losses))
+        loss, _ = criterion(model(x, (features, padding)), x, embedding)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def run_train(args, tmp_path, name):
+    cfg = train.parse_args(TINY_RUN + ["--out", str(tmp_path / name)] + args)
+    train.train(cfg)
+    return taco.load_checkpoint(str(tmp_path / name / "latest.pt"))
+
+
+def test_resume_after_interruption_continues_exactly(tmp_path, capsys):
+    common = ["--steps", "6", "--val-every", "100"]
+    straight, _ = run_train(common, tmp_path, "straight")
+    run_train(common + ["--stop-at", "3"], tmp_path, "interrupted")
+    resumed, checkpoint = run_train(common + ["--resume"], tmp_path, "interrupted")
+    assert checkpoint["step"] == 6
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    run_train(["--steps", "1"], tmp_path, "run")
+    before = (tmp_path / "run" / "latest.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run_train(["--steps", "1"], tmp_path, "run")
+    assert (tmp_path / "run" / "latest.pt").read_bytes() == before
+
+
+def test_builtin_demo_runs_end_to_end_and_compares_with_jpeg(tmp_path, capsys):
+    model, checkpoint = run_train(["--steps", "4", "--val-every", "2"], tmp_path, "demo")
+    out = capsys.readouterr().out
+    try:
+        metrics.load_lpips()
+        lpips_available = True
+    except taco.WeightsUnavailable:
+        lpips_available = False
+    stand_in = out.find("STAND-IN: AlexNet")                # said before training starts, when it applies
+    assert (stand_in >= 0) != lpips_available and stand_in < out.find("training on")
+    assert "JPEG PSNR at that bpp" in out and "coffee" in out and "chelsea" in out
+    for name in ("latest.pt", "best.pt", "log.jsonl", "curves.png"):
+        assert (tmp_path / "demo" / name).exists(), name
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "log.jsonl")]
+    assert {"bpp", "mse", "psnr", "loss", "aux"} <= set(rows[0]) and any("val_bpp" in r for r in rows)
+    assert checkpoint["train_config"]["steps"] == 4
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_and_gloo_write_one_checkpoint(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *TINY_RUN,
+               "--steps", "3", "--val-every", "100", "--out", str(tmp_path / "ddp")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "curves.png", "latest.pt", "log.jsonl"]
+    model, checkpoint = taco.load_checkpoint(str(tmp_path / "ddp" / "latest.pt"))
+    assert checkpoint["step"] == 3
+
+
+def write_photo(path, size):
+    rng = np.random.default_rng(len(str(path)))
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def test_coco_format_loads_with_every_caption_and_size_filter(tmp_path):
+    (tmp_path / "train2014").mkdir()
+    (tmp_path / "annotations").mkdir()
+    sizes = {1: (300, 400), 2: (100, 400), 3: (256, 256)}
+    for i, (h, w) in sizes.items():
+        write_photo(tmp_path / "train2014" / f"COCO_{i}.jpg", (h, w))
+    meta = {"images": [{"id": i, "file_name": f"COCO_{i}.jpg", "height": h, "width": w}
+                       for i, (h, w) in sizes.items()],
+            "annotations": [{"image_id": 1, "caption": "a dog"}, {"image_id": 1, "caption": "a brown dog "},
+                            {"image_id": 2, "caption": "too small"}, {"image_id": 3, "caption": "a square"}]}
+    (tmp_path / "annotations" / "captions_train2014.json").write_text(json.dumps(meta))
+    items = train.coco_items(str(tmp_path), 256)
+    assert sorted((os.path.basename(p), c) for p, c in items) == [
+        ("COCO_1.jpg", ["a dog", "a brown dog"]), ("COCO_3.jpg", ["a square"])]
+    crop, caption = train.CropDataset(items, 256)[(0, 123)]
+    assert crop.shape == (3, 256, 256) and caption in ("a dog", "a brown dog")
+
+
+@pytest.mark.parametrize("style", ["json", "jsonl"])
+def test_folder_format_skips_and_counts_bad_images(tmp_path, capsys, style):
+    write_photo(tmp_path / "good.png", (80, 90))
+    write_photo(tmp_path / "small.png", (30, 90))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    captions = {"good.png": ["a", "b"], "small.png": "c", "broken.jpg": "d", "absent.png": "e"}
+    if style == "json":
+        (tmp_path / "captions.json").write_text(json.dumps(captions))
+    else:
+        (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"file": k, "caption": v})
+                                                           for k, v in captions.items()))
+    items = train.folder_items(str(tmp_path), str(tmp_path / f"captions.{style}"), 64)
+    assert [(os.path.basename(p), c) for p, c in items] == [("good.png", ["a", "b"])]
+    out = capsys.readouterr().out
+    assert "1 missing" in out and "1 unreadable" in out and "1 smaller than 64" in out
+
+
+def test_missing_caption_file_or_folder_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="caption file not found"):
+        train.folder_items(str(tmp_path), str(tmp_path / "nope.json"), 64)
+    with pytest.raises(SystemExit, match="image folder not found"):
+        train.folder_items(str(tmp_path / "nope"), str(tmp_path / "nope.json"), 64)
+    with pytest.raises(SystemExit, match="no annotations"):
+        train.coco_items(str(tmp_path), 256)
+
+
+def test_missing_pretrained_weights_stop_the_run_unless_allowed(tmp_path):
+    cfg = train.parse_args(["--data", "folder", "--N", "16", "--M", "24", "--out", str(tmp_path / "x")])
+    assert not cfg.allow_missing_weights
+    with pytest.raises(SystemExit, match="--allow-missing-weights"):
+        train.build_towers(cfg, print)
+
+
+def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
+    full = train.batches(10, 2, 0, 1, seed=5, start_step=0)
+    first_six = [next(full) for _ in range(6)]
+    restarted = train.batches(10, 2, 0, 1, seed=5, start_step=4)
+    assert [next(restarted) for _ in range(2)] == first_six[4:]
+    rank0, rank1 = next(train.batches(10, 2, 0, 2, 5, 0)), next(train.batches(10, 2, 1, 2, 5, 0))
+    assert not {i for i, _ in rank0} & {i for i, _ in rank1}

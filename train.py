@@ -1,0 +1,546 @@
+"""Data -> weights: train TACO with the joint image-text loss (SPEC section 4), on a laptop, one GPU or several.
+
+    python train.py                                   # built-in demo: scikit-image photos, a few CPU minutes
+    python train.py --data coco --root /data/coco     # the paper's recipe on MS-COCO captions
+    torchrun --nproc_per_node 4 train.py --data coco --root /data/coco
+
+    loss = lambda * 255^2 * MSE(x_hat, x) + bpp + k_P * LPIPS(x_hat, x) + k_J * J(x_hat, x, caption)
+    J    = InfoNCE(CLIP text t, CLIP image e_hat of x_hat) + 40 * ||e_hat - e||_2
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import eval as metrics
+import taco
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "demo"               # demo | coco | folder
+    root: str = ""                   # coco: folder with train2014/ (or train2017/) and annotations/
+    captions: str = ""               # folder: JSON {file: caption(s)} or JSONL {"file", "caption(s)"}
+    val_root: str = ""               # held-out images (e.g. Kodak) for real-bitstream validation
+    val_captions: str = ""
+    crop: int = 256
+    # model (TacoConfig)
+    N: int = 128
+    M: int = 192
+    text_adapter: bool = True
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "openai"
+    mask_padding: bool = False
+    # loss
+    lmbda: float = 0.004             # released rate points: 0.0008, 0.0016, 0.004, 0.009, 0.015
+    k_p: float = 3.5                 # LPIPS weight (reference README); its parser default was 1.0
+    k_j: float = 0.0025              # joint image-text weight (reference README); parser default 0.005
+    lpips_input: str = "reference"   # reference: [0, 1] fed to LPIPS as the paper did; standard: [-1, 1]
+    alexnet_weights: str = ""        # local torchvision AlexNet weights file for LPIPS
+    allow_missing_weights: bool = False   # train without a term whose pretrained weights cannot load
+    # optimization (reference: 50 epochs at batch 8 per GPU, lr x0.1 at epochs 45 and 48)
+    epochs: int = 50
+    steps: int = 0                   # 0: `epochs` passes over the data; otherwise exactly this many steps
+    batch_size: int = 8
+    lr: float = 1e-4
+    aux_lr: float = 1e-3
+    clip_grad: float = 1.0
+    seed: int = 100
+    # machinery
+    out: str = "runs/taco"
+    val_every: int = 5000
+    log_every: int = 50
+    workers: int = 4
+    bf16: bool = True                # on GPU only
+    channels_last: bool = True       # on GPU only
+    compile: bool = False
+    resume: bool = False
+    stop_at: int = 0                 # stop (with a checkpoint) at this step, to be continued with --resume
+
+
+# `python train.py` with no --data: a run that does real work in a few CPU minutes, offline.
+DEMO = dict(data="demo", crop=128, N=64, M=96, steps=400, batch_size=8, lr=1e-3, lmbda=0.0067, val_every=200,
+            log_every=10, workers=0, out="runs/demo", allow_missing_weights=True)
+
+DEMO_PHOTOS = {   # scikit-image's color photographs, each with a caption written here
+    "astronaut": "an astronaut in a white spacesuit posing in front of an American flag",
+    "rocket": "a rocket standing on a launch pad under a blue sky",
+    "hubble_deep_field": "a deep field of distant galaxies scattered across black space",
+    "stereo_motorcycle": "a red and silver motorcycle parked in a room in front of a wall",
+    "retina": "a photograph of the back of a human eye with the retina and its blood vessels",
+    "immunohistochemistry": "a microscope image of tissue stained brown and blue",
+}
+DEMO_HELD_OUT = {"coffee": "a cup of coffee on a saucer with a spoon on a table",
+                 "chelsea": "an orange tabby cat looking to the side"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: a list of (image source, [captions]); a sample is a random crop and a random caption of one image.
+# ----------------------------------------------------------------------------------------------------------
+def demo_items(names):
+    return [(f"skimage:{name}", [caption]) for name, caption in names.items()]
+
+
+@functools.lru_cache(maxsize=None)
+def skimage_photo(name):
+    import skimage.data
+    image = getattr(skimage.data, name)()
+    return image[0] if isinstance(image, tuple) else image                      # stereo pair: the left view
+
+
+def coco_items(root, crop):
+    """MS-COCO captions as downloaded: <root>/train2014 (or train2017) + annotations/captions_*.json."""
+    for split in ("train2014", "train2017"):
+        annotations = os.path.join(root, "annotations", f"captions_{split}.json")
+        if os.path.isfile(annotations):
+            break
+    else:
+        raise SystemExit(f"error: no annotations/captions_train2014.json or _train2017.json under {root}")
+    with open(annotations) as f:
+        meta = json.load(f)
+    captions = {}
+    for a in meta["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+    images = [im for im in meta["images"] if min(im["width"], im["height"]) >= crop]
+    print(f"COCO {split}: {len(images)} of {len(meta['images'])} images have both sides >= {crop}")
+    return [(os.path.join(root, split, im["file_name"]), captions[im["id"]])
+            for im in images if im["id"] in captions]
+
+
+def read_captions(path):
+    """JSON {file: caption or [captions]} or JSONL lines {"file": ..., "caption" or "captions": ...}."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: caption file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            table = {r["file"]: r.get("captions", r.get("caption")) for r in rows}
+        else:
+            table = json.loads(text)
+    except (ValueError, KeyError) as error:
+        raise SystemExit(f"error: {path} is not a caption file ({error})")
+    return {k: [v] if isinstance(v, str) else list(v) for k, v in table.items()}
+
+
+def folder_items(root, captions_path, crop):
+    """Images of `root` named in the caption file; unreadable and small ones are skipped and counted."""
+    from PIL import Image
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: image folder not found: {root}")
+    items, skipped = [], {"missing": 0, "unreadable": 0, f"smaller than {crop}": 0}
+    for name, caps in sorted(read_captions(captions_path).items()):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            skipped["missing"] += 1
+            continue
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except OSError:
+            skipped["unreadable"] += 1
+            continue
+        if min(size) < crop:
+            skipped[f"smaller than {crop}"] += 1
+            continue
+        items.append((path, caps))
+    print(f"{root}: {len(items)} images" + "".join(f", {n} {why}" for why, n in skipped.items() if n))
+    if not items:
+        raise SystemExit(f"error: no usable images in {root}")
+    return items
+
+
+def load_rgb(source):
+    """An image path or "skimage:<name>" -> (3, H, W) float tensor in [0, 1]."""
+    if source.startswith("skimage:"):
+        array = skimage_photo(source[len("skimage:"):])
+    else:
+        from PIL import Image
+        with Image.open(source) as image:
+            array = np.asarray(image.convert("RGB"))
+    return torch.tensor(array[:, :, :3]).permute(2, 0, 1).float() / 255
+
+
+class CropDataset(Dataset):
+    """dataset[(index, seed)] -> a random crop and caption; the randomness is a function of the seed alone,
+    so a resumed run sees exactly the samples the interrupted one would have seen."""
+
+    def __init__(self, items, crop):
+        self.items, self.crop = items, crop
+
+    def __getitem__(self, key):
+        index, seed = key
+        rng = random.Random(seed)
+        for attempt in range(len(self.items)):              # an image that fails to decode: take the next
+            source, captions = self.items[(index + attempt) % len(self.items)]
+            try:
+                image = load_rgb(source)
+                break
+            except OSError as error:
+                print(f"warning: skipping unreadable {source}: {error}", file=sys.stderr)
+        _, H, W = image.shape
+        top, left = rng.randrange(H - self.crop + 1), rng.randrange(W - self.crop + 1)
+        return image[:, top:top + self.crop, left:left + self.crop], rng.choice(captions)
+
+
+def batches(n_items, batch_size, rank, world, seed, start_step):
+    """Endless batches of (index, sample seed), each rank its own share; epoch e uses permutation(seed, e)."""
+    per_step = batch_size * world
+    steps_per_epoch = max(n_items // per_step, 1)
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = order.repeat(math.ceil(per_step / n_items))             # tiny sets: reuse images in a step
+        chunk = order[offset * per_step:(offset + 1) * per_step][rank::world]
+        yield [(int(i), hash((seed, step, rank, j)) & 0x7FFFFFFF) for j, i in enumerate(chunk)]
+        step += 1
+
+
+def collate(samples):
+    images, captions = zip(*samples)
+    return torch.stack(images), list(captions)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The joint loss
+# ----------------------------------------------------------------------------------------------------------
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def clip_preprocess(x, size=224):
+    """CLIP's resize (short side to 224, bicubic) + center crop + normalization, differentiable."""
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))), mode="bicubic",
+                      align_corners=False)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
+    return (x - CLIP_MEAN.to(x)) / CLIP_STD.to(x)
+
+
+class JointLoss(nn.Module):
+    """lambda*255^2*MSE + bpp + k_P*LPIPS + k_J*(InfoNCE(t, e_hat) + 40*||e_hat - e||_2).
+    A term whose network is None is skipped (and reported as absent). The towers are frozen."""
+
+    def __init__(self, lmbda, k_p, k_j, lpips=None, clip_visual=None):
+        super().__init__()
+        self.lmbda, self.k_p, self.k_j = lmbda, k_p, k_j
+        self.lpips, self.clip_visual = lpips, clip_visual
+        for tower in (lpips, clip_visual):
+            if tower is not None:
+                tower.requires_grad_(False).eval()
+
+    def joint_term(self, x_hat, x, text_embedding):
+        e_hat = F.normalize(self.clip_visual(clip_preprocess(x_hat)), dim=-1)    # (B, E)
+        with torch.no_grad():
+            e = F.normalize(self.clip_visual(clip_preprocess(x)), dim=-1)
+        t = F.normalize(text_embedding, dim=-1)
+        logits = 1 / 0.07 * t @ e_hat.T                                          # (B, B), pairs on the diagonal
+        labels = torch.arange(len(x), device=x.device)
+        info_nce = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return info_nce + 40 * torch.linalg.norm(e_hat - e)
+
+    def forward(self, out, x, text_embedding=None):
+        B, _, H, W = x.shape
+        x_hat = out["x_hat"].float()
+        terms = {"bpp": sum(-torch.log2(l).sum() for l in out["likelihoods"].values()) / (B * H * W),
+                 "mse": F.mse_loss(x_hat, x)}
+        loss = terms["bpp"] + self.lmbda * 255 ** 2 * terms["mse"]
+        if self.lpips is not None:
+            terms["lpips"] = self.lpips(x_hat, x).mean()
+            loss = loss + self.k_p * terms["lpips"]
+        if self.clip_visual is not None and text_embedding is not None:
+            terms["joint"] = self.joint_term(x_hat, x, text_embedding)
+            loss = loss + self.k_j * terms["joint"]
+        terms["psnr"] = 10 * torch.log10(1 / terms["mse"].detach())
+        return loss, terms
+
+
+def build_towers(cfg, say):
+    """The frozen pretrained networks: CLIP (text for the adapter, image for J) and LPIPS. What cannot load
+    stops the run, or -- when allowed -- is replaced by a stand-in or dropped, and said so up front."""
+    clip, text_pretrained = None, cfg.clip_pretrained
+    if cfg.text_adapter or cfg.k_j > 0:
+        try:
+            clip = taco.load_clip(cfg.clip_model, cfg.clip_pretrained)
+        except taco.WeightsUnavailable as error:
+            if not cfg.allow_missing_weights:
+                raise SystemExit(f"error: {error}; or pass --allow-missing-weights to train without it")
+            say(f"STAND-IN: CLIP {cfg.clip_model} weights unavailable; the adapter reads a randomly "
+                f"initialised text tower (captions still differ, but carry no learned meaning) and the "
+                f"joint image-text term J is dropped")
+            clip, text_pretrained = taco.load_clip(cfg.clip_model, "random"), "random"
+    encoder = taco.TextEncoder(cfg.clip_model, text_pretrained, clip=clip) if cfg.text_adapter else None
+    clip_visual = clip.visual if clip is not None and text_pretrained != "random" and cfg.k_j > 0 else None
+    lpips = None
+    if cfg.k_p > 0:
+        try:
+            lpips = metrics.load_lpips(cfg.lpips_input, cfg.alexnet_weights or None)
+        except taco.WeightsUnavailable as error:
+            if not cfg.allow_missing_weights:
+                raise SystemExit(f"error: {error}; or pass --allow-missing-weights to train without it")
+            say("STAND-IN: AlexNet weights for LPIPS unavailable; the LPIPS term is dropped (an MSE-only "
+                "codec plus rate: expect higher PSNR per bit and worse LPIPS than TACO)")
+    return encoder, clip_visual, lpips, text_pretrained
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation with real bitstreams, and the JPEG comparison at the end
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model, items, lpips=None):
+    """Real compress/decompress of every held-out image -> per-image and mean bpp, PSNR, LPIPS."""
+    model.eval().update()
+    rows = []
+    for source, captions in items:
+        x = load_rgb(source)[None]                                                # (1, 3, H, W)
+        H, W = x.shape[-2:]
+        data = model.compress(x, captions[0])
+        x_hat = model.decompress(data).cpu()
+        row = {"bpp": 8 * len(data) / (H * W), "psnr": float(metrics.psnr(x_hat, x))}
+        if lpips is not None:
+            device = next(lpips.parameters()).device
+            row["lpips"] = float(lpips(x_hat.to(device), x.to(device)))
+        rows.append(row)
+    model.train()
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return mean, rows
+
+
+def rd_score(mean, cfg):
+    """Validation objective on real bits, to keep the best checkpoint."""
+    return mean["bpp"] + cfg.lmbda * 255 ** 2 * 10 ** (-mean["psnr"] / 10) + cfg.k_p * mean.get("lpips", 0)
+
+
+def compare_with_jpeg(items, rows):
+    print(f"{'held-out image':28s} {'bpp':>7s} {'PSNR':>8s} {'JPEG PSNR at that bpp':>22s}")
+    for (source, _), row in zip(items, rows):
+        name = source.split(":")[-1]
+        jpeg = metrics.psnr_at_bpp(metrics.baseline_curve(load_rgb(source)[None]), row["bpp"])
+        jpeg_text = f"{jpeg:.2f} dB" if jpeg is not None else "outside JPEG's range"
+        print(f"{os.path.basename(name)[:28]:28s} {row['bpp']:7.3f} {row['psnr']:6.2f} dB {jpeg_text:>22s}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+def setup_distributed():
+    """-> rank, world size, device. torchrun sets RANK; a plain `python train.py` is a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def training_data(cfg):
+    if cfg.data == "demo":
+        return demo_items(DEMO_PHOTOS), demo_items(DEMO_HELD_OUT)
+    if cfg.data == "coco":
+        train_items = coco_items(cfg.root, cfg.crop)
+    elif cfg.data == "folder":
+        train_items = folder_items(cfg.root, cfg.captions, cfg.crop)
+    else:
+        raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")
+    val_items = folder_items(cfg.val_root, cfg.val_captions, 1) if cfg.val_root else []
+    return train_items, val_items
+
+
+def train(cfg):
+    rank, world, device = setup_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    latest = os.path.join(cfg.out, "latest.pt")
+    if rank == 0 and os.path.exists(latest) and not cfg.resume:
+        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it, "
+                         f"or choose another --out")
+    if cfg.resume and not os.path.exists(latest):
+        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
+    os.makedirs(cfg.out, exist_ok=True)
+    encoder, clip_visual, lpips, text_pretrained = build_towers(cfg, say)
+    train_items, val_items = training_data(cfg)
+
+    config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
+                             clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
+                             text_dim=encoder.width if encoder else 512)
+    torch.manual_seed(cfg.seed)
+    model = taco.TACO(config)
+    if encoder is not None:
+        model.attach_text_encoder(encoder.to(device))
+    criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
+    if not cfg.steps:
+        cfg.steps = cfg.epochs * max(len(train_items) // (cfg.batch_size * world), 1)
+    quantiles = [model.entropy_bottleneck.quantiles]
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], cfg.lr)
+    aux_optimizer = torch.optim.Adam(quantiles, cfg.aux_lr)
+    milestones = [int(0.9 * cfg.steps), int(0.96 * cfg.steps)]        # the reference's epochs 45, 48 of 50
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    step, best = 0, float("inf")
+    if cfg.resume:
+        checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
+        if checkpoint["config"] != dataclasses.asdict(config):
+            raise SystemExit(f"error: {latest} was trained with another model config: {checkpoint['config']}")
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        step, best = checkpoint["step"], checkpoint["best"]
+        say(f"resuming {latest} at step {step}")
+    model.to(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if world > 1:    # the quantiles have their own optimizer and are averaged by hand below
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, ["entropy_bottleneck.quantiles"])
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None,
+                                                  broadcast_buffers=False)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    loader = DataLoader(CropDataset(train_items, cfg.crop), collate_fn=collate, num_workers=cfg.workers,
+                        batch_sampler=batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
+                        pin_memory=on_gpu, persistent_workers=False)
+    say(f"training on {device} x{world}: {len(train_items)} images, {len(val_items)} held out, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M codec parameters, "
+        f"loss terms: rate, MSE" + (", LPIPS" if lpips else "") + (", joint image-text" if clip_visual else ""))
+    from tqdm import tqdm
+    progress = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    model.train()
+    started, images_seen, val_rows = time.perf_counter(), 0, None
+    for x, captions in loader:
+        if step >= cfg.steps:
+            break
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)    # quantization noise, resumable
+        x = x.to(device, non_blocking=True)
+        if on_gpu and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and cfg.bf16):
+            text = encoder(captions) if encoder is not None else None
+            out = net(x, text[:2] if text else None)
+            loss, terms = criterion(out, x, text[2] if text else None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        aux_loss = model.entropy_bottleneck.aux_loss()
+        aux_optimizer.zero_grad(set_to_none=True)
+        aux_loss.backward()
+        if world > 1:
+            dist.all_reduce(quantiles[0].grad)
+            quantiles[0].grad /= world
+        aux_optimizer.step()
+        step += 1
+        images_seen += len(x) * world
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.3f}", bpp=f"{terms['bpp'].item():.3f}",
+                             psnr=f"{terms['psnr'].item():.2f}")
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            row = {"step": step, "loss": loss.item(), "aux": aux_loss.item(), "lr": scheduler.get_last_lr()[0],
+                   "images_per_s": images_seen / (time.perf_counter() - started),
+                   **{k: v.item() for k, v in terms.items()}}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        stopping = step == cfg.steps or step == cfg.stop_at
+        if step % cfg.val_every == 0 or stopping:
+            if rank == 0:
+                if val_items:
+                    mean, val_rows = validate(model, val_items, lpips)
+                    log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}}) + "\n")
+                    progress.write(f"step {step}: held-out real bpp {mean['bpp']:.3f}, PSNR {mean['psnr']:.2f} dB"
+                                   + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
+                    if rd_score(mean, cfg) < best:
+                        best = rd_score(mean, cfg)
+                        taco.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
+                                             train_config=dataclasses.asdict(cfg))
+                else:
+                    model.update()
+                taco.save_checkpoint(latest, model, step=step, best=best, train_config=dataclasses.asdict(cfg),
+                                     optimizer=optimizer.state_dict(), aux_optimizer=aux_optimizer.state_dict(),
+                                     scheduler=scheduler.state_dict())
+            if world > 1:
+                dist.barrier()
+        if step == cfg.stop_at:
+            break
+    progress.close()
+    if rank == 0:
+        log.close()
+        plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
+        say(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
+        if val_rows and step == cfg.steps:
+            compare_with_jpeg(val_items, val_rows)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def plot_log(log_path, png_path):
+    """Training curves (loss terms) and held-out real bpp / PSNR, for a person to look at."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_bpp" in r]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ("loss", "bpp", "psnr")):
+        ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label="train batch")
+        if val_rows:
+            ax.plot([r["step"] for r in val_rows], [r.get(f"val_{key}", np.nan) for r in val_rows], "o-",
+                    label="held-out, real bits")
+        ax.set_xlabel("step"), ax.set_title(key), ax.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+
+
+def parse_args(argv=None):
+    """Every TrainConfig field is a flag; without --data, the DEMO preset applies first."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = {"data": "demo (built-in photos), coco (--root), or folder (--root + --captions)",
+             "lmbda": "rate-distortion trade-off lambda", "k_p": "LPIPS weight k_P", "k_j": "joint loss weight k_J",
+             "lpips_input": "reference ([0,1] inputs, as the paper) or standard ([-1,1])",
+             "clip_pretrained": "open_clip tag, local weights file, or 'random'",
+             "allow_missing_weights": "train without LPIPS / J when their weights cannot be loaded",
+             "resume": "continue the run in --out from latest.pt", "steps": "total optimizer steps (0: epochs)",
+             "stop_at": "stop at this step with a checkpoint (e.g. a job time limit); continue with --resume",
+             "val_every": "validate with real bitstreams (and checkpoint) every this many steps",
+             "out": "folder for checkpoints, log.jsonl and curves.png"}
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        text = helps.get(field.name, "") + f" (default {field.default!r}; demo {DEMO[field.name]!r})" \
+            if field.name in DEMO else helps.get(field.name, "") + f" (default {field.default!r})"
+        if field.type is bool or isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=None, help=text)
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = DEMO if given.get("data", "demo") == "demo" else {}
+    return TrainConfig(**{**preset, **given})
+
+
+if __name__ == "__main__":
+    train(parse_args())
