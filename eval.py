@@ -3,6 +3,7 @@
     python eval.py --checkpoint runs/demo/best.pt --images kodak/ --captions kodak_captions.json
 """
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -123,6 +124,21 @@ def lpips_linear_weights():
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def clip_preprocess(x, size=224):
+    """CLIP's resize (short side to 224, bicubic) + center crop + normalization, differentiable."""
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))), mode="bicubic",
+                      align_corners=False)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
+    return (x - CLIP_MEAN.to(x)) / CLIP_STD.to(x)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Classical baselines through Pillow
 # ----------------------------------------------------------------------------------------------------------
@@ -152,3 +168,318 @@ def psnr_at_bpp(curve, bpp):
     if not rates[0] <= bpp <= rates[-1]:
         return None
     return float(np.interp(bpp, rates, quality))
+
+
+def bd_rate(curve_a, curve_b):
+    """Bjontegaard delta rate (%) of curve b against curve a: average bitrate change at equal PSNR, from
+    cubic fits of log-rate over PSNR, integrated over the PSNR range both curves cover. Negative: b saves."""
+    (ra, pa), (rb, pb) = zip(*curve_a), zip(*curve_b)
+    fit_a, fit_b = np.polyfit(pa, np.log(ra), 3), np.polyfit(pb, np.log(rb), 3)
+    low, high = max(min(pa), min(pb)), min(max(pa), max(pb))
+    integral = lambda fit: np.polyval(np.polyint(fit), high) - np.polyval(np.polyint(fit), low)
+    return float((np.exp((integral(fit_b) - integral(fit_a)) / (high - low)) - 1) * 100)
+
+
+def bd_psnr(curve_a, curve_b):
+    """Bjontegaard delta PSNR (dB) of curve b against curve a, at equal log-rate."""
+    (ra, pa), (rb, pb) = zip(*curve_a), zip(*curve_b)
+    fit_a, fit_b = np.polyfit(np.log(ra), pa, 3), np.polyfit(np.log(rb), pb, 3)
+    low, high = max(np.log(min(ra)), np.log(min(rb))), min(np.log(max(ra)), np.log(max(rb)))
+    integral = lambda fit: np.polyval(np.polyint(fit), high) - np.polyval(np.polyint(fit), low)
+    return float((integral(fit_b) - integral(fit_a)) / (high - low))
+
+
+def cmmd(a, b, sigma=10.0, scale=1000.0):
+    """CMMD (Jayasumana et al. 2024): MMD^2 with a Gaussian kernel between two sets of L2-normalized CLIP
+    image embeddings, unbiased, times 1000."""
+    a, b = F.normalize(a.double(), dim=-1), F.normalize(b.double(), dim=-1)
+    kernel = lambda u, v: torch.exp(-torch.cdist(u, v) ** 2 / (2 * sigma ** 2))
+    n, m = len(a), len(b)
+    k_aa, k_bb, k_ab = kernel(a, a), kernel(b, b), kernel(a, b)
+    mmd = ((k_aa.sum() - k_aa.trace()) / (n * (n - 1)) + (k_bb.sum() - k_bb.trace()) / (m * (m - 1))
+           - 2 * k_ab.mean())
+    return float(scale * mmd)
+
+
+def complexity(model, size=256):
+    """Parameters (and the text adapter's share) and multiply-accumulates per pixel of the encoder and
+    decoder paths, counted by hooks on a size x size forward pass."""
+    counts = {"macs": 0}
+
+    def hook(module, inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(module, nn.Conv2d):
+            counts["macs"] += out.numel() * module.in_channels * math.prod(module.kernel_size) // module.groups
+        elif isinstance(module, nn.ConvTranspose2d):
+            counts["macs"] += inputs[0].numel() * module.out_channels * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            counts["macs"] += out.numel() * module.in_features
+        elif isinstance(module, nn.MultiheadAttention):
+            q, k = inputs[0], inputs[1]
+            d = module.embed_dim
+            counts["macs"] += 2 * q.numel() * d + 2 * k.numel() * d + 2 * q.shape[1] * k.numel()
+        elif isinstance(module, taco.GDN):
+            counts["macs"] += out.numel() * out.shape[1]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.MultiheadAttention, taco.GDN))]
+    config = model.config
+    text = (torch.zeros(1, config.text_tokens, config.text_dim), torch.zeros(1, config.text_tokens, dtype=bool))
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, size, size), text)
+    for h in handles:
+        h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    adapter = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("g_a.inject", "g_a.extract")))
+    return {"params": params, "adapter_params": adapter, "macs_per_pixel": counts["macs"] / size ** 2}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluating checkpoints on a folder of images
+# ----------------------------------------------------------------------------------------------------------
+REFERENCE = {   # SPEC.md section 7 (Kodak); TACO LPIPS on the reference's [0, 1] convention
+    "TACO (released, Kodak)": [(0.183, 28.79), (0.226, 30.09), (0.322, 31.88), (0.450, 33.66), (0.566, 34.89)],
+    "Minnen 2018 mean-scale (CompressAI, Kodak)": [(0.124, 27.70), (0.307, 31.13), (0.662, 34.97)],
+    "ELIC (paper, Kodak)": [(0.124, 29.11), (0.197, 30.70), (0.334, 32.78), (0.491, 34.58), (0.704, 36.49)],
+}
+
+
+def list_images(folder):
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: image folder not found: {folder}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+    if not names:
+        raise SystemExit(f"error: no images in {folder}")
+    return names
+
+
+def captions_for(names, path, allow_missing):
+    if not path:
+        if allow_missing:
+            return {n: "" for n in names}
+        raise SystemExit("error: --captions is required (or --allow-missing-captions to code with empty ones)")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: caption file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    table = {k: v if isinstance(v, str) else v[0] for k, v in table.items()}
+    missing = [n for n in names if n not in table and os.path.splitext(n)[0] not in table]
+    if missing and not allow_missing:
+        raise SystemExit(f"error: no caption for {len(missing)} image(s), e.g. {missing[0]} "
+                         f"(--allow-missing-captions codes them with an empty caption)")
+    return {n: table.get(n, table.get(os.path.splitext(n)[0], "")) for n in names}
+
+
+def as_rgb(x):
+    return x.expand(1, 3, *x.shape[-2:]) if x.shape[1] == 1 else x
+
+
+@torch.no_grad()
+def evaluate(model, images, captions, lpips_models, clip, folder, save_dir=None):
+    """Real compress/decompress of every image -> per-image rows."""
+    from tqdm import tqdm
+    rows = []
+    for name in tqdm(images, desc="images", leave=False):
+        x = taco.read_image(os.path.join(folder, name))
+        H, W = x.shape[-2:]
+        start = time.perf_counter()
+        data = model.compress(x, captions[name])
+        encode = time.perf_counter() - start
+        start = time.perf_counter()
+        x_hat = model.decompress(data).cpu()
+        decode = time.perf_counter() - start
+        padded = F.pad(as_rgb(x), (0, -W % 64, 0, -H % 64), mode="replicate")
+        likelihoods = model(padded, [captions[name]] if model.config.text_adapter else None)["likelihoods"]
+        x, x_hat = as_rgb(x), as_rgb(x_hat)
+        row = {"image": name, "caption": captions[name], "bytes": len(data), "bpp": 8 * len(data) / (H * W),
+               "bpp_estimate": sum(float(-torch.log2(l).sum()) for l in likelihoods.values()) / (H * W),
+               "psnr": float(psnr(x_hat, x)), "ms_ssim": float(ms_ssim(x_hat, x)),
+               "encode_s": encode, "decode_s": decode}
+        for convention, lpips in lpips_models.items():
+            row[f"lpips_{convention}"] = float(lpips(x_hat, x))
+        if clip is not None:
+            e_hat = clip.encode_image(clip_preprocess(x_hat))
+            row["clip_score"] = float(100 * F.cosine_similarity(e_hat, clip_text(clip, captions[name])).clamp_min(0))
+            row["_embeddings"] = (clip.encode_image(clip_preprocess(x))[0], e_hat[0])
+        if save_dir:
+            taco.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
+        rows.append(row)
+    return rows
+
+
+def clip_text(clip, caption):
+    import open_clip
+    return clip.encode_text(open_clip.get_tokenizer("ViT-B-32")([caption]))
+
+
+def summarize(rows):
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    if "_embeddings" in rows[0] and len(rows) > 1:
+        originals, reconstructions = (torch.stack(t) for t in zip(*(r["_embeddings"] for r in rows)))
+        mean["cmmd"] = cmmd(originals, reconstructions)
+    return mean
+
+
+def shuffled(captions, seed=0):
+    """Every image gets another image's caption: walk a random order, each taking its successor's."""
+    names = list(captions)
+    order = np.random.default_rng(seed).permutation(len(names))
+    return {names[order[i]]: captions[names[order[(i + 1) % len(names)]]] for i in range(len(names))}
+
+
+def baseline_curves(folder, images, codecs):
+    """Mean (bpp, PSNR, MS-SSIM) per quality setting, averaged over the images, for each Pillow codec."""
+    from PIL import features
+    curves = {}
+    for codec in codecs:
+        if not features.check(codec.lower().replace("jpeg", "jpg")):
+            print(f"note: this Pillow has no {codec} support; skipped")
+            continue
+        per_quality = {}
+        for name in images:
+            x = as_rgb(taco.read_image(os.path.join(folder, name)))
+            for q in range(5, 100, 5):
+                bpp, decoded = pillow_codec(x, codec, q)
+                per_quality.setdefault(q, []).append((bpp, float(psnr(decoded, x)), float(ms_ssim(decoded, x))))
+        curves[codec] = [(q, *map(float, np.mean(v, axis=0))) for q, v in sorted(per_quality.items())]
+    return curves
+
+
+def plot(results, curves, png, reference):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, ax = plt.subplots(figsize=(7, 5))
+    for label, points in results.items():
+        bpp, quality = zip(*sorted(points))
+        ax.plot(bpp, quality, "o-", linewidth=2, label=label)
+    for codec, curve in curves.items():
+        ax.plot([c[1] for c in curve], [c[2] for c in curve], "--", label=f"{codec} (Pillow)")
+    for label, points in (REFERENCE.items() if reference else []):
+        ax.plot(*zip(*points), ":x", label=label)
+    ax.set_xlabel("bits per pixel (real file size)"), ax.set_ylabel("PSNR (dB, RGB)")
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    plt.close(figure)
+
+
+def load_towers(args, config):
+    """LPIPS in both conventions and a CLIP model for the CLIP score; what cannot load is skipped, said once."""
+    lpips = {}
+    try:
+        for convention in ("standard", "reference"):
+            lpips[convention] = load_lpips(convention, args.alexnet_weights)
+    except taco.WeightsUnavailable as error:
+        print(f"note: LPIPS skipped: {error}")
+    clip, pretrained = None, args.clip_pretrained or config.clip_pretrained
+    try:
+        clip = taco.load_clip(config.clip_model, pretrained).eval()
+        if pretrained == "random":
+            print("note: CLIP has random weights: the CLIP score and CMMD below carry no meaning")
+    except taco.WeightsUnavailable as error:
+        print(f"note: CLIP score and CMMD skipped, and captions cannot be read: {error}")
+    return lpips, clip, pretrained
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoints (rate points)")
+    parser.add_argument("--images", required=True, help="folder of images (Kodak, CLIC, COCO val, ...)")
+    parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used)")
+    parser.add_argument("--allow-missing-captions", action="store_true", help="code images without a caption "
+                        "with the empty caption instead of stopping")
+    parser.add_argument("--ablation", action="store_true", help="also run with empty and with shuffled captions")
+    parser.add_argument("--baselines", default="JPEG,WEBP,AVIF", help="Pillow codecs to sweep ('' for none)")
+    parser.add_argument("--reference", action="store_true", help="overlay SPEC.md's Kodak numbers on the plot")
+    parser.add_argument("--clip-pretrained", help="CLIP weights (tag or file) if not the checkpoint's")
+    parser.add_argument("--alexnet-weights", help="torchvision AlexNet weights file for LPIPS")
+    parser.add_argument("--save-reconstructions", action="store_true", help="write decoded PNGs (e.g. for FID "
+                        "with an external tool) under --out/<checkpoint name>/")
+    parser.add_argument("--out", default="results", help="folder for results.json, results.csv, rd.png")
+    args = parser.parse_args(argv)
+
+    images = list_images(args.images)
+    os.makedirs(args.out, exist_ok=True)
+    report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
+    for path in args.checkpoint:
+        try:
+            model, _ = taco.load_checkpoint(path)
+        except taco.CheckpointError as error:
+            raise SystemExit(f"error: {error}")
+        lpips, clip, pretrained = load_towers(args, model.config)
+        text_model = model.config.text_adapter
+        if text_model:
+            if clip is None:
+                raise SystemExit(f"error: {path} reads captions but its CLIP text tower cannot be loaded")
+            model.attach_text_encoder(taco.TextEncoder(model.config.clip_model, pretrained,
+                                                       model.config.text_tokens, clip=clip))
+        captions = captions_for(images, args.captions, args.allow_missing_captions or not text_model)
+        save_dir = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0]) \
+            if args.save_reconstructions else None
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+        runs = {"given": captions}
+        if args.ablation and text_model:
+            runs.update(empty={n: "" for n in images}, shuffled=shuffled(captions))
+        entry = {"config": dataclasses.asdict(model.config), "complexity": complexity(model)}
+        for run, caps in runs.items():
+            rows = evaluate(model, images, caps, lpips, clip, args.images, save_dir if run == "given" else None)
+            entry[run] = {"mean": summarize(rows), "per_image": [{k: v for k, v in r.items()
+                                                                  if not k.startswith("_")} for r in rows]}
+        report["checkpoints"][path] = entry
+        label = "TACO (ours)" if text_model else "hyperprior (ours)"
+        mean = entry["given"]["mean"]
+        curves_by_label.setdefault(label, []).append((mean["bpp"], mean["psnr"]))
+        print_entry(path, entry)
+
+    codecs = [c.strip().upper() for c in args.baselines.split(",") if c.strip()]
+    report["baselines"] = baseline_curves(args.images, images, codecs)
+    report["bd"] = {}
+    for label, points in curves_by_label.items():
+        for codec, curve in report["baselines"].items():
+            if len(points) >= 4:
+                anchor = [(c[1], c[2]) for c in curve]
+                report["bd"][f"{label} vs {codec}"] = {"bd_rate_percent": bd_rate(anchor, sorted(points)),
+                                                       "bd_psnr_db": bd_psnr(anchor, sorted(points))}
+            else:
+                psnrs = [psnr_at_bpp([(c[1], c[2]) for c in curve], b) for b, _ in points]
+                report["bd"][f"{label} vs {codec}"] = {"psnr_of_baseline_at_our_bpp": psnrs}
+    for name, value in report["bd"].items():
+        print(f"{name}: {value}")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    write_csv(report, os.path.join(args.out, "results.csv"))
+    plot(curves_by_label, report["baselines"], os.path.join(args.out, "rd.png"), args.reference)
+    print(f"wrote {args.out}/results.json, results.csv, rd.png")
+
+
+def print_entry(path, entry):
+    c = entry["complexity"]
+    print(f"{path}: {c['params'] / 1e6:.2f} M parameters ({c['adapter_params'] / 1e6:.2f} M text adapter), "
+          f"{c['macs_per_pixel'] / 1e3:.1f} kMAC/pixel")
+    keys = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "cmmd",
+            "encode_s", "decode_s")
+    print("  " + f"{'captions':10s}" + "".join(f"{k:>16s}" for k in keys))
+    for run in ("given", "empty", "shuffled"):
+        if run in entry:
+            mean = entry[run]["mean"]
+            print("  " + f"{run:10s}" + "".join(f"{mean[k]:16.4f}" if k in mean else f"{'-':>16s}" for k in keys))
+
+
+def write_csv(report, path):
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "captions", "image", "bpp", "bpp_estimate", "psnr", "ms_ssim",
+                         "lpips_standard", "lpips_reference", "clip_score", "encode_s", "decode_s"])
+        for ckpt, entry in report["checkpoints"].items():
+            for run in ("given", "empty", "shuffled"):
+                for row in entry.get(run, {}).get("per_image", []):
+                    writer.writerow([ckpt, run, row["image"]] + [row.get(k, "") for k in (
+                        "bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference",
+                        "clip_score", "encode_s", "decode_s")])
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,7 @@ class TrainConfig:
 
 
 # `python train.py` with no --data: a run that does real work in a few CPU minutes, offline.
-DEMO = dict(data="demo", crop=128, N=64, M=96, steps=400, batch_size=8, lr=1e-3, lmbda=0.0067, val_every=200,
+DEMO = dict(data="demo", crop=128, N=64, M=96, steps=800, batch_size=8, lr=1e-3, lmbda=0.0067, val_every=400,
             log_every=10, workers=0, out="runs/demo", allow_missing_weights=True)
 
 DEMO_PHOTOS = {   # scikit-image's color photographs, each with a caption written here
@@ -220,21 +220,6 @@ def collate(samples):
 # ----------------------------------------------------------------------------------------------------------
 # The joint loss
 # ----------------------------------------------------------------------------------------------------------
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-
-
-def clip_preprocess(x, size=224):
-    """CLIP's resize (short side to 224, bicubic) + center crop + normalization, differentiable."""
-    H, W = x.shape[-2:]
-    scale = size / min(H, W)
-    x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))), mode="bicubic",
-                      align_corners=False)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    x = x[:, :, top:top + size, left:left + size]
-    return (x - CLIP_MEAN.to(x)) / CLIP_STD.to(x)
-
-
 class JointLoss(nn.Module):
     """lambda*255^2*MSE + bpp + k_P*LPIPS + k_J*(InfoNCE(t, e_hat) + 40*||e_hat - e||_2).
     A term whose network is None is skipped (and reported as absent). The towers are frozen."""
@@ -248,9 +233,9 @@ class JointLoss(nn.Module):
                 tower.requires_grad_(False).eval()
 
     def joint_term(self, x_hat, x, text_embedding):
-        e_hat = F.normalize(self.clip_visual(clip_preprocess(x_hat)), dim=-1)    # (B, E)
+        e_hat = F.normalize(self.clip_visual(metrics.clip_preprocess(x_hat)), dim=-1)    # (B, E)
         with torch.no_grad():
-            e = F.normalize(self.clip_visual(clip_preprocess(x)), dim=-1)
+            e = F.normalize(self.clip_visual(metrics.clip_preprocess(x)), dim=-1)
         t = F.normalize(text_embedding, dim=-1)
         logits = 1 / 0.07 * t @ e_hat.T                                          # (B, B), pairs on the diagonal
         labels = torch.arange(len(x), device=x.device)

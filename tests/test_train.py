@@ -63,8 +63,8 @@ def test_joint_term_is_infonce_plus_embedding_distance():
     torch.manual_seed(1)
     x, x_hat, text = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 64)
     with torch.no_grad():
-        e_hat = visual(train.clip_preprocess(x_hat))
-        e = visual(train.clip_preprocess(x))
+        e_hat = visual(metrics.clip_preprocess(x_hat))
+        e = visual(metrics.clip_preprocess(x))
         e_hat, e, t = (v / v.norm(dim=1, keepdim=True) for v in (e_hat, e, text))
         logits = (t @ e_hat.T).numpy() / 0.07
         rows = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(1)))

@@ -1,0 +1,185 @@
+"""Claims about eval.py: metrics agree with independent computations, reports use the real file size."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from scipy.ndimage import correlate
+from skimage.metrics import structural_similarity
+
+import eval as metrics
+import taco
+
+TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
+
+
+def pair(seed=0, size=(2, 3, 96, 112)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(*size, generator=g)
+    return (x + 0.05 * torch.randn(*size, generator=g)).clamp(0, 1), x
+
+
+def test_psnr_follows_its_formula():
+    x_hat, x = pair()
+    mse = ((x_hat.numpy() - x.numpy()) ** 2).reshape(2, -1).mean(1)
+    assert np.allclose(metrics.psnr(x_hat, x).numpy(), 10 * np.log10(1 / mse), rtol=1e-5)
+
+
+def test_single_scale_ssim_matches_scikit_image():
+    x_hat, x = pair(size=(1, 3, 64, 80))
+    ours, _ = metrics._ssim_terms(x_hat.double(), x.double(), metrics._gaussian_window().double())
+    reference = structural_similarity(x_hat[0].numpy(), x[0].numpy(), gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False, data_range=1.0, channel_axis=0)
+    assert np.isclose(float(ours), reference, atol=1e-6)
+
+
+def reference_ms_ssim(a, b):
+    """MS-SSIM written independently with scipy: valid Gaussian filtering, 2x2 average pooling."""
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    result = 1.0
+    for level, weight in enumerate(weights):
+        ssims, css = [], []
+        for c in range(3):
+            f = lambda t: correlate(t, window, mode="constant")[5:-5, 5:-5]
+            mu_a, mu_b = f(a[c]), f(b[c])
+            var_a, var_b, cov = f(a[c] ** 2) - mu_a ** 2, f(b[c] ** 2) - mu_b ** 2, f(a[c] * b[c]) - mu_a * mu_b
+            cs = (2 * cov + 0.03 ** 2) / (var_a + var_b + 0.03 ** 2)
+            ssims.append(((2 * mu_a * mu_b + 0.01 ** 2) / (mu_a ** 2 + mu_b ** 2 + 0.01 ** 2) * cs).mean())
+            css.append(cs.mean())
+        result *= max(np.mean(ssims) if level == 4 else np.mean(css), 0) ** weight
+        a = a.reshape(3, a.shape[1] // 2, 2, a.shape[2] // 2, 2).mean((2, 4))
+        b = b.reshape(3, b.shape[1] // 2, 2, b.shape[2] // 2, 2).mean((2, 4))
+    return result
+
+
+def test_ms_ssim_matches_an_independent_implementation():
+    x_hat, x = pair(size=(1, 3, 192, 224))
+    assert np.isclose(float(metrics.ms_ssim(x_hat, x)), reference_ms_ssim(x_hat[0].double().numpy(),
+                                                                          x[0].double().numpy()), atol=1e-6)
+    assert np.isclose(float(metrics.ms_ssim(x, x)), 1.0)
+
+
+def test_lpips_matches_the_lpips_package_with_the_same_weights():
+    import lpips as lpips_package
+    torch.manual_seed(0)
+    alexnet = torchvision.models.alexnet(weights=None).state_dict()
+    ours = metrics.LPIPS(alexnet, metrics.lpips_linear_weights(), "standard")
+    reference = lpips_package.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    features = {k[len("features."):]: v for k, v in alexnet.items() if k.startswith("features.")}
+    for sl in reference.net.children():
+        sl.load_state_dict({k: v for k, v in features.items() if k.split(".")[0] in dict(sl.named_children())})
+    x_hat, x = pair(size=(2, 3, 64, 64))
+    assert torch.allclose(ours(x_hat, x), reference(x_hat, x, normalize=True).flatten(), atol=1e-6)
+    ours.convention = "reference"                  # [0, 1] fed as is, like the TACO reference code
+    assert torch.allclose(ours(x_hat, x), reference(x_hat, x, normalize=False).flatten(), atol=1e-6)
+
+
+def test_bd_rate_and_bd_psnr_on_curves_with_a_known_answer():
+    anchor = [(0.1, 27.0), (0.2, 29.5), (0.4, 32.0), (0.8, 34.8)]
+    cheaper = [(r * 0.8, p) for r, p in anchor]               # same quality for 20% fewer bits
+    better = [(r, p + 0.5) for r, p in anchor]                # same bits, +0.5 dB
+    assert np.isclose(metrics.bd_rate(anchor, cheaper), -20.0, atol=1e-6)
+    assert np.isclose(metrics.bd_psnr(anchor, better), 0.5, atol=1e-6)
+    assert np.isclose(metrics.bd_rate(anchor, anchor), 0.0, atol=1e-9)
+
+
+def test_cmmd_matches_the_mmd_formula():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g) + 0.5
+    an = (a / a.norm(dim=1, keepdim=True)).double().numpy()
+    bn = (b / b.norm(dim=1, keepdim=True)).double().numpy()
+    k = lambda u, v: np.exp(-((u - v) ** 2).sum() / (2 * 10.0 ** 2))
+    aa = sum(k(an[i], an[j]) for i in range(5) for j in range(5) if i != j) / 20
+    bb = sum(k(bn[i], bn[j]) for i in range(6) for j in range(6) if i != j) / 30
+    ab = sum(k(u, v) for u in an for v in bn) / 30
+    assert np.isclose(metrics.cmmd(a, b), 1000 * (aa + bb - 2 * ab), rtol=1e-6)
+
+
+def test_complexity_counts_match_the_layer_formulas():
+    model = taco.TACO(taco.TacoConfig(**{**TINY, "text_adapter": False}))
+    N, M, size = 16, 24, 256
+    convs = [  # (in, out, kernel, output pixels) of g_a, h_a, h_s (convs) ...
+        (3, N, 5, (size // 2) ** 2), (N, N, 5, (size // 4) ** 2), (N, N, 5, (size // 8) ** 2),
+        (N, M, 5, (size // 16) ** 2), (M, N, 3, (size // 16) ** 2), (N, N, 5, (size // 32) ** 2),
+        (N, N, 5, (size // 64) ** 2), (M * 3 // 2, 2 * M, 3, (size // 16) ** 2)]
+    deconvs = [  # ... and (in, out, kernel, input pixels) of the transposed ones in g_s and h_s
+        (M, N, 5, (size // 16) ** 2), (N, N, 5, (size // 8) ** 2), (N, N, 5, (size // 4) ** 2),
+        (N, 3, 5, (size // 2) ** 2), (N, M, 5, (size // 64) ** 2), (M, M * 3 // 2, 5, (size // 32) ** 2)]
+    gdns = 2 * sum(N * N * (size // 2 ** k) ** 2 for k in (1, 2, 3))
+    expected = sum(i * o * k * k * p for i, o, k, p in convs + deconvs) + gdns
+    counted = metrics.complexity(model, size)
+    assert counted["macs_per_pixel"] == expected / size ** 2
+    assert counted["params"] == sum(p.numel() for p in model.parameters()) and counted["adapter_params"] == 0
+    with_text = metrics.complexity(taco.TACO(taco.TacoConfig(**TINY)), size)
+    assert with_text["adapter_params"] > 0 and with_text["macs_per_pixel"] > counted["macs_per_pixel"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three small real photos, a caption file and a tiny checkpoint."""
+    import skimage.data
+    root = tmp_path_factory.mktemp("eval")
+    (root / "images").mkdir()
+    photos = {"coffee.png": skimage.data.coffee()[::4, ::4], "cat.png": skimage.data.chelsea()[::3, ::3],
+              "rocket.png": skimage.data.rocket()[::4, ::4]}
+    for name, array in photos.items():
+        Image.fromarray(np.ascontiguousarray(array)).save(root / "images" / name)
+    (root / "captions.json").write_text(json.dumps({"coffee.png": "a cup of coffee", "cat.png": ["a cat", "x"],
+                                                    "rocket": "a rocket"}))
+    torch.manual_seed(0)
+    model = taco.TACO(taco.TacoConfig(**TINY)).attach_text_encoder()
+    for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
+        injector.gamma.data.normal_()
+    taco.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
+    return root
+
+
+def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
+    out = folder / "out"
+    metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
+                  str(folder / "captions.json"), "--ablation", "--baselines", "JPEG,WEBP", "--reference",
+                  "--alexnet-weights", str(folder / "alexnet.pth"), "--out", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    entry = report["checkpoints"][str(folder / "tiny.pt")]
+    model, _ = taco.load_checkpoint(str(folder / "tiny.pt"))
+    model.attach_text_encoder()
+    captions = {"coffee.png": "a cup of coffee", "cat.png": "a cat", "rocket.png": "a rocket"}
+    for row in entry["given"]["per_image"]:
+        x = taco.read_image(str(folder / "images" / row["image"]))
+        size = len(model.compress(x, captions[row["image"]]))
+        assert row["bytes"] == size and row["bpp"] == 8 * size / (x.shape[-1] * x.shape[-2])
+        assert {"psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "bpp_estimate"} <= set(row)
+    assert {"given", "empty", "shuffled"} <= set(entry)
+    shuffled = [r["caption"] for r in entry["shuffled"]["per_image"]]
+    assert all(s != captions[r["image"]] for s, r in zip(shuffled, entry["given"]["per_image"]))
+    assert set(report["baselines"]) == {"JPEG", "WEBP"}
+    assert (out / "rd.png").stat().st_size > 10_000 and (out / "results.csv").exists()
+
+
+def test_bad_inputs_stop_with_a_clear_message(folder, tmp_path):
+    common = ["--images", str(folder / "images"), "--out", str(tmp_path), "--baselines", ""]
+    with pytest.raises(SystemExit, match="image folder not found"):
+        metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(tmp_path / "none")])
+    (tmp_path / "partial.json").write_text(json.dumps({"coffee.png": "a cup"}))
+    with pytest.raises(SystemExit, match="no caption for 2 image"):
+        metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--captions", str(tmp_path / "partial.json")]
+                     + common)
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        metrics.main(["--checkpoint", str(tmp_path / "bad.pt"), "--captions", str(folder / "captions.json")]
+                     + common)
+
+
+def test_pillow_baseline_bpp_is_the_encoded_size():
+    x = pair(size=(1, 3, 48, 64))[1]
+    bpp, decoded = metrics.pillow_codec(x, "JPEG", 50)
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(buffer, "JPEG", quality=50)
+    assert bpp == 8 * len(buffer.getvalue()) / (48 * 64) and decoded.shape == x.shape
