@@ -42,7 +42,7 @@ def bench_coder(args):
     torch.manual_seed(0)
     gaussian = entropy.GaussianConditional()
     gaussian.update()
-    cdfs, lengths, offsets = (t.numpy() for t in (gaussian.quantized_cdf, gaussian.cdf_length, gaussian.offset))
+    cdfs, lengths, offsets = gaussian.tables()
     # Scales of a trained hyperprior's y are mostly small: log-uniform in [0.11, 20] is a fair stand-in.
     scales = torch.exp(torch.empty(args.symbols).uniform_(np.log(0.11), np.log(20.0)))
     indexes = gaussian.build_indexes(scales).numpy()

@@ -151,12 +151,19 @@ def _encode(symbols, indexes, cdfs, cdf_lengths, offsets):
 
 
 @numba.njit(cache=True)
-def _decode(data, indexes, cdfs, cdf_lengths, offsets):
-    symbols = np.empty(indexes.size, dtype=np.int32)
-    code, rng, pos = np.int64(0), np.int64(TOP), 0
-    for _ in range(HEAD_BYTES):
+def _decoder_start(data):
+    """The decoder's state (code, rng, pos) after priming it with the first 7 bytes."""
+    code = np.int64(0)
+    for pos in range(HEAD_BYTES):
         code = (code << 8) | (data[pos] if pos < data.size else 0)
-        pos += 1
+    return np.array([code, TOP, HEAD_BYTES], dtype=np.int64)
+
+
+@numba.njit(cache=True)
+def _decode(data, state, indexes, cdfs, cdf_lengths, offsets):
+    """Decode len(indexes) values, continuing from `state` and leaving it where this call stopped."""
+    symbols = np.empty(indexes.size, dtype=np.int32)
+    code, rng, pos = state[0], state[1], state[2]
     for i in range(indexes.size):
         k = indexes[i]
         cdf = cdfs[k]
@@ -188,6 +195,7 @@ def _decode(data, indexes, cdfs, cdf_lengths, offsets):
         if value < -(1 << 31) or value >= (1 << 31):
             raise ValueError("corrupted stream: decoded value outside int32")
         symbols[i] = value
+    state[0], state[1], state[2] = code, rng, pos
     return symbols
 
 
@@ -227,8 +235,21 @@ def encode_symbols(symbols, indexes, cdfs, cdf_lengths, offsets):
 
 def decode_symbols(data, indexes, cdfs, cdf_lengths, offsets):
     """Decode `len(indexes)` int32 values from `data` (the inverse of `encode_symbols`)."""
-    indexes, cdfs, cdf_lengths, offsets = _coder_arrays(indexes, cdfs, cdf_lengths, offsets)
-    return _decode(np.frombuffer(bytes(data), dtype=np.uint8), indexes, cdfs, cdf_lengths, offsets)
+    return SymbolDecoder(data).decode(indexes, cdfs, cdf_lengths, offsets)
+
+
+class SymbolDecoder:
+    """One stream decoded in several calls, for models whose later tables depend on values decoded earlier
+    (the checkerboard and channel contexts of elic.py). The calls must ask for the symbols in the order in
+    which they were encoded, with the same indexes."""
+
+    def __init__(self, data):
+        self.data = np.frombuffer(bytes(data), dtype=np.uint8)
+        self.state = _decoder_start(self.data)
+
+    def decode(self, indexes, cdfs, cdf_lengths, offsets):
+        indexes, cdfs, cdf_lengths, offsets = _coder_arrays(indexes, cdfs, cdf_lengths, offsets)
+        return _decode(self.data, self.state, indexes, cdfs, cdf_lengths, offsets)
 
 
 def pmf_to_quantized_cdf(pmf, tail_mass, precision=PRECISION):
@@ -290,30 +311,32 @@ def lower_bound(x, bound):
 
 
 class _CodingTables(nn.Module):
-    """Frozen integer tables shared by both entropy models; saved in the state dict with the weights."""
+    """Frozen integer tables shared by both entropy models; saved in the state dict with the weights.
+    (Buffer and parameter names follow Balle's and CompressAI's, so the reference's checkpoints load.)"""
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("quantized_cdf", torch.zeros(0, 0, dtype=torch.int32))
-        self.register_buffer("cdf_length", torch.zeros(0, dtype=torch.int32))
-        self.register_buffer("offset", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("_quantized_cdf", torch.zeros(0, 0, dtype=torch.int32))
+        self.register_buffer("_cdf_length", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("_offset", torch.zeros(0, dtype=torch.int32))
 
     def _set_tables(self, cdfs, offsets):
         width = max(len(c) for c in cdfs)
         table = np.zeros((len(cdfs), width), dtype=np.int32)
         for k, c in enumerate(cdfs):
             table[k, :len(c)] = c
-        self.quantized_cdf = torch.from_numpy(table)
-        self.cdf_length = torch.tensor([len(c) for c in cdfs], dtype=torch.int32)
-        self.offset = torch.tensor(offsets, dtype=torch.int32)
+        self._quantized_cdf = torch.from_numpy(table)
+        self._cdf_length = torch.tensor([len(c) for c in cdfs], dtype=torch.int32)
+        self._offset = torch.tensor(offsets, dtype=torch.int32)
 
-    def _tables(self):
-        if self.cdf_length.numel() == 0:
+    def tables(self):
+        """(cdfs, cdf_lengths, offsets) as numpy arrays, for the coder."""
+        if self._cdf_length.numel() == 0:
             raise RuntimeError(f"{type(self).__name__} has no coding tables: call update() after training")
-        return self.quantized_cdf.numpy(), self.cdf_length.numpy(), self.offset.numpy()
+        return self._quantized_cdf.cpu().numpy(), self._cdf_length.cpu().numpy(), self._offset.cpu().numpy()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("quantized_cdf", "cdf_length", "offset"):     # tables change size with update()
+        for name in ("_quantized_cdf", "_cdf_length", "_offset"):  # tables change size with update()
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -333,25 +356,26 @@ class EntropyBottleneck(_CodingTables):
         self.tail_mass = tail_mass
         widths = (1,) + tuple(filters) + (1,)
         scale = init_scale ** (1 / (len(widths) - 1))
-        self.matrices, self.biases, self.factors = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
-        for i in range(len(widths) - 1):
+        self.layers = len(widths) - 1
+        for i in range(self.layers):
             init = math.log(math.expm1(1 / scale / widths[i + 1]))
-            self.matrices.append(nn.Parameter(torch.full((channels, widths[i + 1], widths[i]), init)))
-            self.biases.append(nn.Parameter(torch.rand(channels, widths[i + 1], 1) - 0.5))
-            if i < len(widths) - 2:
-                self.factors.append(nn.Parameter(torch.zeros(channels, widths[i + 1], 1)))
+            matrix = torch.full((channels, widths[i + 1], widths[i]), init)
+            self.register_parameter(f"_matrix{i}", nn.Parameter(matrix))
+            self.register_parameter(f"_bias{i}", nn.Parameter(torch.rand(channels, widths[i + 1], 1) - 0.5))
+            if i < self.layers - 1:
+                self.register_parameter(f"_factor{i}", nn.Parameter(torch.zeros(channels, widths[i + 1], 1)))
         self.quantiles = nn.Parameter(torch.tensor([-init_scale, 0.0, init_scale]).repeat(channels, 1, 1))
         target = math.log(2 / tail_mass - 1)
         self.register_buffer("target", torch.tensor([-target, 0.0, target]))
 
     def _logits_cumulative(self, x, detach=False):
         """x (C, 1, N) -> logit of the CDF (C, 1, N)."""
-        for i, (matrix, bias) in enumerate(zip(self.matrices, self.biases)):
-            matrix, bias = (matrix.detach(), bias.detach()) if detach else (matrix, bias)
-            x = torch.matmul(F.softplus(matrix), x) + bias                 # (C, width_i+1, N)
-            if i < len(self.factors):
-                factor = self.factors[i].detach() if detach else self.factors[i]
-                x = x + torch.tanh(factor) * torch.tanh(x)
+        maybe_detach = (lambda p: p.detach()) if detach else (lambda p: p)
+        for i in range(self.layers):
+            matrix, bias = maybe_detach(getattr(self, f"_matrix{i}")), maybe_detach(getattr(self, f"_bias{i}"))
+            x = torch.matmul(F.softplus(matrix), x) + bias                     # (C, width_i+1, N)
+            if i < self.layers - 1:
+                x = x + torch.tanh(maybe_detach(getattr(self, f"_factor{i}"))) * torch.tanh(x)
         return x
 
     def _likelihood(self, v):
@@ -402,13 +426,13 @@ class EntropyBottleneck(_CodingTables):
         """z (B, C, H, W) -> bytes. Values are rounded around the channel medians."""
         symbols = quantize(z, "symbols", self.medians.view(1, -1, 1, 1))
         indexes = torch.arange(z.shape[1], dtype=torch.int32).view(1, -1, 1, 1).expand_as(symbols)
-        return encode_symbols(symbols.numpy(), indexes.numpy(), *self._tables())
+        return encode_symbols(symbols.numpy(), indexes.numpy(), *self.tables())
 
     def decompress(self, data, shape):
         """bytes, (B, C, H, W) -> z_hat, the dequantized values."""
         B, C, H, W = shape
         indexes = np.broadcast_to(np.arange(C, dtype=np.int32).reshape(1, C, 1, 1), shape)
-        symbols = torch.from_numpy(decode_symbols(data, indexes, *self._tables())).view(shape)
+        symbols = torch.from_numpy(decode_symbols(data, indexes, *self.tables())).view(shape)
         return symbols.float() + self.medians.view(1, -1, 1, 1)
 
 
@@ -468,10 +492,10 @@ class GaussianConditional(_CodingTables):
 
     def compress(self, y, scales, means=None):
         symbols = quantize(y, "symbols", means)
-        return encode_symbols(symbols.numpy(), self.build_indexes(scales).numpy(), *self._tables())
+        return encode_symbols(symbols.numpy(), self.build_indexes(scales).numpy(), *self.tables())
 
     def decompress(self, data, scales, means=None):
         indexes = self.build_indexes(scales)
-        symbols = decode_symbols(data, indexes.numpy(), *self._tables())
+        symbols = decode_symbols(data, indexes.numpy(), *self.tables())
         y_hat = torch.from_numpy(symbols).view(indexes.shape).float()
         return y_hat if means is None else y_hat + means

@@ -45,6 +45,8 @@ class TacoConfig:
     text_dim: int = 512              # width of the CLIP text tower's token features
     heads: int = 8                   # attention heads in the adapter
     mask_padding: bool = False       # the reference lets the adapter attend to padding tokens too
+    backbone: str = "hyperprior"     # "elic": the paper's exact model (elic.py), N=192, M=320
+    slices: tuple = (16, 16, 32, 64, 192)  # elic only: the uneven channel slices of y
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,25 +308,42 @@ class TACO(nn.Module):
         return self
 
     def read_text(self, text, device):
-        """captions or (features, padding) -> features (B, T, D), padding mask or None."""
+        """captions, precomputed features (B, T, D), or (features, padding) -> features, padding mask or None."""
         if not self.config.text_adapter:
             return None, None
         if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
             if self.text_encoder is None:
                 raise RuntimeError("this model reads captions: call attach_text_encoder() first")
             features, padding, _ = self.text_encoder(list(text))
+        elif isinstance(text, torch.Tensor):
+            features, padding = text, None
         else:
             features, padding = text
-        return features.to(device), (padding.to(device) if self.config.mask_padding else None)
+        if padding is None or not self.config.mask_padding:
+            return features.to(device), None
+        return features.to(device), padding.to(device)
 
     def forward(self, x, text=None):
         """x (B, 3, H, W) in [0, 1], H and W multiples of 64 -> {"x_hat", "likelihoods": {"y", "z"}}."""
         y = self.g_a(x, *self.read_text(text, x.device))                        # (B, M, H/16, W/16)
         z = self.h_a(y)                                                         # (B, N, H/64, W/64)
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
-        means, scales = self.h_s(z_hat).chunk(2, dim=1)                         # 2 x (B, M, H/16, W/16)
-        y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means)
+        y_hat, y_likelihoods = self.y_model(y, self.h_s(z_hat))
         return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+    # How y is modelled and coded given the hyperprior's output; elic.py overrides these three.
+    def y_model(self, y, hyper):
+        """y, h_s(z_hat) (B, 2M, h, w) -> y_hat, likelihoods: a Gaussian with the hyperprior's means and scales."""
+        means, scales = hyper.chunk(2, dim=1)                                   # 2 x (B, M, h, w)
+        return self.gaussian_conditional(y, scales, means)
+
+    def encode_y(self, y, hyper):
+        means, scales = hyper.cpu().chunk(2, dim=1)
+        return self.gaussian_conditional.compress(y.cpu(), scales, means)
+
+    def decode_y(self, data, hyper):
+        means, scales = hyper.cpu().chunk(2, dim=1)
+        return self.gaussian_conditional.decompress(data, scales, means)
 
     def update(self):
         """Freeze the integer coding tables (after training, before coding)."""
@@ -342,7 +361,8 @@ class TACO(nn.Module):
 
     @torch.no_grad()
     def compress(self, x, caption=""):
-        """x (1, C, H, W) in [0, 1] (C = 1, 3 or 4; alpha is dropped) -> the bytes of a .taco file."""
+        """x (1, C, H, W) in [0, 1] (C = 1, 3 or 4; alpha is dropped), a caption (or its CLIP token features
+        (1, T, D)) -> the bytes of a .taco file."""
         if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
             raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
         gray, (H, W) = x.shape[1] == 1, x.shape[-2:]
@@ -350,12 +370,12 @@ class TACO(nn.Module):
             raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
         x = x[:, :3].expand(1, 3, H, W).to(next(self.parameters()).device)
         x = F.pad(x, (0, -W % 64, 0, -H % 64), mode="replicate")                # (1, 3, H', W')
-        y = self.g_a(x, *self.read_text([caption], x.device))                   # (1, M, H'/16, W'/16)
+        text = caption if isinstance(caption, torch.Tensor) else [caption]
+        y = self.g_a(x, *self.read_text(text, x.device))                        # (1, M, H'/16, W'/16)
         z = self.h_a(y)                                                         # (1, N, H'/64, W'/64)
         z_bytes = self.entropy_bottleneck.compress(z.cpu())
         z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape).to(x.device)
-        means, scales = self.h_s(z_hat).chunk(2, dim=1)
-        y_bytes = self.gaussian_conditional.compress(y.cpu(), scales.cpu(), means.cpu())
+        y_bytes = self.encode_y(y, self.h_s(z_hat))
         return pack(self.fingerprint(), H, W, gray, z_bytes, y_bytes)
 
     @torch.no_grad()
@@ -366,8 +386,7 @@ class TACO(nn.Module):
         device = next(self.parameters()).device
         try:
             z_hat = self.entropy_bottleneck.decompress(z_bytes, (1, self.config.N, Hp // 64, Wp // 64))
-            means, scales = self.h_s(z_hat.to(device)).chunk(2, dim=1)          # (1, M, H'/16, W'/16)
-            y_hat = self.gaussian_conditional.decompress(y_bytes, scales.cpu(), means.cpu())
+            y_hat = self.decode_y(y_bytes, self.h_s(z_hat.to(device)))         # (1, M, H'/16, W'/16)
         except ValueError as error:
             raise BitstreamError(f"corrupted file: {error}") from error
         x_hat = self.g_s(y_hat.to(device)).clamp(0, 1)[:, :, :H, :W]           # (1, 3, H, W)
@@ -433,14 +452,28 @@ def load_checkpoint(path, device="cpu"):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__})") from error
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint and "config" not in checkpoint:
+        from elic import load_official                   # a released lambda_*.pth.tar of the reference
+        return load_official(path, device, checkpoint), checkpoint
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a TACO checkpoint (no config and state_dict)")
     try:
-        model = TACO(TacoConfig(**checkpoint["config"]))
+        model = build_model(TacoConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, RuntimeError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path} does not match its config: {str(error).splitlines()[0]}") from error
     return model.to(device).eval(), checkpoint
+
+
+def build_model(config):
+    """The codec a config describes: the GDN hyperprior of this file, or the paper's ELIC (elic.py, which
+    builds on this file and is imported only when asked for)."""
+    if config.backbone == "elic":
+        from elic import ElicTACO
+        return ElicTACO(config)
+    if config.backbone != "hyperprior":
+        raise ValueError(f"unknown backbone {config.backbone!r} (hyperprior or elic)")
+    return TACO(config)
 
 
 # ----------------------------------------------------------------------------------------------------------
