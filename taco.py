@@ -102,6 +102,7 @@ class Injector(nn.Module):
     def __init__(self, dim, text_dim, heads):
         super().__init__()
         self.text_feature_dim_proj = nn.Linear(text_dim, dim)
+        nn.init.kaiming_normal_(self.text_feature_dim_proj.weight)               # as the reference
         self.image_norm, self.text_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.gamma = nn.Parameter(torch.zeros(dim))
@@ -121,6 +122,7 @@ class Extractor(nn.Module):
     def __init__(self, dim, text_dim, heads):
         super().__init__()
         self.image_feature_dim_proj = nn.Linear(dim, text_dim)
+        nn.init.kaiming_normal_(self.image_feature_dim_proj.weight)
         self.image_norm, self.text_norm = nn.LayerNorm(text_dim), nn.LayerNorm(text_dim)
         self.cross_attn = nn.MultiheadAttention(text_dim, heads, batch_first=True)
 
@@ -289,12 +291,15 @@ class TACO(nn.Module):
     def __init__(self, config=TacoConfig()):
         super().__init__()
         self.config = config
-        N, M = config.N, config.M
-        self.g_a, self.g_s = AnalysisTransform(config), synthesis_transform(N, M)
-        self.h_a, self.h_s = hyper_analysis(N, M), hyper_synthesis(N, M)
-        self.entropy_bottleneck = EntropyBottleneck(N)
+        self.g_a, self.g_s, self.h_a, self.h_s = self.transforms(config)
+        self.entropy_bottleneck = EntropyBottleneck(config.N)
         self.gaussian_conditional = GaussianConditional()
         self.__dict__["text_encoder"] = None      # not a submodule: its weights come from open_clip
+
+    def transforms(self, config):
+        """g_a, g_s, h_a, h_s of the GDN mean-scale hyperprior (elic.py builds the paper's instead)."""
+        N, M = config.N, config.M
+        return AnalysisTransform(config), synthesis_transform(N, M), hyper_analysis(N, M), hyper_synthesis(N, M)
 
     def attach_text_encoder(self, encoder=None):
         """Give the model its caption reader (built from the config when not given)."""

@@ -39,6 +39,8 @@ class TrainConfig:
     val_captions: str = ""
     crop: int = 256
     # model (TacoConfig)
+    backbone: str = "hyperprior"     # hyperprior (GDN, the design card) | elic (the paper's exact model, N=192 M=320)
+    init_from: str = ""              # start from these weights: our checkpoint or a released lambda_*.pth.tar
     N: int = 128
     M: int = 192
     text_adapter: bool = True
@@ -366,9 +368,16 @@ def train(cfg):
 
     config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
                              clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
-                             text_dim=encoder.width if encoder else 512)
+                             text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)
     torch.manual_seed(cfg.seed)
-    model = taco.TACO(config)
+    model = taco.build_model(config)
+    if cfg.init_from and not cfg.resume:
+        source, _ = taco.load_checkpoint(cfg.init_from)
+        if (source.config.backbone, source.config.N, source.config.M) != (cfg.backbone, cfg.N, cfg.M):
+            raise SystemExit(f"error: {cfg.init_from} is a {source.config.backbone} model with N={source.config.N}"
+                             f", M={source.config.M}; pass the same --backbone, --N and --M")
+        model.load_state_dict(source.state_dict())
+        say(f"starting from the weights of {cfg.init_from}")
     if encoder is not None:
         model.attach_text_encoder(encoder.to(device))
     criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
@@ -512,7 +521,21 @@ def parse_args(argv=None):
              "resume": "continue the run in --out from latest.pt", "steps": "total optimizer steps (0: epochs)",
              "stop_at": "stop at this step with a checkpoint (e.g. a job time limit); continue with --resume",
              "val_every": "validate with real bitstreams (and checkpoint) every this many steps",
-             "out": "folder for checkpoints, log.jsonl and curves.png"}
+             "out": "folder for checkpoints, log.jsonl and curves.png",
+             "backbone": "hyperprior (GDN, default) or elic (the paper's model; use --N 192 --M 320)",
+             "root": "coco: folder with train2014/ and annotations/; folder: the images",
+             "captions": "folder data: JSON {file: caption(s)} or JSONL", "val_root": "held-out image folder",
+             "val_captions": "captions of the held-out images (JSON)", "crop": "random crop size for training",
+             "N": "transform channels", "M": "latent channels", "text_adapter": "CLIP text adapter in g_a",
+             "clip_model": "open_clip model name ('tiny': random, for tests)",
+             "mask_padding": "mask padding tokens in the adapter's attention",
+             "alexnet_weights": "local AlexNet weights file for LPIPS", "epochs": "passes over the data (if no --steps)",
+             "batch_size": "images per step and per process", "lr": "Adam learning rate of the codec",
+             "aux_lr": "Adam learning rate of the factorized prior's quantiles", "clip_grad": "gradient norm clip",
+             "seed": "seed of weights, data order, crops and noise", "log_every": "steps between log.jsonl rows",
+             "workers": "data loader processes", "bf16": "bf16 autocast on GPU", "channels_last": "on GPU",
+             "compile": "torch.compile the model",
+             "init_from": "initialise from a checkpoint (ours or a released lambda_*.pth.tar) before training"}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         text = helps.get(field.name, "") + f" (default {field.default!r}; demo {DEMO[field.name]!r})" \

@@ -16,6 +16,7 @@ import taco
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--N", "16", "--M", "24", "--clip-model", "tiny", "--clip-pretrained", "random", "--crop", "64",
             "--batch-size", "2", "--log-every", "1"]
 
@@ -215,3 +216,14 @@ def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
     assert [next(restarted) for _ in range(2)] == first_six[4:]
     rank0, rank1 = next(train.batches(10, 2, 0, 2, 5, 0)), next(train.batches(10, 2, 1, 2, 5, 0))
     assert not {i for i, _ in rank0} & {i for i, _ in rank1}
+
+
+@pytest.mark.slow
+def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_path, capsys):
+    from test_elic import fake_release
+    fake_release(str(tmp_path / "lambda_0.004.pth.tar"))
+    model, checkpoint = run_train(["--backbone", "elic", "--N", "192", "--M", "320", "--clip-model", "ViT-B-32",
+                                   "--init-from", str(tmp_path / "lambda_0.004.pth.tar"), "--steps", "2",
+                                   "--val-every", "100", "--batch-size", "1"], tmp_path, "finetune")
+    assert "starting from the weights of" in capsys.readouterr().out
+    assert model.config.backbone == "elic" and checkpoint["step"] == 2

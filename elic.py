@@ -1,0 +1,261 @@
+"""The paper's exact model: TACO on the ELIC backbone (He et al., CVPR 2022), able to load the released
+checkpoints (lambda_{0.0008,...,0.015}.pth.tar) of the reference implementation.
+
+What changes from taco.py's hyperprior (the text adapter, the entropy coder and the file format are reused):
+  - g_a / g_s: 5x5 stride-2 convolutions with three residual bottleneck blocks per stage and two simplified
+    attention blocks (Cheng et al. 2020); Injector / Extractor / Injector sit at the reference's indexes 8, 14, 15.
+  - y is coded in uneven channel slices [16, 16, 32, 64, 192], each in two checkerboard passes: the anchors
+    (row + column odd) from the hyperprior and the slices before it (channel context), then the non-anchors
+    with the decoded anchors as well (local context). Everything the decoder needs for a pass is decoded
+    before it, so one stream holds all passes, decoded in several calls (entropy.SymbolDecoder).
+Module names reproduce the reference's state-dict keys, which is how `load_official` loads the released files.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import taco
+from entropy import SymbolDecoder, encode_symbols, quantize
+from taco import Extractor, Injector, conv, deconv
+
+ANCHOR, NONANCHOR = "anchor", "non-anchor"
+
+
+def checkerboard(kind, height, width, device=None):
+    """(height, width) bool: anchors where row + column is odd (the reference's layout), the rest otherwise."""
+    rows = torch.arange(height, device=device)[:, None]
+    columns = torch.arange(width, device=device)[None, :]
+    odd = (rows + columns) % 2 == 1
+    return odd if kind == ANCHOR else ~odd
+
+
+def conv1x1(cin, cout):
+    return nn.Conv2d(cin, cout, 1)
+
+
+def conv3x3(cin, cout):
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+def bottleneck_branch(N):
+    return nn.Sequential(conv1x1(N, N // 2), nn.ReLU(), conv3x3(N // 2, N // 2), nn.ReLU(), conv1x1(N // 2, N))
+
+
+class ResidualBottleneck(nn.Module):
+    """x + branch(x), the branch squeezing to N/2 channels (ELIC)."""
+
+    def __init__(self, N):
+        super().__init__()
+        self.branch = bottleneck_branch(N)
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+class ResidualUnit(nn.Module):
+    def __init__(self, N):
+        super().__init__()
+        self.conv = bottleneck_branch(N)
+
+    def forward(self, x):
+        return F.relu(x + self.conv(x))
+
+
+class AttentionBlock(nn.Module):
+    """Cheng et al. 2020's simplified attention: x + trunk(x) * sigmoid(mask(x)), no non-local part."""
+
+    def __init__(self, N):
+        super().__init__()
+        self.conv_a = nn.Sequential(ResidualUnit(N), ResidualUnit(N), ResidualUnit(N))
+        self.conv_b = nn.Sequential(ResidualUnit(N), ResidualUnit(N), ResidualUnit(N), conv1x1(N, N))
+
+    def forward(self, x):
+        return x + self.conv_a(x) * torch.sigmoid(self.conv_b(x))
+
+
+def stage(cin, N):
+    """A stride-2 convolution followed by three residual bottleneck blocks."""
+    return [conv(cin, N), ResidualBottleneck(N), ResidualBottleneck(N), ResidualBottleneck(N)]
+
+
+class ElicAnalysis(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        N, M, D, heads = config.N, config.M, config.text_dim, config.heads
+        self.analysis_transform = nn.Sequential(
+            *stage(3, N), *stage(N, N), Injector(N, D, heads), AttentionBlock(N),          # 0-9, 1/4
+            *stage(N, N), Extractor(N, D, heads), Injector(N, D, heads),                  # 10-15, 1/8
+            conv(N, M), AttentionBlock(M))                                               # 16-17, 1/16
+
+    def forward(self, x, text, padding=None):
+        for layer in self.analysis_transform:
+            if isinstance(layer, Injector):
+                x = layer(x, text, padding)
+            elif isinstance(layer, Extractor):
+                text = layer(x, text)
+            else:
+                x = layer(x)
+        return x                                                                # (B, M, H/16, W/16)
+
+
+class ElicSynthesis(nn.Module):
+    def __init__(self, N, M):
+        super().__init__()
+        blocks = lambda: [ResidualBottleneck(N), ResidualBottleneck(N), ResidualBottleneck(N)]
+        self.synthesis_transform = nn.Sequential(
+            AttentionBlock(M), deconv(M, N), *blocks(), deconv(N, N), AttentionBlock(N), *blocks(),
+            deconv(N, N), *blocks(), deconv(N, 3))
+
+    def forward(self, y_hat):
+        return self.synthesis_transform(y_hat)                                  # (B, 3, H, W)
+
+
+class ElicHyperAnalysis(nn.Module):
+    def __init__(self, N, M):
+        super().__init__()
+        self.reduction = nn.Sequential(conv3x3(M, N), nn.ReLU(), conv(N, N), nn.ReLU(), conv(N, N))
+
+    def forward(self, y):
+        return self.reduction(y)                                                # (B, N, H/64, W/64)
+
+
+class ElicHyperSynthesis(nn.Module):
+    def __init__(self, N, M):
+        super().__init__()
+        self.increase = nn.Sequential(deconv(N, M), nn.ReLU(), deconv(M, M * 3 // 2), nn.ReLU(),
+                                      deconv(M * 3 // 2, 2 * M, kernel=3, stride=1))
+
+    def forward(self, z_hat):
+        return self.increase(z_hat)                                             # (B, 2M, H/16, W/16)
+
+
+class ChannelContext(nn.Module):
+    """Slices decoded so far -> 2C context channels for the next slice."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.fushion = nn.Sequential(nn.Conv2d(cin, 224, 5, padding=2), nn.ReLU(),   # (sic: the reference's key)
+                                     nn.Conv2d(224, 128, 5, padding=2), nn.ReLU(), nn.Conv2d(128, cout, 5, padding=2))
+
+    def forward(self, y_hat_so_far):
+        return self.fushion(y_hat_so_far)
+
+
+class EntropyParameters(nn.Module):
+    """Context and hyperprior features -> (scales, means) of one slice and pass, by 1x1 convolutions."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.fusion = nn.Sequential(conv1x1(cin, cout * 5 // 3), nn.ReLU(), conv1x1(cout * 5 // 3, cout * 4 // 3),
+                                    nn.ReLU(), conv1x1(cout * 4 // 3, cout))
+
+    def forward(self, features):
+        return self.fusion(features)
+
+
+class ElicTACO(taco.TACO):
+    """TACO as released: ELIC transforms, text adapter, checkerboard + channel-context entropy model."""
+
+    def __init__(self, config):
+        if not config.text_adapter:
+            raise ValueError("the ELIC backbone is the paper's TACO and always has its text adapter")
+        super().__init__(config)
+        M, slices = config.M, config.slices
+        if sum(slices) != M:
+            raise ValueError(f"slices {slices} must add up to M = {M}")
+        self.local_context = nn.ModuleList(nn.Conv2d(c, 2 * c, 5, padding=2) for c in slices)
+        self.channel_context = nn.ModuleList(ChannelContext(sum(slices[:i]), 2 * c) if i else None
+                                             for i, c in enumerate(slices))
+        self.entropy_parameters_anchor = nn.ModuleList(
+            EntropyParameters(2 * M + (2 * c if i else 0), 2 * c) for i, c in enumerate(slices))
+        self.entropy_parameters_nonanchor = nn.ModuleList(
+            EntropyParameters(2 * M + (4 * c if i else 2 * c), 2 * c) for i, c in enumerate(slices))
+
+    def transforms(self, config):
+        N, M = config.N, config.M
+        return ElicAnalysis(config), ElicSynthesis(N, M), ElicHyperAnalysis(N, M), ElicHyperSynthesis(N, M)
+
+    def checkerboard_passes(self, hyper, code):
+        """Both checkerboard passes of every slice, in coding order. `code(i, pass, scales, means)` returns
+        that pass's values of slice i (zeros elsewhere). forward, compress and decompress all run this one
+        loop, so encoder and decoder visit the symbols in the same order by construction."""
+        y_hat_slices = []
+        for i in range(len(self.config.slices)):
+            context = [self.channel_context[i](torch.cat(y_hat_slices, dim=1))] if i else []
+            scales, means = self.entropy_parameters_anchor[i](torch.cat(context + [hyper], dim=1)).chunk(2, 1)
+            anchor = code(i, ANCHOR, scales, means)                             # (B, C_i, h, w)
+            local = [self.local_context[i](anchor)]
+            features = torch.cat(local + context + [hyper], dim=1)
+            scales, means = self.entropy_parameters_nonanchor[i](features).chunk(2, 1)
+            y_hat_slices.append(anchor + code(i, NONANCHOR, scales, means))
+        return torch.cat(y_hat_slices, dim=1)                                   # (B, M, h, w)
+
+    def y_model(self, y, hyper):
+        slices = y.split(self.config.slices, dim=1)
+        likelihoods = [torch.ones_like(s) for s in slices]
+
+        def code(i, kind, scales, means):
+            mask = checkerboard(kind, *y.shape[-2:], device=y.device)
+            y_hat, slice_likelihoods = self.gaussian_conditional(slices[i], scales, means)
+            likelihoods[i] = torch.where(mask, slice_likelihoods, likelihoods[i])
+            return y_hat * mask
+        y_hat = self.checkerboard_passes(hyper, code)
+        return y_hat, torch.cat(likelihoods, dim=1)
+
+    def encode_y(self, y, hyper):
+        slices = y.split(self.config.slices, dim=1)
+        symbols, indexes = [], []
+
+        def code(i, kind, scales, means):
+            mask = checkerboard(kind, *y.shape[-2:], device=y.device)
+            symbols.append(quantize(slices[i], "symbols", means)[:, :, mask].flatten().cpu())
+            indexes.append(self.gaussian_conditional.build_indexes(scales)[:, :, mask].flatten().cpu())
+            return quantize(slices[i], "dequantize", means) * mask
+        self.checkerboard_passes(hyper, code)
+        return encode_symbols(torch.cat(symbols).numpy(), torch.cat(indexes).numpy(),
+                              *self.gaussian_conditional.tables())
+
+    def decode_y(self, data, hyper):
+        decoder, tables = SymbolDecoder(data), self.gaussian_conditional.tables()
+
+        def code(i, kind, scales, means):
+            mask = checkerboard(kind, *hyper.shape[-2:], device=hyper.device)
+            indexes = self.gaussian_conditional.build_indexes(scales)[:, :, mask]   # (B, C_i, K)
+            symbols = torch.from_numpy(decoder.decode(indexes.flatten().cpu().numpy(), *tables))
+            values = torch.zeros_like(scales)
+            values[:, :, mask] = symbols.view(indexes.shape).to(scales) + means[:, :, mask]
+            return values
+        return self.checkerboard_passes(hyper, code)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The released checkpoints
+# ----------------------------------------------------------------------------------------------------------
+OFFICIAL = taco.TacoConfig(N=192, M=320, backbone="elic", text_adapter=True, clip_model="ViT-B-32",
+                           clip_pretrained="openai", text_tokens=38, text_dim=512, heads=8)
+# CompressAI stores its constant bounds as buffers; here they are plain numbers (scale 0.11, likelihood 1e-9).
+COMPRESSAI_CONSTANTS = ("entropy_bottleneck.likelihood_lower_bound.bound",
+                        "gaussian_conditional.likelihood_lower_bound.bound",
+                        "gaussian_conditional.lower_bound_scale.bound", "gaussian_conditional.scale_bound")
+TABLES = ("_quantized_cdf", "_cdf_length", "_offset")
+
+
+def load_official(path, device="cpu", checkpoint=None):
+    """A released TACO file (torch.save of {"state_dict", optimizer states, epoch}) -> ElicTACO in eval mode,
+    its coding tables rebuilt by our own update(). Keys must match exactly (a "module." prefix is dropped)."""
+    if checkpoint is None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
+    state = {k: v for k, v in state.items() if k not in COMPRESSAI_CONSTANTS}
+    model = ElicTACO(OFFICIAL)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k} {tuple(state[k].shape)} (the model needs {tuple(v.shape)})" for k, v in expected.items()
+                 if k in state and not k.endswith(TABLES) and state[k].shape != v.shape]
+    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if keys:
+            raise taco.CheckpointError(f"{path} is not a TACO (ELIC) checkpoint: {len(keys)} {problem} key(s), "
+                                       f"first {keys[0]}")
+    model.load_state_dict(state)
+    return model.update().to(device).eval()

@@ -1,0 +1,222 @@
+"""Claims about elic.py: the released checkpoints' keys load strictly, and the two-pass checkerboard codes
+bit-exactly in the same order on both sides."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import elic
+import entropy
+import taco
+
+TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
+                 slices=(4, 4, 8, 8, 16))
+
+
+def reference_shapes(N=192, M=320, D=512, slices=(16, 16, 32, 64, 192), table_width=40):
+    """Key -> shape of a released TACO state dict, written from the reference's code (models/taco.py,
+    modules/transform/{analysis,synthesis}.py, ELIC's res_blk / context / entropy modules) and CompressAI
+    1.2's AttentionBlock, EntropyBottleneck and GaussianConditional, whose buffers these files also hold."""
+    shapes = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def deconv(name, cin, cout, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cin, cout, k, k), (cout,)
+
+    def branch(name, n):
+        conv(f"{name}.0", n, n // 2, 1), conv(f"{name}.2", n // 2, n // 2, 3), conv(f"{name}.4", n // 2, n, 1)
+
+    def attention(name, n):
+        for part in ("conv_a", "conv_b"):
+            for j in range(3):
+                branch(f"{name}.{part}.{j}.conv", n)
+        conv(f"{name}.conv_b.3", n, n, 1)
+
+    def linear(name, cin, cout):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin), (cout,)
+
+    def cross_attention(name, n, text_side):
+        linear(f"{name}.{'text' if text_side else 'image'}_feature_dim_proj", D if text_side else N, n)
+        for norm in ("image_norm", "text_norm"):
+            shapes[f"{name}.{norm}.weight"], shapes[f"{name}.{norm}.bias"] = (n,), (n,)
+        shapes[f"{name}.cross_attn.in_proj_weight"], shapes[f"{name}.cross_attn.in_proj_bias"] = (3 * n, n), (3 * n,)
+        linear(f"{name}.cross_attn.out_proj", n, n)
+
+    a = "g_a.analysis_transform"
+    conv(f"{a}.0", 3, N, 5), conv(f"{a}.4", N, N, 5), conv(f"{a}.10", N, N, 5), conv(f"{a}.16", N, M, 5)
+    for i in (1, 2, 3, 5, 6, 7, 11, 12, 13):
+        branch(f"{a}.{i}.branch", N)
+    cross_attention(f"{a}.8", N, True), cross_attention(f"{a}.15", N, True), cross_attention(f"{a}.14", D, False)
+    shapes[f"{a}.8.gamma"] = shapes[f"{a}.15.gamma"] = (N,)
+    attention(f"{a}.9", N), attention(f"{a}.17", M)
+    s = "g_s.synthesis_transform"
+    attention(f"{s}.0", M), attention(f"{s}.6", N)
+    deconv(f"{s}.1", M, N, 5), deconv(f"{s}.5", N, N, 5), deconv(f"{s}.10", N, N, 5), deconv(f"{s}.14", N, 3, 5)
+    for i in (2, 3, 4, 7, 8, 9, 11, 12, 13):
+        branch(f"{s}.{i}.branch", N)
+    conv("h_a.reduction.0", M, N, 3), conv("h_a.reduction.2", N, N, 5), conv("h_a.reduction.4", N, N, 5)
+    deconv("h_s.increase.0", N, M, 5), deconv("h_s.increase.2", M, M * 3 // 2, 5)
+    deconv("h_s.increase.4", M * 3 // 2, 2 * M, 3)
+    for i, c in enumerate(slices):
+        conv(f"local_context.{i}", c, 2 * c, 5)
+        if i:
+            conv(f"channel_context.{i}.fushion.0", sum(slices[:i]), 224, 5)
+            conv(f"channel_context.{i}.fushion.2", 224, 128, 5), conv(f"channel_context.{i}.fushion.4", 128, 2 * c, 5)
+        for kind, cin in (("anchor", 2 * M + (2 * c if i else 0)), ("nonanchor", 2 * M + (4 * c if i else 2 * c))):
+            out = 2 * c
+            conv(f"entropy_parameters_{kind}.{i}.fusion.0", cin, out * 5 // 3, 1)
+            conv(f"entropy_parameters_{kind}.{i}.fusion.2", out * 5 // 3, out * 4 // 3, 1)
+            conv(f"entropy_parameters_{kind}.{i}.fusion.4", out * 4 // 3, out, 1)
+    widths = (1, 3, 3, 3, 3, 1)
+    for i in range(5):
+        shapes[f"entropy_bottleneck._matrix{i}"] = (N, widths[i + 1], widths[i])
+        shapes[f"entropy_bottleneck._bias{i}"] = (N, widths[i + 1], 1)
+        if i < 4:
+            shapes[f"entropy_bottleneck._factor{i}"] = (N, widths[i + 1], 1)
+    shapes.update({"entropy_bottleneck.quantiles": (N, 1, 3), "entropy_bottleneck.target": (3,),
+                   "entropy_bottleneck.likelihood_lower_bound.bound": (1,),
+                   "entropy_bottleneck._offset": (N,), "entropy_bottleneck._quantized_cdf": (N, table_width),
+                   "entropy_bottleneck._cdf_length": (N,),
+                   "gaussian_conditional.likelihood_lower_bound.bound": (1,),
+                   "gaussian_conditional.lower_bound_scale.bound": (1,), "gaussian_conditional.scale_bound": (1,),
+                   "gaussian_conditional.scale_table": (64,), "gaussian_conditional._offset": (64,),
+                   "gaussian_conditional._quantized_cdf": (64, table_width),
+                   "gaussian_conditional._cdf_length": (64,)})
+    return shapes
+
+
+def fake_release(path, shapes=None, prefix="module."):
+    """A file laid out like the released ones, with random weights (and sane entropy-model values)."""
+    torch.manual_seed(0)
+    state = {}
+    for key, shape in (shapes or reference_shapes()).items():
+        state[prefix + key] = torch.randn(shape) * 0.05
+    state[prefix + "entropy_bottleneck.quantiles"] = torch.tensor([-8.0, 0.0, 8.0]).repeat(192, 1, 1)
+    state[prefix + "entropy_bottleneck.target"] = torch.tensor([-21.4, 0.0, 21.4])
+    state[prefix + "gaussian_conditional.scale_table"] = torch.exp(torch.linspace(np.log(0.11), np.log(256), 64))
+    for key in ("entropy_bottleneck._cdf_length", "gaussian_conditional._cdf_length"):
+        state[prefix + key] = torch.full(state[prefix + key].shape, 7, dtype=torch.int32)
+    torch.save({"state_dict": state, "epoch": 49, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return state
+
+
+def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
+    ours = {k: tuple(v.shape) for k, v in elic.ElicTACO(elic.OFFICIAL).state_dict().items()}
+    reference = {k: v for k, v in reference_shapes().items() if k not in elic.COMPRESSAI_CONSTANTS}
+    assert sorted(ours) == sorted(reference)
+    tables = [k for k in ours if k.endswith(elic.TABLES)]          # sized by update(), rebuilt on load
+    assert {k: v for k, v in ours.items() if k not in tables} == {k: v for k, v in reference.items()
+                                                                   if k not in tables}
+
+
+def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_path):
+    path = str(tmp_path / "lambda_0.004.pth.tar")
+    state = fake_release(path)
+    model, checkpoint = taco.load_checkpoint(path)
+    assert isinstance(model, elic.ElicTACO) and checkpoint["epoch"] == 49
+    loaded = model.state_dict()
+    for key in ("g_a.analysis_transform.8.gamma", "h_s.increase.4.weight", "channel_context.4.fushion.4.bias"):
+        assert torch.equal(loaded[key], state["module." + key])
+    for module in (model.entropy_bottleneck, model.gaussian_conditional):   # the file's tables were rebuilt
+        entropy.check_cdfs(*module.tables())
+        assert not (module._cdf_length == 7).all()
+    features = torch.randn(1, 38, 512)                             # precomputed CLIP token features
+    x = torch.rand(1, 3, 40, 72)
+    data = model.compress(x, features)
+    padded = F.pad(x, (0, 56, 0, 24), mode="replicate")
+    with torch.no_grad():
+        expected = model(padded, features)["x_hat"].clamp(0, 1)[:, :, :40, :72]
+    assert torch.equal(model.decompress(data), expected)
+
+
+@pytest.mark.parametrize("damage", ["missing", "misshapen", "unexpected"])
+def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, damage):
+    shapes = reference_shapes()
+    if damage == "missing":
+        del shapes["g_a.analysis_transform.15.gamma"]
+    elif damage == "misshapen":
+        shapes["g_a.analysis_transform.15.gamma"] = (128,)
+    else:
+        shapes["g_a.analysis_transform.18.weight"] = (3,)
+    fake_release(str(tmp_path / "bad.pth.tar"), shapes, prefix="")
+    with pytest.raises(taco.CheckpointError, match=f"{damage}.*g_a.analysis_transform.1[58]"):
+        taco.load_checkpoint(str(tmp_path / "bad.pth.tar"))
+
+
+def tiny_elic():
+    torch.manual_seed(0)
+    model = taco.build_model(taco.TacoConfig(**TINY_ELIC)).eval()
+    model.attach_text_encoder()
+    for module in model.modules():
+        if isinstance(module, taco.Injector):
+            module.gamma.data.normal_()
+    return model.update()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (70, 100), (20, 36)])
+def test_decompress_equals_the_models_own_reconstruction_exactly(size):
+    model = tiny_elic()
+    x = torch.rand(1, 3, *size)
+    data = model.compress(x, "a lighthouse on a cliff")
+    padded = F.pad(x, (0, -size[1] % 64, 0, -size[0] % 64), mode="replicate")
+    with torch.no_grad():
+        expected = model(padded, ["a lighthouse on a cliff"])["x_hat"].clamp(0, 1)[:, :, :size[0], :size[1]]
+    assert torch.equal(model.decompress(data), expected)
+
+
+def test_checkerboard_masks_are_complementary_with_anchors_where_row_plus_column_is_odd():
+    anchor, nonanchor = elic.checkerboard(elic.ANCHOR, 3, 4), elic.checkerboard(elic.NONANCHOR, 3, 4)
+    assert anchor.tolist() == [[False, True, False, True], [True, False, True, False], [False, True, False, True]]
+    assert torch.equal(anchor, ~nonanchor)
+
+
+@pytest.mark.parametrize("corruption", ["swapped passes", "positions visited backwards"])
+def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_image(monkeypatch, corruption):
+    model = tiny_elic()
+    x = torch.rand(1, 3, 64, 64)
+    data = model.compress(x, "a boat")
+    correct = model.decompress(data)
+    if corruption == "swapped passes":
+        original = elic.checkerboard
+        monkeypatch.setattr(elic, "checkerboard", lambda kind, *a, **k: original(
+            elic.NONANCHOR if kind == elic.ANCHOR else elic.ANCHOR, *a, **k))
+    else:
+        class Backwards(entropy.SymbolDecoder):
+            def decode(self, indexes, *tables):
+                return super().decode(indexes[::-1], *tables)[::-1].copy()
+        monkeypatch.setattr(elic, "SymbolDecoder", Backwards)
+    try:
+        corrupted = model.decompress(data)
+    except taco.BitstreamError:
+        return                                                      # detected: fine
+    assert not torch.equal(corrupted, correct)
+
+
+def test_text_features_match_a_hand_written_clip_text_forward():
+    """The reference read HF CLIP's last hidden state: start token, caption, end token, padded to 38 with the
+    end token, padding masked in the attention, final LayerNorm. Recomputed here by hand from the weights."""
+    encoder = taco.TextEncoder("tiny", "random")
+    captions = ["a red barn in the snow", "boats"]
+    ids, padding = encoder.tokenize(captions)
+    eot = encoder.tokenizer.eot_token_id
+    body = [encoder.tokenizer.encode(c) for c in captions]
+    for row, tokens, pad in zip(ids.tolist(), body, padding.tolist()):
+        assert row == [encoder.tokenizer.sot_token_id] + tokens + [eot] * (38 - 1 - len(tokens))
+        assert pad == [False] * (len(tokens) + 2) + [True] * (36 - len(tokens))
+    features, _ = encoder.encode(ids, padding)
+
+    x = encoder.token_embedding.weight[ids] + encoder.positional_embedding[:38]
+    allowed = torch.tril(torch.ones(38, 38, dtype=torch.bool))[None] & ~padding[:, None, :]   # (B, 38, 38)
+    for block in encoder.transformer.resblocks:
+        h = block.ln_1(x)
+        heads, width = block.attn.num_heads, x.shape[-1]
+        q, k, v = (h @ block.attn.in_proj_weight.T + block.attn.in_proj_bias).chunk(3, dim=-1)
+        split = lambda t: t.view(2, 38, heads, width // heads).transpose(1, 2)
+        scores = split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5
+        scores = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        attended = (scores @ split(v)).transpose(1, 2).reshape(2, 38, width)
+        x = x + block.ls_1(block.attn.out_proj(attended))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    assert torch.allclose(features, encoder.ln_final(x), atol=1e-5)
