@@ -2,6 +2,8 @@
 
     python bench.py coder        # the range coder on 300k Gaussian-conditional symbols (a 768x512 image's y)
     python bench.py codec        # compress / decompress time and peak memory, with and without the adapter
+    python bench.py codec --backbone elic -N 192 -M 320     # the paper's model at the reference widths
+    python bench.py train        # training images/s and peak memory (demo and default configs)
 """
 import argparse
 import multiprocessing
@@ -59,39 +61,91 @@ def bench_coder(args):
     print(f"  decode {n / t_dec / 1e6:.1f} M symbols/s ({t_dec * 1e3:.1f} ms)")
 
 
-def codec_case(N, M, text_adapter, height, width, repeat, queue):
-    """One configuration, in its own process so that its peak memory is its own."""
+def in_child(target, *args):
+    """Run target(*args, queue) in a fresh process, so that its peak memory is its own; return its result."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def codec_case(backbone, N, M, text_adapter, height, width, repeat, queue):
     import taco
     torch.manual_seed(0)
-    config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random")
-    model = taco.TACO(config).eval().update()
+    config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random", backbone=backbone)
+    model = taco.build_model(config).eval().update()
     if text_adapter:
         model.attach_text_encoder()          # the full ViT-B-32 text tower, random weights: same cost
     x = torch.rand(1, 3, height, width)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = peak_mib()
     first = time.perf_counter()
     data = model.compress(x, "a red barn in the snow")
     first = time.perf_counter() - first
     t_enc, data = best_time(lambda: model.compress(x, "a red barn in the snow"), repeat)
     t_dec, _ = best_time(lambda: model.decompress(data), repeat)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((first, t_enc, t_dec, baseline / 1024, peak / 1024, len(data)))
+    queue.put((first, t_enc, t_dec, loaded, peak_mib(), len(data)))
 
 
 def bench_codec(args):
-    context = multiprocessing.get_context("spawn")
-    print(f"codec on CPU ({torch.get_num_threads()} threads), {args.width}x{args.height}, N={args.N} M={args.M}")
-    for text_adapter in (False, True):
-        queue = context.Queue()
-        process = context.Process(target=codec_case, args=(args.N, args.M, text_adapter, args.height,
-                                                            args.width, args.repeat, queue))
-        process.start()
-        first, t_enc, t_dec, before, peak, size = queue.get()
-        process.join()
-        name = "TACO (text adapter)" if text_adapter else "hyperprior (no text)"
-        print(f"  {name:22s} compress {t_enc * 1e3:7.0f} ms (first call {first * 1e3:.0f} ms, caption "
+    print(f"codec on CPU ({torch.get_num_threads()} threads), {args.width}x{args.height}, {args.backbone}, "
+          f"N={args.N} M={args.M}, random weights")
+    for text_adapter in ((True,) if args.backbone == "elic" else (False, True)):
+        first, t_enc, t_dec, loaded, peak, size = in_child(codec_case, args.backbone, args.N, args.M, text_adapter,
+                                                           args.height, args.width, args.repeat)
+        name = "with text adapter" if text_adapter else "no text adapter"
+        print(f"  {name:18s} compress {t_enc * 1e3:7.0f} ms (first call {first * 1e3:.0f} ms, caption "
               f"encoded then), decompress {t_dec * 1e3:7.0f} ms, peak RSS {peak:.0f} MiB "
-              f"(model loaded: {before:.0f} MiB), {size} bytes")
+              f"(model loaded: {loaded:.0f} MiB), {size} bytes")
+
+
+def train_case(N, M, crop, batch, text_adapter, joint, steps, queue):
+    """Training steps with every tower of the real architecture (random weights cost the same)."""
+    import torchvision
+
+    import eval as metrics
+    import taco
+    import train
+    torch.manual_seed(0)
+    clip = taco.load_clip("ViT-B-32", "random")
+    encoder = taco.TextEncoder("ViT-B-32", "random", clip=clip) if text_adapter else None
+    model = taco.TACO(taco.TacoConfig(N=N, M=M, text_adapter=text_adapter)).train()
+    if encoder:
+        model.attach_text_encoder(encoder)
+    lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
+    criterion = train.JointLoss(0.004, 3.5, 0.0025, lpips if joint else None, clip.visual if joint else None)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    x, captions = torch.rand(batch, 3, crop, crop), [f"caption {i}" for i in range(batch)]
+
+    def step():
+        text = encoder(captions) if encoder else None
+        loss, _ = criterion(model(x, text[:2] if text else None), x, text[2] if text else None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    step()                                                                       # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    queue.put((batch * steps / (time.perf_counter() - start), peak_mib()))
+
+
+def bench_train(args):
+    print(f"training on CPU ({torch.get_num_threads()} threads), random weights, {args.steps} steps per figure")
+    configs = {"demo (N=64 M=96, 8 x 128x128)": (64, 96, 128, 8),
+               "default (N=128 M=192, 8 x 256x256)": (128, 192, 256, 8)}
+    for name, (N, M, crop, batch) in configs.items():
+        for text_adapter, joint in ((False, False), (True, False), (True, True)):
+            speed, peak = in_child(train_case, N, M, crop, batch, text_adapter, joint, args.steps)
+            terms = "rate+MSE" + ("+LPIPS+J" if joint else "")
+            print(f"  {name:36s} adapter={'on ' if text_adapter else 'off'} {terms:17s} "
+                  f"{speed:6.2f} images/s, peak RSS {peak:.0f} MiB")
 
 
 def main():
@@ -107,7 +161,12 @@ def main():
     codec.add_argument("-N", type=int, default=128, help="transform channels")
     codec.add_argument("-M", type=int, default=192, help="latent channels")
     codec.add_argument("--repeat", type=int, default=3, help="runs per figure; the fastest is reported")
+    codec.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
     codec.set_defaults(run=bench_codec)
+    training = sub.add_parser("train", help="training throughput and peak memory, with and without the adapter "
+                                            "and the joint loss")
+    training.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    training.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)
 
