@@ -237,7 +237,6 @@ OFFICIAL = taco.TacoConfig(N=192, M=320, backbone="elic", text_adapter=True, cli
 COMPRESSAI_CONSTANTS = ("entropy_bottleneck.likelihood_lower_bound.bound",
                         "gaussian_conditional.likelihood_lower_bound.bound",
                         "gaussian_conditional.lower_bound_scale.bound", "gaussian_conditional.scale_bound")
-TABLES = ("_quantized_cdf", "_cdf_length", "_offset")
 
 
 def load_official(path, device="cpu", checkpoint=None):
@@ -248,14 +247,5 @@ def load_official(path, device="cpu", checkpoint=None):
     state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
     state = {k: v for k, v in state.items() if k not in COMPRESSAI_CONSTANTS}
     model = ElicTACO(OFFICIAL)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [f"{k} {tuple(state[k].shape)} (the model needs {tuple(v.shape)})" for k, v in expected.items()
-                 if k in state and not k.endswith(TABLES) and state[k].shape != v.shape]
-    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
-        if keys:
-            raise taco.CheckpointError(f"{path} is not a TACO (ELIC) checkpoint: {len(keys)} {problem} key(s), "
-                                       f"first {keys[0]}")
-    model.load_state_dict(state)
+    taco.load_weights(model, state, path)
     return model.update().to(device).eval()

@@ -464,10 +464,26 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path} is not a TACO checkpoint (no config and state_dict)")
     try:
         model = build_model(TacoConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path} does not match its config: {str(error).splitlines()[0]}") from error
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} holds an unknown config: {error}") from error
+    load_weights(model, checkpoint["state_dict"], path)
     return model.to(device).eval(), checkpoint
+
+
+TABLES = ("_quantized_cdf", "_cdf_length", "_offset")     # sized by update(): any shape loads
+
+
+def load_weights(model, state, path):
+    """load_state_dict, strict, with an error that names the first missing, unexpected or misshapen key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k} {tuple(state[k].shape)} (the model needs {tuple(v.shape)})" for k, v in expected.items()
+                 if k in state and not k.endswith(TABLES) and state[k].shape != v.shape]
+    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if keys:
+            raise CheckpointError(f"{path} does not fit this model: {len(keys)} {problem} key(s), first {keys[0]}")
+    model.load_state_dict(state)
 
 
 def build_model(config):
