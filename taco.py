@@ -253,11 +253,12 @@ class TextEncoder(nn.Module):
         return ids, padding
 
     @torch.no_grad()
+    @torch.autocast("cuda", enabled=False)   # float32 features: they are cached and reused outside autocast
     def encode(self, ids, padding):
         B, T = ids.shape
         x = self.token_embedding(ids) + self.positional_embedding[:T]          # (B, T, D)
         causal = torch.full((T, T), float("-inf")).triu(1)
-        mask = causal + torch.zeros(B, 1, T).masked_fill(padding[:, None, :], float("-inf"))  # (B, T, T)
+        mask = causal + torch.zeros(B, 1, T).masked_fill(padding[:, None, :].cpu(), float("-inf"))  # (B, T, T)
         heads = self.transformer.resblocks[0].attn.num_heads
         x = self.ln_final(self.transformer(x, attn_mask=mask.repeat_interleave(heads, 0).to(x)))
         pooled = x[torch.arange(B), (~padding).sum(1) - 1]                      # the end token, (B, D)
@@ -281,6 +282,18 @@ class TextEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 class BitstreamError(ValueError):
     """A file that this model cannot decode: not ours, truncated, corrupted, or written by another model."""
+
+
+class deterministic_gpu(contextlib.ContextDecorator):
+    """cuDNN may pick different convolution algorithms from call to call; the encoder and the decoder must
+    compute bit-identical hyperprior outputs, so coding runs with deterministic algorithms (as the reference)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.deterministic
+        torch.backends.cudnn.deterministic = True
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.deterministic = self.saved
 
 
 class TACO(nn.Module):
@@ -365,6 +378,7 @@ class TACO(nn.Module):
         return digest.digest()[:8]
 
     @torch.no_grad()
+    @deterministic_gpu()
     def compress(self, x, caption=""):
         """x (1, C, H, W) in [0, 1] (C = 1, 3 or 4; alpha is dropped), a caption (or its CLIP token features
         (1, T, D)) -> the bytes of a .taco file."""
@@ -384,6 +398,7 @@ class TACO(nn.Module):
         return pack(self.fingerprint(), H, W, gray, z_bytes, y_bytes)
 
     @torch.no_grad()
+    @deterministic_gpu()
     def decompress(self, data):
         """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) in [0, 1]. No caption needed."""
         H, W, gray, z_bytes, y_bytes = unpack(data, self.fingerprint())
