@@ -505,6 +505,7 @@ def plot_log(log_path, png_path):
             ax.plot([r["step"] for r in val_rows], [r.get(f"val_{key}", np.nan) for r in val_rows], "o-",
                     label="held-out, real bits")
         ax.set_xlabel("step"), ax.set_title(key), ax.legend()
+        ax.set_yscale("log" if key == "loss" else "linear")
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
