@@ -9,6 +9,7 @@ from the file alone. Backbone: Balle et al. 2017 (GDN), Balle et al. 2018 and Mi
 hyperprior). Run `python taco.py --help` for the compress/decompress CLI.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -224,9 +225,9 @@ class TextEncoder(nn.Module):
     """Captions -> CLIP token features (B, T, D) after the final LayerNorm, their padding mask (B, T), and
     the pooled, projected embedding (B, E) used by the loss. Tokenized as the reference did: start token,
     caption (cut to T - 2 tokens), end token, padded to T with the end token; the padding is masked inside
-    the text transformer. Frozen; features are cached per caption."""
+    the text transformer. Frozen; the features of the last `cache_size` captions are kept for reuse."""
 
-    def __init__(self, name="ViT-B-32", pretrained="openai", tokens=38, clip=None):
+    def __init__(self, name="ViT-B-32", pretrained="openai", tokens=38, clip=None, cache_size=1024):
         super().__init__()
         import open_clip
         clip = clip if clip is not None else load_clip(name, pretrained)
@@ -236,7 +237,7 @@ class TextEncoder(nn.Module):
         self.text_projection = clip.text_projection
         self.tokens, self.width = tokens, clip.ln_final.normalized_shape[0]
         self.requires_grad_(False).eval()
-        self.cache = {}
+        self.cache, self.cache_size = collections.OrderedDict(), cache_size
 
     def tokenize(self, captions):
         """-> token ids (B, T) and padding mask (B, T), True where a position is padding."""
@@ -273,7 +274,12 @@ class TextEncoder(nn.Module):
             features, embedding = self.encode(ids.to(self.ln_final.weight.device), padding.to(ids.device))
             for i, caption in enumerate(missing):
                 self.cache[caption] = (features[i], padding[i], embedding[i])
-        features, padding, embedding = zip(*(self.cache[c] for c in captions))
+        rows = [self.cache[c] for c in captions]
+        for caption in captions:                        # least recently used captions leave first
+            self.cache.move_to_end(caption)
+        while len(self.cache) > max(self.cache_size, len(captions)):
+            self.cache.popitem(last=False)
+        features, padding, embedding = zip(*rows)
         return torch.stack(features), torch.stack(padding), torch.stack(embedding)
 
 

@@ -281,3 +281,15 @@ def test_long_captions_are_cut_to_the_token_budget(encoder):
 def test_missing_pretrained_weights_fail_at_once_with_instructions():
     with pytest.raises(taco.WeightsUnavailable, match="--clip-pretrained"):
         taco.load_clip("ViT-B-32", "openai")
+
+
+def test_caption_cache_reuses_features_and_stays_bounded():
+    torch.manual_seed(0)
+    encoder = TextEncoder("tiny", "random", cache_size=3)
+    first, _, _ = encoder(["a cat", "a dog"])
+    encoder.encode = None                                   # a cache hit must not run the text tower
+    again, _, _ = encoder(["a dog", "a cat"])
+    assert torch.equal(again, first.flip(0))
+    del encoder.encode                                      # back to the class method
+    encoder(["a bird", "a fish", "a cow"])
+    assert list(encoder.cache) == ["a bird", "a fish", "a cow"]
