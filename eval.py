@@ -229,7 +229,8 @@ def complexity(model, size=256):
     for h in handles:
         h.remove()
     params = sum(p.numel() for p in model.parameters())
-    adapter = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("g_a.inject", "g_a.extract")))
+    adapter = sum(p.numel() for m in model.modules() if isinstance(m, (taco.Injector, taco.Extractor))
+                  for p in m.parameters())
     return {"params": params, "adapter_params": adapter, "macs_per_pixel": counts["macs"] / size ** 2}
 
 

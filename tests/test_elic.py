@@ -220,3 +220,10 @@ def test_text_features_match_a_hand_written_clip_text_forward():
         x = x + block.ls_1(block.attn.out_proj(attended))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     assert torch.allclose(features, encoder.ln_final(x), atol=1e-5)
+
+
+def test_adapter_size_at_the_reference_width_matches_the_paper():
+    """SPEC section 3: about 1.65 M adapter parameters at dim 192 (two Injectors and one Extractor)."""
+    import eval as metrics
+    counted = metrics.complexity(elic.ElicTACO(elic.OFFICIAL), size=64)
+    assert 1.6e6 < counted["adapter_params"] < 1.7e6
