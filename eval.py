@@ -201,6 +201,51 @@ def cmmd(a, b, sigma=10.0, scale=1000.0):
     return float(scale * mmd)
 
 
+def fid(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) (Heusel et al. 2017):
+    ||mu_a - mu_b||^2 + tr C_a + tr C_b - 2 tr (C_a C_b)^(1/2). With C = F F^T, the last trace is the sum of
+    the singular values of F_a^T F_b: no matrix square root, and small when there are few samples."""
+    a, b = a.double().numpy(), b.double().numpy()
+    fa, fb = _covariance_factor(a), _covariance_factor(b)
+    trace_root = np.linalg.svd(fa.T @ fb, compute_uv=False).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (fa ** 2).sum() + (fb ** 2).sum() - 2 * trace_root)
+
+
+def _covariance_factor(x):
+    """F with F F^T = cov(x): the scaled, centered samples (D, N) when N <= D, else from an eigendecomposition."""
+    if len(x) <= x.shape[1]:
+        return ((x - x.mean(0)) / np.sqrt(len(x) - 1)).T
+    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    return vectors * np.sqrt(np.clip(values, 0, None))
+
+
+def load_inception(weights=None):
+    """torchvision's Inception-v3 (ImageNet) without its classifier: 2048-d pool features for FID. These are
+    not the TF-Inception weights of the original FID, so compare its FID only with FID computed the same way."""
+    import torchvision
+    try:
+        if weights:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        else:
+            state = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as error:
+        raise taco.WeightsUnavailable(
+            f"could not load Inception-v3 weights for FID ({type(error).__name__}): run once with network access "
+            f"(torchvision caches inception_v3_google-0cc3c7bd.pth) or pass that file as --inception-weights") from error
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
+    model.load_state_dict(state)
+    model.fc = nn.Identity()
+    return model.requires_grad_(False).eval()
+
+
+def inception_features(model, x):
+    """(B, 3, H, W) in [0, 1] -> (B, 2048), at 299x299 with ImageNet normalization."""
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return model((x - mean) / std)
+
+
 def complexity(model, size=256):
     """Parameters (and the text adapter's share) and multiply-accumulates per pixel of the encoder and
     decoder paths, counted by hooks on a size x size forward pass."""
@@ -275,7 +320,7 @@ def as_rgb(x):
 
 
 @torch.no_grad()
-def evaluate(model, images, captions, lpips_models, clip, folder, save_dir=None):
+def evaluate(model, images, captions, lpips_models, clip, inception, folder, save_dir=None):
     """Real compress/decompress of every image -> per-image rows."""
     from tqdm import tqdm
     rows = []
@@ -297,6 +342,8 @@ def evaluate(model, images, captions, lpips_models, clip, folder, save_dir=None)
                "encode_s": encode, "decode_s": decode}
         for convention, lpips in lpips_models.items():
             row[f"lpips_{convention}"] = float(lpips(x_hat, x))
+        if inception is not None:
+            row["_inception"] = (inception_features(inception, x)[0], inception_features(inception, x_hat)[0])
         if clip is not None:
             e_hat = clip.encode_image(clip_preprocess(x_hat))
             row["clip_score"] = float(100 * F.cosine_similarity(e_hat, clip_text(clip, captions[name])).clamp_min(0))
@@ -318,6 +365,9 @@ def summarize(rows):
     if "_embeddings" in rows[0] and len(rows) > 1:
         originals, reconstructions = (torch.stack(t) for t in zip(*(r["_embeddings"] for r in rows)))
         mean["cmmd"] = cmmd(originals, reconstructions)
+    if "_inception" in rows[0] and len(rows) > 1:
+        originals, reconstructions = (torch.stack(t) for t in zip(*(r["_inception"] for r in rows)))
+        mean["fid"] = fid(originals, reconstructions)
     return mean
 
 
@@ -380,7 +430,12 @@ def load_towers(args, config):
             print("note: CLIP has random weights: the CLIP score and CMMD below carry no meaning")
     except taco.WeightsUnavailable as error:
         print(f"note: CLIP score and CMMD skipped, and captions cannot be read: {error}")
-    return lpips, clip, pretrained
+    inception = None
+    try:
+        inception = load_inception(args.inception_weights)
+    except taco.WeightsUnavailable as error:
+        print(f"note: FID skipped: {error}")
+    return lpips, clip, pretrained, inception
 
 
 def main(argv=None):
@@ -395,8 +450,10 @@ def main(argv=None):
     parser.add_argument("--reference", action="store_true", help="overlay SPEC.md's Kodak numbers on the plot")
     parser.add_argument("--clip-pretrained", help="CLIP weights (tag or file) if not the checkpoint's")
     parser.add_argument("--alexnet-weights", help="torchvision AlexNet weights file for LPIPS")
-    parser.add_argument("--save-reconstructions", action="store_true", help="write decoded PNGs (e.g. for FID "
-                        "with an external tool) under --out/<checkpoint name>/")
+    parser.add_argument("--inception-weights", help="torchvision Inception-v3 weights file for FID (needs many "
+                        "images to mean anything: thousands, as COCO-30k)")
+    parser.add_argument("--save-reconstructions", action="store_true", help="write decoded PNGs (e.g. for "
+                        "TF-Inception FID with an external tool) under --out/<checkpoint name>/")
     parser.add_argument("--out", default="results", help="folder for results.json, results.csv, rd.png")
     args = parser.parse_args(argv)
 
@@ -408,7 +465,7 @@ def main(argv=None):
             model, _ = taco.load_checkpoint(path)
         except taco.CheckpointError as error:
             raise SystemExit(f"error: {error}")
-        lpips, clip, pretrained = load_towers(args, model.config)
+        lpips, clip, pretrained, inception = load_towers(args, model.config)
         text_model = model.config.text_adapter
         if text_model:
             if clip is None:
@@ -425,7 +482,8 @@ def main(argv=None):
             runs.update(empty={n: "" for n in images}, shuffled=shuffled(captions))
         entry = {"config": dataclasses.asdict(model.config), "complexity": complexity(model)}
         for run, caps in runs.items():
-            rows = evaluate(model, images, caps, lpips, clip, args.images, save_dir if run == "given" else None)
+            rows = evaluate(model, images, caps, lpips, clip, inception, args.images,
+                            save_dir if run == "given" else None)
             entry[run] = {"mean": summarize(rows), "per_image": [{k: v for k, v in r.items()
                                                                   if not k.startswith("_")} for r in rows]}
         report["checkpoints"][path] = entry
@@ -460,7 +518,7 @@ def print_entry(path, entry):
     print(f"{path}: {c['params'] / 1e6:.2f} M parameters ({c['adapter_params'] / 1e6:.2f} M text adapter), "
           f"{c['macs_per_pixel'] / 1e3:.1f} kMAC/pixel")
     keys = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "cmmd",
-            "encode_s", "decode_s")
+            "fid", "encode_s", "decode_s")
     print("  " + f"{'captions':10s}" + "".join(f"{k:>16s}" for k in keys))
     for run in ("given", "empty", "shuffled"):
         if run in entry:

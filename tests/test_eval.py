@@ -100,6 +100,19 @@ def test_cmmd_matches_the_mmd_formula():
     assert np.isclose(metrics.cmmd(a, b), 1000 * (aa + bb - 2 * ab), rtol=1e-6)
 
 
+@pytest.mark.parametrize("samples", [(50, 60), (3, 5)])          # more samples than dimensions, and fewer
+def test_fid_matches_the_frechet_formula_computed_by_eigenvalues(samples):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(samples[0], 4, generator=g)
+    b = torch.randn(samples[1], 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 1.5]) + 0.3
+    an, bn = a.double().numpy(), b.double().numpy()
+    ca, cb = np.cov(an, rowvar=False), np.cov(bn, rowvar=False)
+    trace_root = np.sqrt(np.clip(np.linalg.eigvals(ca @ cb).real, 0, None)).sum()   # tr((Ca Cb)^1/2)
+    expected = ((an.mean(0) - bn.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * trace_root
+    assert np.isclose(metrics.fid(a, b), expected, rtol=1e-6, atol=1e-9)
+    assert abs(metrics.fid(a, a)) < 1e-6
+
+
 def test_complexity_counts_match_the_layer_formulas():
     model = taco.TACO(taco.TacoConfig(**{**TINY, "text_adapter": False}))
     N, M, size = 16, 24, 256
@@ -137,6 +150,8 @@ def folder(tmp_path_factory):
         injector.gamma.data.normal_()
     taco.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(inception.state_dict(), root / "inception.pth")
     return root
 
 
@@ -144,7 +159,8 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
     out = folder / "out"
     metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
                   str(folder / "captions.json"), "--ablation", "--baselines", "JPEG,WEBP", "--reference",
-                  "--alexnet-weights", str(folder / "alexnet.pth"), "--out", str(out)])
+                  "--alexnet-weights", str(folder / "alexnet.pth"), "--inception-weights",
+                  str(folder / "inception.pth"), "--out", str(out)])
     report = json.loads((out / "results.json").read_text())
     entry = report["checkpoints"][str(folder / "tiny.pt")]
     model, _ = taco.load_checkpoint(str(folder / "tiny.pt"))
@@ -156,6 +172,7 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
         assert row["bytes"] == size and row["bpp"] == 8 * size / (x.shape[-1] * x.shape[-2])
         assert {"psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "bpp_estimate"} <= set(row)
     assert {"given", "empty", "shuffled"} <= set(entry)
+    assert {"fid", "cmmd", "lpips_reference"} <= set(entry["given"]["mean"])
     shuffled = [r["caption"] for r in entry["shuffled"]["per_image"]]
     assert all(s != captions[r["image"]] for s, r in zip(shuffled, entry["given"]["per_image"]))
     assert set(report["baselines"]) == {"JPEG", "WEBP"}
