@@ -241,8 +241,8 @@ def load_inception(weights=None):
 def inception_features(model, x):
     """(B, 3, H, W) in [0, 1] -> (B, 2048), at 299x299 with ImageNet normalization."""
     x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).to(x)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1).to(x)
     return model((x - mean) / std)
 
 
@@ -323,15 +323,15 @@ def as_rgb(x):
 def evaluate(model, images, captions, lpips_models, clip, inception, folder, save_dir=None):
     """Real compress/decompress of every image -> per-image rows."""
     from tqdm import tqdm
-    rows = []
+    rows, device = [], next(model.parameters()).device
     for name in tqdm(images, desc="images", leave=False):
-        x = taco.read_image(os.path.join(folder, name))
+        x = taco.read_image(os.path.join(folder, name)).to(device)
         H, W = x.shape[-2:]
         start = time.perf_counter()
         data = model.compress(x, captions[name])
         encode = time.perf_counter() - start
         start = time.perf_counter()
-        x_hat = model.decompress(data).cpu()
+        x_hat = model.decompress(data)
         decode = time.perf_counter() - start
         padded = F.pad(as_rgb(x), (0, -W % 64, 0, -H % 64), mode="replicate")
         likelihoods = model(padded, [captions[name]] if model.config.text_adapter else None)["likelihoods"]
@@ -343,11 +343,11 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         for convention, lpips in lpips_models.items():
             row[f"lpips_{convention}"] = float(lpips(x_hat, x))
         if inception is not None:
-            row["_inception"] = (inception_features(inception, x)[0], inception_features(inception, x_hat)[0])
+            row["_inception"] = tuple(inception_features(inception, t)[0].cpu() for t in (x, x_hat))
         if clip is not None:
             e_hat = clip.encode_image(clip_preprocess(x_hat))
             row["clip_score"] = float(100 * F.cosine_similarity(e_hat, clip_text(clip, captions[name])).clamp_min(0))
-            row["_embeddings"] = (clip.encode_image(clip_preprocess(x))[0], e_hat[0])
+            row["_embeddings"] = (clip.encode_image(clip_preprocess(x))[0].cpu(), e_hat[0].cpu())
         if save_dir:
             taco.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
         rows.append(row)
@@ -356,7 +356,8 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
 
 def clip_text(clip, caption):
     import open_clip
-    return clip.encode_text(open_clip.get_tokenizer("ViT-B-32")([caption]))
+    tokens = open_clip.get_tokenizer("ViT-B-32")([caption])
+    return clip.encode_text(tokens.to(next(clip.parameters()).device))
 
 
 def summarize(rows):
@@ -420,19 +421,19 @@ def load_towers(args, config):
     lpips = {}
     try:
         for convention in ("standard", "reference"):
-            lpips[convention] = load_lpips(convention, args.alexnet_weights)
+            lpips[convention] = load_lpips(convention, args.alexnet_weights).to(args.device)
     except taco.WeightsUnavailable as error:
         print(f"note: LPIPS skipped: {error}")
     clip, pretrained = None, args.clip_pretrained or config.clip_pretrained
     try:
-        clip = taco.load_clip(config.clip_model, pretrained).eval()
+        clip = taco.load_clip(config.clip_model, pretrained).eval().to(args.device)
         if pretrained == "random":
             print("note: CLIP has random weights: the CLIP score and CMMD below carry no meaning")
     except taco.WeightsUnavailable as error:
         print(f"note: CLIP score and CMMD skipped, and captions cannot be read: {error}")
     inception = None
     try:
-        inception = load_inception(args.inception_weights)
+        inception = load_inception(args.inception_weights).to(args.device)
     except taco.WeightsUnavailable as error:
         print(f"note: FID skipped: {error}")
     return lpips, clip, pretrained, inception
@@ -455,6 +456,8 @@ def main(argv=None):
     parser.add_argument("--save-reconstructions", action="store_true", help="write decoded PNGs (e.g. for "
                         "TF-Inception FID with an external tool) under --out/<checkpoint name>/")
     parser.add_argument("--out", default="results", help="folder for results.json, results.csv, rd.png")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the networks run (entropy coding is always on the CPU)")
     args = parser.parse_args(argv)
 
     images = list_images(args.images)
@@ -462,7 +465,7 @@ def main(argv=None):
     report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
     for path in args.checkpoint:
         try:
-            model, _ = taco.load_checkpoint(path)
+            model, _ = taco.load_checkpoint(path, args.device)
         except taco.CheckpointError as error:
             raise SystemExit(f"error: {error}")
         lpips, clip, pretrained, inception = load_towers(args, model.config)
