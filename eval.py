@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np

@@ -209,11 +209,11 @@ def test_text_features_match_a_hand_written_clip_text_forward():
 
     x = encoder.token_embedding.weight[ids] + encoder.positional_embedding[:38]
     allowed = torch.tril(torch.ones(38, 38, dtype=torch.bool))[None] & ~padding[:, None, :]   # (B, 38, 38)
+    heads, width = encoder.transformer.resblocks[0].attn.num_heads, x.shape[-1]
+    split = lambda t: t.view(2, 38, heads, width // heads).transpose(1, 2)            # (B, heads, T, d)
     for block in encoder.transformer.resblocks:
         h = block.ln_1(x)
-        heads, width = block.attn.num_heads, x.shape[-1]
         q, k, v = (h @ block.attn.in_proj_weight.T + block.attn.in_proj_bias).chunk(3, dim=-1)
-        split = lambda t: t.view(2, 38, heads, width // heads).transpose(1, 2)
         scores = split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5
         scores = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
         attended = (scores @ split(v)).transpose(1, 2).reshape(2, 38, width)

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def random_tables(rng, count=12, max_len=40):
     """Tables from random pmfs, including one very skewed row (long runs of 0xFF bytes, many carries)."""
     rows = []
-    for k in range(count):
+    for _ in range(count):
         pmf = rng.random(int(rng.integers(1, max_len))) ** 4
         rows.append(pmf_to_quantized_cdf(pmf / pmf.sum() * 0.999, 0.001))
     rows.append(pmf_to_quantized_cdf([0.99998, 0.00001], 0.00001))

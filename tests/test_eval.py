@@ -1,6 +1,5 @@
 """Claims about eval.py: metrics agree with independent computations, reports use the real file size."""
 import json
-import os
 
 import numpy as np
 import pytest
