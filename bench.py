@@ -113,8 +113,8 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, queue):
     import taco
     import train
     torch.manual_seed(0)
-    clip = taco.load_clip("ViT-B-32", "random")
-    encoder = taco.TextEncoder("ViT-B-32", "random", clip=clip) if text_adapter else None
+    clip = taco.load_clip("ViT-B-32-quickgelu", "random")
+    encoder = taco.TextEncoder("ViT-B-32-quickgelu", "random", clip=clip) if text_adapter else None
     model = taco.TACO(taco.TacoConfig(N=N, M=M, text_adapter=text_adapter)).train()
     if encoder:
         model.attach_text_encoder(encoder)

@@ -231,7 +231,7 @@ class ElicTACO(taco.TACO):
 # ----------------------------------------------------------------------------------------------------------
 # The released checkpoints
 # ----------------------------------------------------------------------------------------------------------
-OFFICIAL = taco.TacoConfig(N=192, M=320, backbone="elic", text_adapter=True, clip_model="ViT-B-32",
+OFFICIAL = taco.TacoConfig(N=192, M=320, backbone="elic", text_adapter=True, clip_model="ViT-B-32-quickgelu",
                            clip_pretrained="openai", text_tokens=38, text_dim=512, heads=8)
 # CompressAI stores its constant bounds as buffers; here they are plain numbers (scale 0.11, likelihood 1e-9).
 COMPRESSAI_CONSTANTS = ("entropy_bottleneck.likelihood_lower_bound.bound",

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -355,7 +356,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
 
 def clip_text(clip, caption):
     import open_clip
-    tokens = open_clip.get_tokenizer("ViT-B-32")([caption])
+    tokens = open_clip.get_tokenizer("ViT-B-32-quickgelu")([caption])
     return clip.encode_text(tokens.to(next(clip.parameters()).device))
 
 
@@ -543,4 +544,7 @@ def write_csv(report, path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (taco.CheckpointError, taco.WeightsUnavailable, taco.BitstreamError, ValueError, OSError) as error:
+        sys.exit(f"error: {error}")

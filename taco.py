@@ -40,7 +40,7 @@ class TacoConfig:
     N: int = 128                     # channels of the transforms and of z
     M: int = 192                     # channels of y
     text_adapter: bool = True        # False: the plain mean-scale hyperprior, the baseline to compare with
-    clip_model: str = "ViT-B-32"     # open_clip model name, or "tiny" (random weights, for tests)
+    clip_model: str = "ViT-B-32-quickgelu"  # open_clip name ("tiny": random, for tests); OpenAI's CLIP uses QuickGELU
     clip_pretrained: str = "openai"  # open_clip weights tag, a local weights file, or "random"
     text_tokens: int = 38            # captions are cut or padded to this many tokens, as in the reference
     text_dim: int = 512              # width of the CLIP text tower's token features
@@ -211,6 +211,11 @@ def load_clip(name, pretrained):
             if name == "tiny":
                 return open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
             return open_clip.create_model(name, pretrained=None)
+    tag_gelu = open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu")
+    if tag_gelu is not None and tag_gelu != bool((open_clip.get_model_config(name) or {}).get("quick_gelu")):
+        fix = f"{name}-quickgelu" if tag_gelu else name.removesuffix("-quickgelu")
+        raise ValueError(f"open_clip's {name} uses another GELU than the '{pretrained}' weights were trained "
+                         f"with: use {fix}")
     try:
         with hub_offline_unless_reachable():
             return open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
@@ -227,7 +232,7 @@ class TextEncoder(nn.Module):
     caption (cut to T - 2 tokens), end token, padded to T with the end token; the padding is masked inside
     the text transformer. Frozen; the features of the last `cache_size` captions are kept for reuse."""
 
-    def __init__(self, name="ViT-B-32", pretrained="openai", tokens=38, clip=None, cache_size=1024):
+    def __init__(self, name="ViT-B-32-quickgelu", pretrained="openai", tokens=38, clip=None, cache_size=1024):
         super().__init__()
         import open_clip
         clip = clip if clip is not None else load_clip(name, pretrained)

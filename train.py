@@ -44,7 +44,7 @@ class TrainConfig:
     N: int = 128
     M: int = 192
     text_adapter: bool = True
-    clip_model: str = "ViT-B-32"
+    clip_model: str = "ViT-B-32-quickgelu"   # OpenAI's ViT-B/32; plain "ViT-B-32" would use GELU with its weights
     clip_pretrained: str = "openai"
     mask_padding: bool = False
     # loss
@@ -552,4 +552,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    try:
+        train(parse_args())
+    except (taco.CheckpointError, taco.WeightsUnavailable, ValueError, OSError) as error:
+        sys.exit(f"error: {error}")

@@ -258,7 +258,7 @@ def test_text_embedding_matches_open_clips_own_encode_text(encoder):
     captions = ["a red barn in the snow", "two dogs", ""]
     _, _, embedding = ours(captions)
     with torch.no_grad():
-        reference = clip.encode_text(open_clip.get_tokenizer("ViT-B-32")(captions))
+        reference = clip.encode_text(open_clip.get_tokenizer("ViT-B-32-quickgelu")(captions))
     assert torch.allclose(embedding, reference, atol=1e-5)
 
 
@@ -280,6 +280,14 @@ def test_long_captions_are_cut_to_the_token_budget(encoder):
 
 def test_missing_pretrained_weights_fail_at_once_with_instructions():
     with pytest.raises(taco.WeightsUnavailable, match="--clip-pretrained"):
+        taco.load_clip(TacoConfig().clip_model, "openai")
+
+
+def test_openai_weights_are_never_paired_with_the_wrong_gelu():
+    """OpenAI's CLIP was trained with QuickGELU; open_clip's plain ViT-B-32 would silently use GELU."""
+    import open_clip
+    assert open_clip.get_model_config(TacoConfig().clip_model)["quick_gelu"] is True
+    with pytest.raises(ValueError, match="ViT-B-32-quickgelu"):
         taco.load_clip("ViT-B-32", "openai")
 
 

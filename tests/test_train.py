@@ -222,7 +222,7 @@ def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
 def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_path, capsys):
     from test_elic import fake_release
     fake_release(str(tmp_path / "lambda_0.004.pth.tar"))
-    model, checkpoint = run_train(["--backbone", "elic", "--N", "192", "--M", "320", "--clip-model", "ViT-B-32",
+    model, checkpoint = run_train(["--backbone", "elic", "--N", "192", "--M", "320", "--clip-model", "ViT-B-32-quickgelu",
                                    "--init-from", str(tmp_path / "lambda_0.004.pth.tar"), "--steps", "2",
                                    "--val-every", "100", "--batch-size", "1"], tmp_path, "finetune")
     assert "starting from the weights of" in capsys.readouterr().out
