@@ -252,7 +252,8 @@ class TextEncoder(nn.Module):
         ids = torch.full((len(captions), T), eot, dtype=torch.long)
         lengths = []
         for i, row in enumerate(raw):
-            body = row[1:][(row[1:] != 0) & (row[1:] != eot)][:T - 2]           # caption tokens only
+            end = int((row == eot).nonzero()[0])                # the end token; open_clip zero-pads after it
+            body = row[1:end][:T - 2]                                           # caption tokens only
             ids[i, 0], ids[i, 1:1 + len(body)] = sot, body
             lengths.append(len(body) + 2)
         padding = torch.arange(T)[None, :] >= torch.tensor(lengths)[:, None]

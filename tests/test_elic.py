@@ -198,7 +198,7 @@ def test_text_features_match_a_hand_written_clip_text_forward():
     """The reference read HF CLIP's last hidden state: start token, caption, end token, padded to 38 with the
     end token, padding masked in the attention, final LayerNorm. Recomputed here by hand from the weights."""
     encoder = taco.TextEncoder("tiny", "random")
-    captions = ["a red barn in the snow", "boats"]
+    captions = ["a red barn in the snow!", "boats"]
     ids, padding = encoder.tokenize(captions)
     eot = encoder.tokenizer.eot_token_id
     body = [encoder.tokenizer.encode(c) for c in captions]
