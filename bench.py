@@ -105,7 +105,7 @@ def bench_codec(args):
               f"(model loaded: {loaded:.0f} MiB), {size} bytes")
 
 
-def train_case(N, M, crop, batch, text_adapter, joint, steps, queue):
+def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
     """Training steps with every tower of the real architecture (random weights cost the same)."""
     import torchvision
 
@@ -120,32 +120,45 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, queue):
         model.attach_text_encoder(encoder)
     lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
     criterion = train.JointLoss(0.004, 3.5, 0.0025, lpips if joint else None, clip.visual if joint else None)
+    for module in (model, criterion, encoder):
+        if module is not None:
+            module.to(device)
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-    x, captions = torch.rand(batch, 3, crop, crop), [f"caption {i}" for i in range(batch)]
+    x, captions = torch.rand(batch, 3, crop, crop, device=device), [f"caption {i}" for i in range(batch)]
+    on_gpu = device.startswith("cuda")
 
     def step():
-        text = encoder(captions) if encoder else None
-        loss, _ = criterion(model(x, text[:2] if text else None), x, text[2] if text else None)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=on_gpu and bf16):
+            text = encoder(captions) if encoder else None
+            loss, _ = criterion(model(x, text[:2] if text else None), x, text[2] if text else None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     step()                                                                       # warm-up
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    queue.put((batch * steps / (time.perf_counter() - start), peak_mib()))
+    sync()
+    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if on_gpu else peak_mib()
+    queue.put((batch * steps / (time.perf_counter() - start), memory))
 
 
 def bench_train(args):
-    print(f"training on CPU ({torch.get_num_threads()} threads), random weights, {args.steps} steps per figure")
+    where = args.device if args.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)"
+    memory = "peak GPU memory" if args.device != "cpu" else "peak RSS"
+    print(f"training on {where}, random weights, {args.steps} steps per figure" +
+          (f", bf16 {'on' if args.bf16 else 'off'}" if args.device != "cpu" else ""))
     configs = {"demo (N=64 M=96, 8 x 128x128)": (64, 96, 128, 8),
                "default (N=128 M=192, 8 x 256x256)": (128, 192, 256, 8)}
     for name, (N, M, crop, batch) in configs.items():
         for text_adapter, joint in ((False, False), (True, False), (True, True)):
-            speed, peak = in_child(train_case, N, M, crop, batch, text_adapter, joint, args.steps)
+            speed, peak = in_child(train_case, N, M, crop, batch, text_adapter, joint, args.steps, args.device,
+                                   args.bf16)
             terms = "rate+MSE" + ("+LPIPS+J" if joint else "")
             print(f"  {name:36s} adapter={'on ' if text_adapter else 'off'} {terms:17s} "
-                  f"{speed:6.2f} images/s, peak RSS {peak:.0f} MiB")
+                  f"{speed:6.2f} images/s, {memory} {peak:.0f} MiB")
 
 
 def main():
@@ -166,6 +179,9 @@ def main():
     training = sub.add_parser("train", help="training throughput and peak memory, with and without the adapter "
                                             "and the joint loss")
     training.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    training.add_argument("--device", default="cpu", help="cpu, or cuda to measure a GPU")
+    training.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                          help="bf16 autocast on GPU, as train.py does")
     training.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)
