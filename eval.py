@@ -101,20 +101,25 @@ class LPIPS(nn.Module):
         return total
 
 
-def load_lpips(convention="standard", alexnet_weights=None):
-    """LPIPS with ImageNet AlexNet weights (torchvision's, from a local file or its download cache) and the
-    calibrated linear layers shipped inside the `lpips` package."""
-    import torchvision
+def torchvision_state(weights, path, what, flag):
+    """A torchvision state dict from a local file, or from torchvision's download cache (network on first use)."""
     try:
-        if alexnet_weights:
-            alexnet_state = torch.load(alexnet_weights, map_location="cpu", weights_only=True)
-        else:
-            alexnet_state = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        if path:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return weights.get_state_dict(progress=False)
     except Exception as error:
         raise taco.WeightsUnavailable(
-            f"could not load AlexNet weights for LPIPS ({type(error).__name__}): run once with network "
-            f"access (torchvision caches alexnet-owt-7be5be79.pth under ~/.cache/torch/hub/checkpoints) or "
-            f"pass that file as --alexnet-weights") from error
+            f"could not load {what} weights ({type(error).__name__}): run once with network access (torchvision "
+            f"caches {os.path.basename(weights.url)} under ~/.cache/torch/hub/checkpoints) or pass that file as "
+            f"{flag}") from error
+
+
+def load_lpips(convention="standard", alexnet_weights=None):
+    """LPIPS with ImageNet AlexNet weights (torchvision's) and the calibrated linear layers shipped inside the
+    `lpips` package."""
+    import torchvision
+    alexnet_state = torchvision_state(torchvision.models.AlexNet_Weights.IMAGENET1K_V1, alexnet_weights,
+                                      "AlexNet (LPIPS)", "--alexnet-weights")
     return LPIPS(alexnet_state, lpips_linear_weights(), convention)
 
 
@@ -223,15 +228,8 @@ def load_inception(weights=None):
     """torchvision's Inception-v3 (ImageNet) without its classifier: 2048-d pool features for FID. These are
     not the TF-Inception weights of the original FID, so compare its FID only with FID computed the same way."""
     import torchvision
-    try:
-        if weights:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        else:
-            state = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as error:
-        raise taco.WeightsUnavailable(
-            f"could not load Inception-v3 weights for FID ({type(error).__name__}): run once with network access "
-            f"(torchvision caches inception_v3_google-0cc3c7bd.pth) or pass that file as --inception-weights") from error
+    state = torchvision_state(torchvision.models.Inception_V3_Weights.IMAGENET1K_V1, weights, "Inception-v3 (FID)",
+                              "--inception-weights")
     model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     model.load_state_dict(state)
     model.fc = nn.Identity()
