@@ -36,6 +36,7 @@ HEAD_BYTES = STATE_BITS // 8        # the decoder primes its state with 7 bytes
 LENGTH_BITS = 6                     # an escaped value's bit length is sent in 6 bypass bits
 MAX_RAW_BITS = 34                   # |v - offset| < 2**33 for int32 v and offsets, so raw < 2**34
 BYPASS_CHUNK = 16                   # raw bits go out 16 at a time
+TABLE_BUFFERS = ("_quantized_cdf", "_cdf_length", "_offset")   # sized by update(), so any size loads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ class _CodingTables(nn.Module):
         return self._quantized_cdf.cpu().numpy(), self._cdf_length.cpu().numpy(), self._offset.cpu().numpy()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("_quantized_cdf", "_cdf_length", "_offset"):  # tables change size with update()
+        for name in TABLE_BUFFERS:                                  # tables change size with update()
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

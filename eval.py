@@ -296,16 +296,29 @@ def list_images(folder):
     return names
 
 
+def read_captions(path):
+    """JSON {file: caption or [captions]} or JSONL lines {"file": ..., "caption" or "captions": ...}."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: caption file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            table = {r["file"]: r.get("captions", r.get("caption")) for r in rows}
+        else:
+            table = json.loads(text)
+    except (ValueError, KeyError) as error:
+        raise SystemExit(f"error: {path} is not a caption file ({error})")
+    return {k: [v] if isinstance(v, str) else list(v) for k, v in table.items()}
+
+
 def captions_for(names, path, allow_missing):
     if not path:
         if allow_missing:
             return {n: "" for n in names}
         raise SystemExit("error: --captions is required (or --allow-missing-captions to code with empty ones)")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: caption file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        table = json.load(f)
-    table = {k: v if isinstance(v, str) else v[0] for k, v in table.items()}
+    table = {k: v[0] if v else "" for k, v in read_captions(path).items()}     # the first caption of each
     missing = [n for n in names if n not in table and os.path.splitext(n)[0] not in table]
     if missing and not allow_missing:
         raise SystemExit(f"error: no caption for {len(missing)} image(s), e.g. {missing[0]} "
@@ -331,7 +344,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         start = time.perf_counter()
         x_hat = model.decompress(data)
         decode = time.perf_counter() - start
-        padded = F.pad(as_rgb(x), (0, -W % 64, 0, -H % 64), mode="replicate")
+        padded = taco.pad_to_64(as_rgb(x))
         likelihoods = model(padded, [captions[name]] if model.config.text_adapter else None)["likelihoods"]
         x, x_hat = as_rgb(x), as_rgb(x_hat)
         row = {"image": name, "caption": captions[name], "bytes": len(data), "bpp": 8 * len(data) / (H * W),

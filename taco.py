@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from entropy import EntropyBottleneck, GaussianConditional, lower_bound
+from entropy import TABLE_BUFFERS, EntropyBottleneck, GaussianConditional, lower_bound
 
 # A random CLIP of the ViT-B-32 family, small enough for tests on a laptop (same tokenizer, random weights).
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=224, layers=1, width=64, patch_size=32),
@@ -81,6 +81,12 @@ class GDN(nn.Module):
         C = x.shape[1]
         norm = F.conv2d(x * x, self.gamma().view(C, C, 1, 1), self.beta())      # (B, C, H, W)
         return x * torch.sqrt(norm) if self.inverse else x * torch.rsqrt(norm)
+
+
+def pad_to_64(x):
+    """(B, C, H, W) -> (B, C, H', W'), H' and W' the next multiples of 64, edges replicated (cropped back later)."""
+    H, W = x.shape[-2:]
+    return F.pad(x, (0, -W % 64, 0, -H % 64), mode="replicate")
 
 
 def conv(cin, cout, kernel=5, stride=2):
@@ -277,7 +283,7 @@ class TextEncoder(nn.Module):
         missing = sorted({c for c in captions if c not in self.cache})
         if missing:
             ids, padding = self.tokenize(missing)
-            features, embedding = self.encode(ids.to(self.ln_final.weight.device), padding.to(ids.device))
+            features, embedding = self.encode(ids.to(self.ln_final.weight.device), padding)
             for i, caption in enumerate(missing):
                 self.cache[caption] = (features[i], padding[i], embedding[i])
         rows = [self.cache[c] for c in captions]
@@ -296,16 +302,16 @@ class BitstreamError(ValueError):
     """A file that this model cannot decode: not ours, truncated, corrupted, or written by another model."""
 
 
-class deterministic_gpu(contextlib.ContextDecorator):
+@contextlib.contextmanager
+def deterministic_gpu():
     """cuDNN may pick different convolution algorithms from call to call; the encoder and the decoder must
     compute bit-identical hyperprior outputs, so coding runs with deterministic algorithms (as the reference)."""
-
-    def __enter__(self):
-        self.saved = torch.backends.cudnn.deterministic
-        torch.backends.cudnn.deterministic = True
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.deterministic = self.saved
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = saved
 
 
 class TACO(nn.Module):
@@ -399,8 +405,7 @@ class TACO(nn.Module):
         gray, (H, W) = x.shape[1] == 1, x.shape[-2:]
         if H * W > MAX_PIXELS or max(H, W) > 0xFFFF:
             raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
-        x = x[:, :3].expand(1, 3, H, W).to(next(self.parameters()).device)
-        x = F.pad(x, (0, -W % 64, 0, -H % 64), mode="replicate")                # (1, 3, H', W')
+        x = pad_to_64(x[:, :3].expand(1, 3, H, W).to(next(self.parameters()).device))  # (1, 3, H', W')
         text = caption if isinstance(caption, torch.Tensor) else [caption]
         y = self.g_a(x, *self.read_text(text, x.device))                        # (1, M, H'/16, W'/16)
         z = self.h_a(y)                                                         # (1, N, H'/64, W'/64)
@@ -497,16 +502,13 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), checkpoint
 
 
-TABLES = ("_quantized_cdf", "_cdf_length", "_offset")     # sized by update(): any shape loads
-
-
 def load_weights(model, state, path):
     """load_state_dict, strict, with an error that names the first missing, unexpected or misshapen key."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshapen = [f"{k} {tuple(state[k].shape)} (the model needs {tuple(v.shape)})" for k, v in expected.items()
-                 if k in state and not k.endswith(TABLES) and state[k].shape != v.shape]
+                 if k in state and not k.endswith(TABLE_BUFFERS) and state[k].shape != v.shape]
     for problem, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
         if keys:
             raise CheckpointError(f"{path} does not fit this model: {len(keys)} {problem} key(s), first {keys[0]}")

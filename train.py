@@ -123,30 +123,13 @@ def coco_items(root, crop):
             for im in images if im["id"] in captions]
 
 
-def read_captions(path):
-    """JSON {file: caption or [captions]} or JSONL lines {"file": ..., "caption" or "captions": ...}."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: caption file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith(".jsonl"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            table = {r["file"]: r.get("captions", r.get("caption")) for r in rows}
-        else:
-            table = json.loads(text)
-    except (ValueError, KeyError) as error:
-        raise SystemExit(f"error: {path} is not a caption file ({error})")
-    return {k: [v] if isinstance(v, str) else list(v) for k, v in table.items()}
-
-
 def folder_items(root, captions_path, crop):
     """Images of `root` named in the caption file; unreadable and small ones are skipped and counted."""
     from PIL import Image
     if not os.path.isdir(root):
         raise SystemExit(f"error: image folder not found: {root}")
     items, skipped = [], {"missing": 0, "unreadable": 0, f"smaller than {crop}": 0}
-    for name, caps in sorted(read_captions(captions_path).items()):
+    for name, caps in sorted(metrics.read_captions(captions_path).items()):
         path = os.path.join(root, name)
         if not os.path.isfile(path):
             skipped["missing"] += 1
@@ -170,12 +153,9 @@ def folder_items(root, captions_path, crop):
 def load_rgb(source):
     """An image path or "skimage:<name>" -> (3, H, W) float tensor in [0, 1]."""
     if source.startswith("skimage:"):
-        array = skimage_photo(source[len("skimage:"):])
-    else:
-        from PIL import Image
-        with Image.open(source) as image:
-            array = np.asarray(image.convert("RGB"))
-    return torch.tensor(array[:, :, :3]).permute(2, 0, 1).float() / 255
+        return torch.tensor(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1).float() / 255
+    image = taco.read_image(source)[0]                                          # (1 or 3, H, W)
+    return image.expand(3, *image.shape[-2:])
 
 
 class CropDataset(Dataset):
