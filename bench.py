@@ -76,13 +76,13 @@ def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def codec_case(backbone, N, M, text_adapter, height, width, repeat, queue):
+def codec_case(backbone, N, M, text_adapter, height, width, repeat, device, queue):
     import taco
     torch.manual_seed(0)
     config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random", backbone=backbone)
-    model = taco.build_model(config).eval().update()
+    model = taco.build_model(config).eval().update().to(device)
     if text_adapter:
-        model.attach_text_encoder()          # the full ViT-B-32 text tower, random weights: same cost
+        model.attach_text_encoder(taco.TextEncoder(config.clip_model, "random").to(device))   # full size
     x = torch.rand(1, 3, height, width)
     loaded = peak_mib()
     first = time.perf_counter()
@@ -90,19 +90,22 @@ def codec_case(backbone, N, M, text_adapter, height, width, repeat, queue):
     first = time.perf_counter() - first
     t_enc, data = best_time(lambda: model.compress(x, "a red barn in the snow"), repeat)
     t_dec, _ = best_time(lambda: model.decompress(data), repeat)
-    queue.put((first, t_enc, t_dec, loaded, peak_mib(), len(data)))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else peak_mib()
+    queue.put((first, t_enc, t_dec, loaded, peak, len(data)))
 
 
 def bench_codec(args):
-    print(f"codec on CPU ({torch.get_num_threads()} threads), {args.width}x{args.height}, {args.backbone}, "
-          f"N={args.N} M={args.M}, random weights")
+    where = args.device if args.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)"
+    memory = "peak GPU memory" if args.device != "cpu" else "peak RSS"
+    print(f"codec on {where}, {args.width}x{args.height}, {args.backbone}, N={args.N} M={args.M}, random weights "
+          f"(entropy coding always on the CPU)")
     for text_adapter in ((True,) if args.backbone == "elic" else (False, True)):
         first, t_enc, t_dec, loaded, peak, size = in_child(codec_case, args.backbone, args.N, args.M, text_adapter,
-                                                           args.height, args.width, args.repeat)
+                                                           args.height, args.width, args.repeat, args.device)
         name = "with text adapter" if text_adapter else "no text adapter"
         print(f"  {name:18s} compress {t_enc * 1e3:7.0f} ms (first call {first * 1e3:.0f} ms, caption "
-              f"encoded then), decompress {t_dec * 1e3:7.0f} ms, peak RSS {peak:.0f} MiB "
-              f"(model loaded: {loaded:.0f} MiB), {size} bytes")
+              f"encoded then), decompress {t_dec * 1e3:7.0f} ms, {memory} {peak:.0f} MiB "
+              f"(RSS with the model loaded: {loaded:.0f} MiB), {size} bytes")
 
 
 def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
@@ -126,6 +129,7 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     x, captions = torch.rand(batch, 3, crop, crop, device=device), [f"caption {i}" for i in range(batch)]
     on_gpu = device.startswith("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True         # as train.py
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=on_gpu and bf16):
@@ -175,13 +179,14 @@ def main():
     codec.add_argument("-M", type=int, default=192, help="latent channels")
     codec.add_argument("--repeat", type=int, default=3, help="runs per figure; the fastest is reported")
     codec.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
+    codec.add_argument("--device", default="cpu", help="where the transforms run: cpu, or cuda on a GPU machine")
     codec.set_defaults(run=bench_codec)
     training = sub.add_parser("train", help="training throughput and peak memory, with and without the adapter "
                                             "and the joint loss")
     training.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     training.add_argument("--device", default="cpu", help="cpu, or cuda to measure a GPU")
-    training.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                          help="bf16 autocast on GPU, as train.py does")
+    training.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                          help="bf16 autocast on GPU (train.py --bf16); default fp32 with TF32 matmuls, as train.py")
     training.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import taco
-from entropy import SymbolDecoder, encode_symbols, quantize
+from entropy import SymbolDecoder, encode_symbols, quantize, to_cpu
 from taco import Extractor, Injector, conv, deconv
 
 ANCHOR, NONANCHOR = "anchor", "non-anchor"
@@ -208,8 +208,8 @@ class ElicTACO(taco.TACO):
 
         def code(i, kind, scales, means):
             mask = checkerboard(kind, *y.shape[-2:], device=y.device)
-            symbols.append(quantize(slices[i], "symbols", means)[:, :, mask].flatten().cpu())
-            indexes.append(self.gaussian_conditional.build_indexes(scales)[:, :, mask].flatten().cpu())
+            symbols.append(quantize(to_cpu(slices[i]), "symbols", to_cpu(means))[:, :, to_cpu(mask)].flatten())
+            indexes.append(self.gaussian_conditional.build_indexes(scales)[:, :, to_cpu(mask)].flatten())
             return quantize(slices[i], "dequantize", means) * mask
         self.checkerboard_passes(hyper, code)
         return encode_symbols(torch.cat(symbols).numpy(), torch.cat(indexes).numpy(),
@@ -220,10 +220,10 @@ class ElicTACO(taco.TACO):
 
         def code(i, kind, scales, means):
             mask = checkerboard(kind, *hyper.shape[-2:], device=hyper.device)
-            indexes = self.gaussian_conditional.build_indexes(scales)[:, :, mask]   # (B, C_i, K)
-            symbols = torch.from_numpy(decoder.decode(indexes.flatten().cpu().numpy(), *tables))
+            indexes = self.gaussian_conditional.build_indexes(scales)[:, :, to_cpu(mask)]   # (B, C_i, K)
+            symbols = torch.from_numpy(decoder.decode(indexes.flatten().numpy(), *tables)).view(indexes.shape)
             values = torch.zeros_like(scales)
-            values[:, :, mask] = symbols.view(indexes.shape).to(scales) + means[:, :, mask]
+            values[:, :, mask] = symbols.to(scales) + means[:, :, mask]
             return values
         return self.checkerboard_passes(hyper, code)
 

@@ -19,6 +19,7 @@ Entropy models: Balle et al. 2018, "Variational image compression with a scale h
 `EntropyBottleneck` is its non-parametric factorized density (for z), `GaussianConditional` its
 discretized Gaussian (for y, with means as in Minnen et al. 2018).
 """
+import copy
 import math
 
 import numba
@@ -311,6 +312,12 @@ def lower_bound(x, bound):
     return LowerBound.apply(x, bound)
 
 
+def to_cpu(t):
+    """The one crossing from the model's device (CPU, GPU, ...) to the coder's world of numpy and integers:
+    a detached CPU copy. Everything the coder reads passes through here, inside the entropy models."""
+    return t.detach().to("cpu", copy=True)
+
+
 class _CodingTables(nn.Module):
     """Frozen integer tables shared by both entropy models; saved in the state dict with the weights.
     (Buffer and parameter names follow Balle's and CompressAI's, so the reference's checkpoints load.)"""
@@ -326,20 +333,21 @@ class _CodingTables(nn.Module):
         table = np.zeros((len(cdfs), width), dtype=np.int32)
         for k, c in enumerate(cdfs):
             table[k, :len(c)] = c
-        self._quantized_cdf = torch.from_numpy(table)
-        self._cdf_length = torch.tensor([len(c) for c in cdfs], dtype=torch.int32)
-        self._offset = torch.tensor(offsets, dtype=torch.int32)
+        device = self._offset.device                                        # tables live with the module
+        self._quantized_cdf = torch.from_numpy(table).to(device)
+        self._cdf_length = torch.tensor([len(c) for c in cdfs], dtype=torch.int32, device=device)
+        self._offset = torch.tensor(offsets, dtype=torch.int32, device=device)
 
     def tables(self):
         """(cdfs, cdf_lengths, offsets) as numpy arrays, for the coder."""
         if self._cdf_length.numel() == 0:
             raise RuntimeError(f"{type(self).__name__} has no coding tables: call update() after training")
-        return self._quantized_cdf.cpu().numpy(), self._cdf_length.cpu().numpy(), self._offset.cpu().numpy()
+        return to_cpu(self._quantized_cdf).numpy(), to_cpu(self._cdf_length).numpy(), to_cpu(self._offset).numpy()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in TABLE_BUFFERS:                                  # tables change size with update()
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self._offset.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -408,33 +416,37 @@ class EntropyBottleneck(_CodingTables):
 
     @torch.no_grad()
     def update(self):
-        """Freeze integer CDF tables, one per channel, over [q_low, q_high] around the median."""
-        medians = self.quantiles[:, 0, 1]
-        lows = torch.ceil(medians - self.quantiles[:, 0, 0]).clamp_min(0).long()
-        highs = torch.ceil(self.quantiles[:, 0, 2] - medians).clamp_min(0).long()
-        cdfs = []
-        for c in range(len(medians)):
-            v = medians[c] + torch.arange(-lows[c], highs[c] + 1, dtype=medians.dtype)
-            v = v.view(1, 1, -1).expand(len(medians), 1, -1)                # all channels, keep row c
-            pmf = self._likelihood(v)[c, 0]
-            lower = self._logits_cumulative(v[:, :, :1] - 0.5)[c, 0, 0]
-            upper = self._logits_cumulative(v[:, :, -1:] + 0.5)[c, 0, 0]
-            tail = torch.sigmoid(lower) + torch.sigmoid(-upper)
-            cdfs.append(pmf_to_quantized_cdf(pmf.double().numpy(), float(tail)))
+        """Freeze integer CDF tables, one per channel, over [q_low, q_high] around the median. The density is
+        evaluated once for all channels, each on its own grid (padded to the longest), on a CPU copy."""
+        density = copy.deepcopy(self).cpu()
+        medians = density.quantiles[:, 0, 1]                                # (C,)
+        lows = torch.ceil(medians - density.quantiles[:, 0, 0]).clamp_min(0).long()
+        highs = torch.ceil(density.quantiles[:, 0, 2] - medians).clamp_min(0).long()
+        steps = torch.arange(int((lows + highs).max()) + 1)[None, :] - lows[:, None]      # (C, L)
+        v = (medians[:, None] + steps.to(medians.dtype))[:, None, :]        # (C, 1, L), v = median + k
+        pmf = density._likelihood(v)[:, 0]                                  # (C, L)
+        lower = density._logits_cumulative(v[:, :, :1] - 0.5)[:, 0, 0]      # below each channel's first bin
+        last = (medians + highs.to(medians.dtype)).view(-1, 1, 1)
+        upper = density._logits_cumulative(last + 0.5)[:, 0, 0]             # above each channel's last bin
+        tails = torch.sigmoid(lower) + torch.sigmoid(-upper)
+        cdfs = [pmf_to_quantized_cdf(pmf[c, :lows[c] + highs[c] + 1].double().numpy(), float(tails[c]))
+                for c in range(len(medians))]
         self._set_tables(cdfs, (-lows).tolist())
 
     def compress(self, z):
         """z (B, C, H, W) -> bytes. Values are rounded around the channel medians."""
-        symbols = quantize(z, "symbols", self.medians.view(1, -1, 1, 1))
-        indexes = torch.arange(z.shape[1], dtype=torch.int32).view(1, -1, 1, 1).expand_as(symbols)
-        return encode_symbols(symbols.numpy(), indexes.numpy(), *self.tables())
+        medians = to_cpu(self.medians).view(1, -1, 1, 1)
+        symbols = quantize(to_cpu(z), "symbols", medians)
+        indexes = np.broadcast_to(np.arange(z.shape[1], dtype=np.int32).reshape(1, -1, 1, 1), symbols.shape)
+        return encode_symbols(symbols.numpy(), indexes, *self.tables())
 
     def decompress(self, data, shape):
-        """bytes, (B, C, H, W) -> z_hat, the dequantized values."""
+        """bytes, (B, C, H, W) -> z_hat, the dequantized values, on the module's device."""
         B, C, H, W = shape
         indexes = np.broadcast_to(np.arange(C, dtype=np.int32).reshape(1, C, 1, 1), shape)
         symbols = torch.from_numpy(decode_symbols(data, indexes, *self.tables())).view(shape)
-        return symbols.float() + self.medians.view(1, -1, 1, 1)
+        z_hat = symbols.float() + to_cpu(self.medians).view(1, -1, 1, 1)
+        return z_hat.to(self.quantiles.device)
 
 
 def _standard_normal_cdf(x):
@@ -476,7 +488,7 @@ class GaussianConditional(_CodingTables):
         """Freeze one integer CDF per table scale, covering +-(tail bound * scale)."""
         tail_bound = -torch.special.ndtri(torch.tensor(self.tail_mass / 2, dtype=torch.float64))
         cdfs, offsets = [], []
-        for s in self.scale_table.double():
+        for s in to_cpu(self.scale_table).double():
             half = int(torch.ceil(s * tail_bound))
             v = torch.arange(-half, half + 1, dtype=torch.float64)
             pmf = _standard_normal_cdf((0.5 - v.abs()) / s) - _standard_normal_cdf((-0.5 - v.abs()) / s)
@@ -486,17 +498,19 @@ class GaussianConditional(_CodingTables):
         self._set_tables(cdfs, offsets)
 
     def build_indexes(self, scales):
-        """scales -> int32 index of the first table entry >= the (bounded) scale."""
-        scales = scales.clamp_min(self.scale_bound)
-        idx = torch.bucketize(scales, self.scale_table)
+        """scales (any device) -> int32 CPU tensor: index of the first table entry >= the (bounded) scale."""
+        scales = to_cpu(scales).float().contiguous().clamp_min(self.scale_bound)
+        idx = torch.bucketize(scales, to_cpu(self.scale_table))
         return idx.clamp_max(len(self.scale_table) - 1).to(torch.int32)
 
     def compress(self, y, scales, means=None):
-        symbols = quantize(y, "symbols", means)
+        """y, scales, means (B, M, h, w) on any device -> bytes."""
+        symbols = quantize(to_cpu(y), "symbols", None if means is None else to_cpu(means))
         return encode_symbols(symbols.numpy(), self.build_indexes(scales).numpy(), *self.tables())
 
     def decompress(self, data, scales, means=None):
+        """bytes, scales, means (B, M, h, w) -> y_hat on the device of the scales."""
         indexes = self.build_indexes(scales)
         symbols = decode_symbols(data, indexes.numpy(), *self.tables())
-        y_hat = torch.from_numpy(symbols).view(indexes.shape).float()
+        y_hat = torch.from_numpy(symbols).view(indexes.shape).float().to(scales.device)
         return y_hat if means is None else y_hat + means

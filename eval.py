@@ -265,10 +265,11 @@ def complexity(model, size=256):
             counts["macs"] += out.numel() * out.shape[1]
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.MultiheadAttention, taco.GDN))]
-    config = model.config
-    text = (torch.zeros(1, config.text_tokens, config.text_dim), torch.zeros(1, config.text_tokens, dtype=bool))
+    config, device = model.config, next(model.parameters()).device
+    text = (torch.zeros(1, config.text_tokens, config.text_dim, device=device),
+            torch.zeros(1, config.text_tokens, dtype=bool, device=device))
     with torch.no_grad():
-        model.eval()(torch.rand(1, 3, size, size), text)
+        model.eval()(torch.rand(1, 3, size, size, device=device), text)
     for h in handles:
         h.remove()
     params = sum(p.numel() for p in model.parameters())

@@ -304,14 +304,19 @@ class BitstreamError(ValueError):
 
 @contextlib.contextmanager
 def deterministic_gpu():
-    """cuDNN may pick different convolution algorithms from call to call; the encoder and the decoder must
-    compute bit-identical hyperprior outputs, so coding runs with deterministic algorithms (as the reference)."""
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
+    """Coding runs in plain fp32 with deterministic cuDNN algorithms (as the reference): cuDNN may otherwise
+    pick another convolution algorithm from call to call, and TF32 (which training may enable) rounds
+    matmul inputs to 10 mantissa bits, so the encoder's and the decoder's float paths would drift further."""
+    flags = (torch.backends.cudnn, "deterministic", True), (torch.backends.cudnn, "allow_tf32", False), \
+        (torch.backends.cuda.matmul, "allow_tf32", False)
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.deterministic = saved
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 class TACO(nn.Module):
@@ -374,11 +379,11 @@ class TACO(nn.Module):
         return self.gaussian_conditional(y, scales, means)
 
     def encode_y(self, y, hyper):
-        means, scales = hyper.cpu().chunk(2, dim=1)
-        return self.gaussian_conditional.compress(y.cpu(), scales, means)
+        means, scales = hyper.chunk(2, dim=1)
+        return self.gaussian_conditional.compress(y, scales, means)
 
     def decode_y(self, data, hyper):
-        means, scales = hyper.cpu().chunk(2, dim=1)
+        means, scales = hyper.chunk(2, dim=1)
         return self.gaussian_conditional.decompress(data, scales, means)
 
     def update(self):
@@ -409,8 +414,8 @@ class TACO(nn.Module):
         text = caption if isinstance(caption, torch.Tensor) else [caption]
         y = self.g_a(x, *self.read_text(text, x.device))                        # (1, M, H'/16, W'/16)
         z = self.h_a(y)                                                         # (1, N, H'/64, W'/64)
-        z_bytes = self.entropy_bottleneck.compress(z.cpu())
-        z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape).to(x.device)
+        z_bytes = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape)           # as the decoder will see it
         y_bytes = self.encode_y(y, self.h_s(z_hat))
         return pack(self.fingerprint(), H, W, gray, z_bytes, y_bytes)
 
@@ -420,13 +425,12 @@ class TACO(nn.Module):
         """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) in [0, 1]. No caption needed."""
         H, W, gray, z_bytes, y_bytes = unpack(data, self.fingerprint())
         Hp, Wp = -(-H // 64) * 64, -(-W // 64) * 64
-        device = next(self.parameters()).device
         try:
             z_hat = self.entropy_bottleneck.decompress(z_bytes, (1, self.config.N, Hp // 64, Wp // 64))
-            y_hat = self.decode_y(y_bytes, self.h_s(z_hat.to(device)))         # (1, M, H'/16, W'/16)
+            y_hat = self.decode_y(y_bytes, self.h_s(z_hat))                    # (1, M, H'/16, W'/16)
         except ValueError as error:
             raise BitstreamError(f"corrupted file: {error}") from error
-        x_hat = self.g_s(y_hat.to(device)).clamp(0, 1)[:, :, :H, :W]           # (1, 3, H, W)
+        x_hat = self.g_s(y_hat).clamp(0, 1)[:, :, :H, :W]                      # (1, 3, H, W)
         return x_hat.mean(1, keepdim=True) if gray else x_hat
 
 

@@ -67,7 +67,7 @@ class TrainConfig:
     val_every: int = 5000
     log_every: int = 50
     workers: int = 4
-    bf16: bool = True                # on GPU only
+    bf16: bool = False               # GPU only: bf16 autocast (opt-in; the reference trains in fp32)
     channels_last: bool = True       # on GPU only
     compile: bool = False
     resume: bool = False
@@ -180,13 +180,16 @@ class CropDataset(Dataset):
         return image[:, top:top + self.crop, left:left + self.crop], rng.choice(captions)
 
 
+def steps_per_epoch(n_items, per_step):
+    return max(n_items // per_step, 1)
+
+
 def batches(n_items, batch_size, rank, world, seed, start_step):
     """Endless batches of (index, sample seed), each rank its own share; epoch e uses permutation(seed, e)."""
     per_step = batch_size * world
-    steps_per_epoch = max(n_items // per_step, 1)
     step = start_step
     while True:
-        epoch, offset = divmod(step, steps_per_epoch)
+        epoch, offset = divmod(step, steps_per_epoch(n_items, per_step))
         order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         order = order.repeat(math.ceil(per_step / n_items))             # tiny sets: reuse images in a step
         chunk = order[offset * per_step:(offset + 1) * per_step][rank::world]
@@ -224,6 +227,11 @@ class JointLoss(nn.Module):
         info_nce = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         return info_nce + 40 * torch.linalg.norm(e_hat - e)
 
+    def terms(self, text_embedding=True):
+        """Names of the terms this loss computes (with caption embeddings when `text_embedding`)."""
+        return (["rate", "MSE"] + (["LPIPS"] if self.lpips is not None else [])
+                + (["joint image-text"] if self.clip_visual is not None and text_embedding else []))
+
     def forward(self, out, x, text_embedding=None):
         B, _, H, W = x.shape
         x_hat = out["x_hat"].float()
@@ -254,8 +262,10 @@ def build_towers(cfg, say):
                 f"initialised text tower (captions still differ, but carry no learned meaning) and the "
                 f"joint image-text term J is dropped")
             clip, text_pretrained = taco.load_clip(cfg.clip_model, "random"), "random"
-    encoder = taco.TextEncoder(cfg.clip_model, text_pretrained, clip=clip) if cfg.text_adapter else None
     clip_visual = clip.visual if clip is not None and text_pretrained != "random" and cfg.k_j > 0 else None
+    encoder = None               # captions are read for the adapter, or for J's text embeddings, or both
+    if cfg.text_adapter or clip_visual is not None:
+        encoder = taco.TextEncoder(cfg.clip_model, text_pretrained, clip=clip)
     lpips = None
     if cfg.k_p > 0:
         try:
@@ -330,25 +340,45 @@ def training_data(cfg):
     else:
         raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")
     val_items = folder_items(cfg.val_root, cfg.val_captions, 1) if cfg.val_root else []
-    return train_items, val_items
+    return caption_pairs(train_items), val_items
 
 
-def train(cfg):
-    rank, world, device = setup_distributed()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    latest = os.path.join(cfg.out, "latest.pt")
-    if rank == 0 and os.path.exists(latest) and not cfg.resume:
-        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it, "
-                         f"or choose another --out")
-    if cfg.resume and not os.path.exists(latest):
-        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
-    os.makedirs(cfg.out, exist_ok=True)
-    encoder, clip_visual, lpips, text_pretrained = build_towers(cfg, say)
-    train_items, val_items = training_data(cfg)
+def caption_pairs(items):
+    """One training item per (image, caption) pair, as the reference's dataset: an epoch on COCO is a pass over
+    its ~5 captions per image, so --epochs 50 and the lr drops at epochs 45 and 48 mean what they meant there."""
+    return [(source, [caption]) for source, captions in items for caption in captions]
 
-    config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
-                             clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
-                             text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)
+
+# Settings that shape the optimization: a resumed run must use the ones it was started with.
+RESUME_MUST_MATCH = ("data", "root", "crop", "lmbda", "k_p", "k_j", "lpips_input", "steps", "batch_size", "lr",
+                     "aux_lr", "clip_grad", "seed")
+
+
+def check_resumable(checkpoint, config, cfg, path):
+    """Stop with a message naming the first setting that differs from the interrupted run's."""
+    if checkpoint["config"] != dataclasses.asdict(config):
+        raise SystemExit(f"error: {path} was trained with another model config: {checkpoint['config']}")
+    before = checkpoint.get("train_config", {})
+    for key in RESUME_MUST_MATCH:
+        if key in before and before[key] != getattr(cfg, key):
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"error: {path} was trained with {flag} {before[key]!r}, this run asks for "
+                             f"{getattr(cfg, key)!r}: resume with the same setting, or start a new --out")
+
+
+def make_optimizers(model, cfg):
+    """Adam for the codec, a separate Adam for the factorized prior's quantiles (the reference's aux optimizer),
+    lr x 0.1 at 90% and 96% of the steps (the reference's epochs 45 and 48 of 50)."""
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], cfg.lr)
+    aux_optimizer = torch.optim.Adam([model.entropy_bottleneck.quantiles], cfg.aux_lr)
+    milestones = [int(0.9 * cfg.steps), int(0.96 * cfg.steps)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    return optimizer, aux_optimizer, scheduler
+
+
+def build_model(cfg, config, device, say):
+    """The codec on its device: built, initialised (--init-from), moved, then -- nanoGPT's order -- its
+    optimizers built and, when resuming, loaded, so that their state lands on the parameters' device."""
     torch.manual_seed(cfg.seed)
     model = taco.build_model(config)
     if cfg.init_from and not cfg.resume:
@@ -358,51 +388,97 @@ def train(cfg):
                              f", M={source.config.M}; pass the same --backbone, --N and --M")
         model.load_state_dict(source.state_dict())
         say(f"starting from the weights of {cfg.init_from}")
-    if encoder is not None:
-        model.attach_text_encoder(encoder.to(device))
-    criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
-    if not cfg.steps:
-        cfg.steps = cfg.epochs * max(len(train_items) // (cfg.batch_size * world), 1)
-    quantiles = [model.entropy_bottleneck.quantiles]
-    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], cfg.lr)
-    aux_optimizer = torch.optim.Adam(quantiles, cfg.aux_lr)
-    milestones = [int(0.9 * cfg.steps), int(0.96 * cfg.steps)]        # the reference's epochs 45, 48 of 50
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizers = make_optimizers(model, cfg)
     step, best = 0, float("inf")
     if cfg.resume:
-        checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
-        if checkpoint["config"] != dataclasses.asdict(config):
-            raise SystemExit(f"error: {latest} was trained with another model config: {checkpoint['config']}")
+        latest = os.path.join(cfg.out, "latest.pt")
+        checkpoint = torch.load(latest, map_location="cpu", weights_only=True)     # copied onto the device below
+        check_resumable(checkpoint, config, cfg, latest)
         model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        aux_optimizer.load_state_dict(checkpoint["aux_optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        for optimizer, key in zip(optimizers, ("optimizer", "aux_optimizer", "scheduler")):
+            optimizer.load_state_dict(checkpoint[key])
         step, best = checkpoint["step"], checkpoint["best"]
         say(f"resuming {latest} at step {step}")
-    model.to(device)
-    on_gpu = device.type == "cuda"
-    if on_gpu and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    return model, optimizers, step, best
+
+
+def wrap(model, cfg, device, world):
+    """DDP across processes (the quantiles have their own optimizer and are averaged by hand), then compile."""
     net = model
-    if world > 1:    # the quantiles have their own optimizer and are averaged by hand below
+    if world > 1:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, ["entropy_bottleneck.quantiles"])
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None,
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
-    if cfg.compile:
-        net = torch.compile(net)
+    return torch.compile(net) if cfg.compile else net
 
+
+def checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips, log, progress):
+    """Rank 0: validate on real bitstreams (keeping best.pt), then write latest.pt. -> best, per-image rows."""
+    rows = None
+    if val_items:
+        mean, rows = validate(model, val_items, lpips)
+        log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}}) + "\n")
+        progress.write(f"step {step}: held-out real bpp {mean['bpp']:.3f}, PSNR {mean['psnr']:.2f} dB"
+                       + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
+        if rd_score(mean, cfg) < best:
+            best = rd_score(mean, cfg)
+            taco.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
+                                 train_config=dataclasses.asdict(cfg))
+    else:
+        model.update()
+    optimizer, aux_optimizer, scheduler = optimizers
+    taco.save_checkpoint(os.path.join(cfg.out, "latest.pt"), model, step=step, best=best,
+                         train_config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(),
+                         aux_optimizer=aux_optimizer.state_dict(), scheduler=scheduler.state_dict())
+    return best, rows
+
+
+def train(cfg):
+    # setup: devices, towers, data, model and optimizers (in that order)
+    rank, world, device = setup_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    latest = os.path.join(cfg.out, "latest.pt")
+    if rank == 0 and os.path.exists(latest) and not cfg.resume:
+        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it, "
+                         f"or choose another --out")
+    if cfg.resume and not os.path.exists(latest):
+        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
+    os.makedirs(cfg.out, exist_ok=True)
+    on_gpu = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (coding turns them off)
+    encoder, clip_visual, lpips, text_pretrained = build_towers(cfg, say)
+    train_items, val_items = training_data(cfg)
+    config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
+                             clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
+                             text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)
+    if not cfg.steps:
+        cfg.steps = cfg.epochs * steps_per_epoch(len(train_items), cfg.batch_size * world)
+    model, optimizers, step, best = build_model(cfg, config, device, say)
+    optimizer, aux_optimizer, scheduler = optimizers
+    if encoder is not None:
+        encoder.to(device)
+        if cfg.text_adapter:
+            model.attach_text_encoder(encoder)
+    criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
+    net = wrap(model, cfg, device, world)
     loader = DataLoader(CropDataset(train_items, cfg.crop), collate_fn=collate, num_workers=cfg.workers,
                         batch_sampler=batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
                         pin_memory=on_gpu, persistent_workers=False)
-    say(f"training on {device} x{world}: {len(train_items)} images, {len(val_items)} held out, "
+    precision = "bf16 autocast" if on_gpu and cfg.bf16 else "fp32" + (" (TF32 matmuls)" if on_gpu else "")
+    say(f"training on {device} x{world} in {precision}: {len(train_items)} images, {len(val_items)} held out, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M codec parameters, "
-        f"loss terms: rate, MSE" + (", LPIPS" if lpips else "") + (", joint image-text" if clip_visual else ""))
+        f"loss terms: {', '.join(criterion.terms(text_embedding=encoder is not None))}")
     from tqdm import tqdm
     progress = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     model.train()
     started, images_seen, val_rows = time.perf_counter(), 0, None
+
+    # the loop: one batch -> loss -> two optimizer steps -> log -> (validate and) checkpoint
     for x, captions in loader:
         if step >= cfg.steps:
             break
@@ -411,9 +487,9 @@ def train(cfg):
         if on_gpu and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and cfg.bf16):
-            text = encoder(captions) if encoder is not None else None
-            out = net(x, text[:2] if text else None)
-            loss, terms = criterion(out, x, text[2] if text else None)
+            features, padding, embedding = encoder(captions) if encoder is not None else (None, None, None)
+            out = net(x, (features, padding) if cfg.text_adapter else None)
+            loss, terms = criterion(out, x, embedding)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.clip_grad)
@@ -423,8 +499,9 @@ def train(cfg):
         aux_optimizer.zero_grad(set_to_none=True)
         aux_loss.backward()
         if world > 1:
-            dist.all_reduce(quantiles[0].grad)
-            quantiles[0].grad /= world
+            quantiles = model.entropy_bottleneck.quantiles
+            dist.all_reduce(quantiles.grad)
+            quantiles.grad /= world
         aux_optimizer.step()
         step += 1
         images_seen += len(x) * world
@@ -437,23 +514,10 @@ def train(cfg):
                    **{k: v.item() for k, v in terms.items()}}
             log.write(json.dumps(row) + "\n")
             log.flush()
-        stopping = step == cfg.steps or step == cfg.stop_at
-        if step % cfg.val_every == 0 or stopping:
+        if step % cfg.val_every == 0 or step in (cfg.steps, cfg.stop_at):
             if rank == 0:
-                if val_items:
-                    mean, val_rows = validate(model, val_items, lpips)
-                    log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}}) + "\n")
-                    progress.write(f"step {step}: held-out real bpp {mean['bpp']:.3f}, PSNR {mean['psnr']:.2f} dB"
-                                   + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
-                    if rd_score(mean, cfg) < best:
-                        best = rd_score(mean, cfg)
-                        taco.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
-                                             train_config=dataclasses.asdict(cfg))
-                else:
-                    model.update()
-                taco.save_checkpoint(latest, model, step=step, best=best, train_config=dataclasses.asdict(cfg),
-                                     optimizer=optimizer.state_dict(), aux_optimizer=aux_optimizer.state_dict(),
-                                     scheduler=scheduler.state_dict())
+                best, val_rows = checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips,
+                                                         log, progress)
             if world > 1:
                 dist.barrier()
         if step == cfg.stop_at:
@@ -514,7 +578,8 @@ def parse_args(argv=None):
              "batch_size": "images per step and per process", "lr": "Adam learning rate of the codec",
              "aux_lr": "Adam learning rate of the factorized prior's quantiles", "clip_grad": "gradient norm clip",
              "seed": "seed of weights, data order, crops and noise", "log_every": "steps between log.jsonl rows",
-             "workers": "data loader processes", "bf16": "bf16 autocast on GPU", "channels_last": "on GPU",
+             "workers": "data loader processes", "bf16": "bf16 autocast on GPU (default fp32 with TF32 matmuls, as the "
+             "reference; coding always runs in fp32)", "channels_last": "on GPU",
              "compile": "torch.compile the model",
              "init_from": "initialise from a checkpoint (ours or a released lambda_*.pth.tar) before training"}
     for field in dataclasses.fields(TrainConfig):

@@ -1,7 +1,20 @@
-"""Shared test setup: the suite never touches the network, and runs from the repository root."""
+"""Shared test setup: the suite never touches the network, runs from the repository root, and skips the
+tests marked gpu on machines without CUDA."""
 import os
 import sys
+
+import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,87 @@
+"""Claims about devices, proven on a CPU-only machine with a stand-in GPU (tests/standin.py): a model on an
+accelerator codes, trains, validates, checkpoints and resumes; the coder only ever sees CPU copies."""
+import os
+
+import pytest
+import torch
+
+import eval as metrics
+import taco
+import train
+from standin import DeviceMismatch, StandInGPU
+from test_train import TINY_RUN
+
+TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
+TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
+                 slices=(4, 4, 8, 8, 16))
+
+
+def test_the_stand_in_gpu_catches_what_a_real_gpu_refuses():
+    with StandInGPU() as gpu:
+        layer = torch.nn.Linear(3, 4).to(gpu.device)
+        assert layer.weight.device.type == "cuda"
+        with pytest.raises(DeviceMismatch):
+            layer(torch.ones(2, 3))
+        out = layer(torch.ones(2, 3, device=gpu.device))
+        with pytest.raises(TypeError, match="numpy"):
+            out.detach().numpy()
+        assert out.detach().cpu().device.type == "cpu" and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
+def test_a_model_on_a_gpu_updates_compresses_the_cpu_bytes_and_decodes_on_either(config):
+    torch.manual_seed(0)
+    model = taco.build_model(taco.TacoConfig(**config)).eval()
+    model.attach_text_encoder(taco.TextEncoder("tiny", "random"))
+    x = torch.rand(1, 3, 70, 100)
+    cpu_bytes = model.update().compress(x, "a red barn")
+    with StandInGPU() as gpu:
+        model.to(gpu.device).update()                  # tables rebuilt from the GPU's parameters
+        gpu_bytes = model.compress(x, "a red barn")
+        on_gpu = model.decompress(gpu_bytes)
+        assert on_gpu.device.type == "cuda"
+    on_cpu = model.cpu().decompress(gpu_bytes)
+    assert gpu_bytes == cpu_bytes                      # the stand-in computes on the CPU: same floats
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+def test_complexity_feeds_inputs_on_the_models_device():
+    torch.manual_seed(0)
+    model = taco.build_model(taco.TacoConfig(**TINY))
+    with StandInGPU() as gpu:
+        counts = metrics.complexity(model.to(gpu.device), size=64)
+    assert counts["macs_per_pixel"] > 0
+
+
+def test_training_on_a_gpu_validates_checkpoints_and_resumes_with_optimizer_state_on_the_gpu(tmp_path,
+                                                                                              monkeypatch):
+    args = TINY_RUN + ["--steps", "2", "--val-every", "1", "--out", str(tmp_path / "run")]
+    with StandInGPU() as gpu:
+        monkeypatch.setattr(train, "setup_distributed", lambda: (0, 1, gpu.device))
+        train.train(train.parse_args(args + ["--stop-at", "1"]))
+        train.train(train.parse_args(args + ["--resume"]))
+        cfg = train.parse_args(args + ["--resume"])
+        config = taco.TacoConfig(**torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["config"])
+        model, (optimizer, _, _), step, _ = train.build_model(cfg, config, gpu.device, print)
+        states = [t for state in optimizer.state.values() for t in state.values() if t.dim() > 0]
+        assert step == 2 and states and all(t.device.type == "cuda" for t in states)
+
+
+def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_path):
+    args = TINY_RUN + ["--steps", "2", "--val-every", "100", "--out", str(tmp_path / "run")]
+    train.train(train.parse_args(args + ["--stop-at", "1"]))
+    for flag, value in (("--lmbda", "0.05"), ("--lr", "0.5"), ("--batch-size", "3"), ("--k-j", "0.1")):
+        with pytest.raises(SystemExit, match=f"trained with {flag} "):
+            train.train(train.parse_args(args + ["--resume", flag, value]))
+    train.train(train.parse_args(args + ["--resume", "--val-every", "50"]))      # bookkeeping may change
+
+
+def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_path, monkeypatch, capsys):
+    tiny = taco.load_clip
+    monkeypatch.setattr(taco, "load_clip", lambda name, pretrained: tiny("tiny", "random"))   # "pretrained"
+    args = TINY_RUN + ["--clip-pretrained", "weights.bin", "--no-text-adapter", "--k-j", "0.1", "--k-p", "0",
+                       "--steps", "1", "--out", str(tmp_path / "run")]
+    train.train(train.parse_args(args))
+    assert "loss terms: rate, MSE, joint image-text" in capsys.readouterr().out
+    rows = [line for line in open(tmp_path / "run" / "log.jsonl") if '"joint"' in line]
+    assert rows
