@@ -3,6 +3,7 @@
     python bench.py coder        # the range coder on 300k Gaussian-conditional symbols (a 768x512 image's y)
     python bench.py codec        # compress / decompress time and peak memory, with and without the adapter
     python bench.py codec --backbone elic -N 192 -M 320     # the paper's model at the reference widths
+    python bench.py release      # load a released-size checkpoint (tables rebuilt) and code its first image
     python bench.py train        # training images/s and peak memory (demo and default configs)
 """
 import argparse
@@ -108,6 +109,50 @@ def bench_codec(args):
               f"(RSS with the model loaded: {loaded:.0f} MiB), {size} bytes")
 
 
+def release_case(path, height, width, queue):
+    import taco
+    timings = {}
+    start = time.perf_counter()
+    model, _ = taco.load_checkpoint(path)              # torch.load, strict key check, update() of every table
+    timings["load (tables rebuilt)"] = time.perf_counter() - start
+    x, features = torch.rand(1, 3, height, width), torch.randn(1, 38, 512)     # CLIP token features given
+    start = time.perf_counter()
+    data = model.compress(x, features)
+    timings["first compress"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model.decompress(data)
+    timings["first decompress"] = time.perf_counter() - start
+    queue.put(timings)
+
+
+def bench_release(args):
+    """A file laid out as the released lambda_*.pth.tar (N=192, M=320, random weights, saved before any
+    update(): empty coding tables, CompressAI >= 1.2.7 parameter names, a DDP "module." prefix)."""
+    import os
+    import tempfile
+
+    import elic
+    torch.manual_seed(0)
+    state = elic.ElicTACO(elic.OFFICIAL).state_dict()
+    with torch.no_grad():
+        quantiles = state["entropy_bottleneck.quantiles"]
+        quantiles[:, 0, 0], quantiles[:, 0, 2] = -40 * torch.rand(len(quantiles)), 40 * torch.rand(len(quantiles))
+    for key in [k for k in state if k.endswith(entropy.TABLE_BUFFERS + ("scale_table",))]:
+        state[key] = state[key].new_zeros(0)
+    for ours, theirs in (("_matrix", "matrices."), ("_bias", "biases."), ("_factor", "factors.")):
+        for i in range(5):
+            if f"entropy_bottleneck.{ours}{i}" in state:
+                state[f"entropy_bottleneck.{theirs}{i}"] = state.pop(f"entropy_bottleneck.{ours}{i}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "lambda_0.004.pth.tar")
+        torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 49}, path)
+        timings = in_child(release_case, path, args.height, args.width)
+    print(f"released-size checkpoint (N=192, M=320, quantile ranges up to +-40), {args.width}x{args.height}, "
+          f"CPU ({torch.get_num_threads()} threads):")
+    for name, seconds in timings.items():
+        print(f"  {name:24s} {seconds * 1e3:8.0f} ms")
+
+
 def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
     """Training steps with every tower of the real architecture (random weights cost the same)."""
     import torchvision
@@ -181,6 +226,10 @@ def main():
     codec.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
     codec.add_argument("--device", default="cpu", help="where the transforms run: cpu, or cuda on a GPU machine")
     codec.set_defaults(run=bench_codec)
+    release = sub.add_parser("release", help="load a released-size checkpoint and code its first image")
+    release.add_argument("--height", type=int, default=512)
+    release.add_argument("--width", type=int, default=768)
+    release.set_defaults(run=bench_release)
     training = sub.add_parser("train", help="training throughput and peak memory, with and without the adapter "
                                             "and the joint loss")
     training.add_argument("--steps", type=int, default=3, help="timed steps per configuration")

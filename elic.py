@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import entropy
 import taco
 from entropy import SymbolDecoder, encode_symbols, quantize, to_cpu
 from taco import Extractor, Injector, conv, deconv
@@ -237,15 +238,34 @@ OFFICIAL = taco.TacoConfig(N=192, M=320, backbone="elic", text_adapter=True, cli
 COMPRESSAI_CONSTANTS = ("entropy_bottleneck.likelihood_lower_bound.bound",
                         "gaussian_conditional.likelihood_lower_bound.bound",
                         "gaussian_conditional.lower_bound_scale.bound", "gaussian_conditional.scale_bound")
+# The factorized prior's parameters in every CompressAI generation -> ours (CompressAI <= 1.2.6's own names).
+BOTTLENECK_NAMES = {"matrices.": "_matrix", "biases.": "_bias", "factors.": "_factor",      # CompressAI >= 1.2.7
+                    "_matrices.": "_matrix", "_biases.": "_bias", "_factors.": "_factor"}  # its zoo's oldest files
+
+
+def our_key(key):
+    """A released file's key -> our key; None for what we do not load (constants, coding tables)."""
+    key = key.removeprefix("module.")                                   # saved from DistributedDataParallel
+    if key in COMPRESSAI_CONSTANTS or key.endswith(entropy.TABLE_BUFFERS):   # tables: rebuilt by update()
+        return None
+    module, _, name = key.partition(".")
+    for old, new in BOTTLENECK_NAMES.items():
+        if module == "entropy_bottleneck" and name.startswith(old):
+            return f"{module}.{new}{name[len(old):]}"
+    return key
 
 
 def load_official(path, device="cpu", checkpoint=None):
-    """A released TACO file (torch.save of {"state_dict", optimizer states, epoch}) -> ElicTACO in eval mode,
-    its coding tables rebuilt by our own update(). Keys must match exactly (a "module." prefix is dropped)."""
+    """A released TACO file (torch.save of {"state_dict", optimizer states, epoch}) -> ElicTACO in eval mode.
+
+    The files are saved from the training model, before any update(): CompressAI's coding tables are empty and
+    the scale table may be too (the reference builds GaussianConditional(None)); either way our update()
+    rebuilds them. Every other key must match exactly, in any of CompressAI's naming generations."""
     if checkpoint is None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
-    state = {k: v for k, v in state.items() if k not in COMPRESSAI_CONSTANTS}
+    state = {our_key(k): v for k, v in checkpoint["state_dict"].items() if our_key(k) is not None}
+    if state.get("gaussian_conditional.scale_table", torch.ones(1)).numel() == 0:
+        del state["gaussian_conditional.scale_table"]                   # never filled: keep our (equal) table
     model = ElicTACO(OFFICIAL)
-    taco.load_weights(model, state, path)
+    taco.load_weights(model, state, path, rebuilt=entropy.TABLE_BUFFERS + ("gaussian_conditional.scale_table",))
     return model.update().to(device).eval()

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from entropy import TABLE_BUFFERS, EntropyBottleneck, GaussianConditional, lower_bound
+from entropy import TABLE_BUFFERS, EntropyBottleneck, GaussianConditional, lower_bound, to_cpu
 
 # A random CLIP of the ViT-B-32 family, small enough for tests on a laptop (same tokenizer, random weights).
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=224, layers=1, width=64, patch_size=32),
@@ -393,12 +393,17 @@ class TACO(nn.Module):
         return self
 
     def fingerprint(self):
-        """8 bytes that identify the config and every weight and table: files name the model that wrote them."""
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return digest.digest()[:8]
+        """8 bytes that identify the config and every weight and table: files name the model that wrote them.
+        Hashed once per set of weights: any change (in place, a new tensor, a move) gives a new cache key."""
+        tensors = sorted(self.state_dict(keep_vars=True).items())
+        key = [(name, t.data_ptr(), t._version, t.shape) for name, t in tensors]
+        if self.__dict__.get("_fingerprint", (None,))[0] != key:
+            digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+            for name, tensor in tensors:
+                digest.update(name.encode())
+                digest.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self.__dict__["_fingerprint"] = (key, digest.digest()[:8])
+        return self.__dict__["_fingerprint"][1]
 
     @torch.no_grad()
     @deterministic_gpu()
@@ -506,17 +511,18 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), checkpoint
 
 
-def load_weights(model, state, path):
-    """load_state_dict, strict, with an error that names the first missing, unexpected or misshapen key."""
+def load_weights(model, state, path, rebuilt=()):
+    """load_state_dict, strict, with an error that names the first missing, unexpected or misshapen key.
+    Keys ending with one of `rebuilt` may be absent: the caller rebuilds them (coding tables, by update())."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.endswith(rebuilt)]
     unexpected = [k for k in state if k not in expected]
     misshapen = [f"{k} {tuple(state[k].shape)} (the model needs {tuple(v.shape)})" for k, v in expected.items()
                  if k in state and not k.endswith(TABLE_BUFFERS) and state[k].shape != v.shape]
     for problem, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
         if keys:
             raise CheckpointError(f"{path} does not fit this model: {len(keys)} {problem} key(s), first {keys[0]}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not rebuilt)          # the keys were checked above
 
 
 def build_model(config):

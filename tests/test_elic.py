@@ -87,8 +87,16 @@ def reference_shapes(N=192, M=320, D=512, slices=(16, 16, 32, 64, 192), table_wi
     return shapes
 
 
-def fake_release(path, shapes=None, prefix="module."):
-    """A file laid out like the released ones, with random weights (and sane entropy-model values)."""
+GENERATIONS = {   # the factorized prior's matrices, biases and factors as each CompressAI generation names them
+    "1.2.6": ("_matrix{}", "_bias{}", "_factor{}"),         # up to 1.2.6
+    "1.2.7": ("matrices.{}", "biases.{}", "factors.{}"),    # from 1.2.7 (nn.ParameterList)
+    "zoo": ("_matrices.{}", "_biases.{}", "_factors.{}"),   # the oldest files its model zoo still maps
+}
+
+def fake_release(path, shapes=None, prefix="module.", generation="1.2.6", updated=False):
+    """A file laid out like the released ones, with random weights (and sane entropy-model values). As the
+    reference's train.py writes it: net.state_dict() of the training model, never update()d, so CompressAI's
+    coding tables and the scale table are empty (shape (0,)); `updated` fills them in as update() would."""
     torch.manual_seed(0)
     state = {}
     for key, shape in (shapes or reference_shapes()).items():
@@ -98,6 +106,14 @@ def fake_release(path, shapes=None, prefix="module."):
     state[prefix + "gaussian_conditional.scale_table"] = torch.exp(torch.linspace(np.log(0.11), np.log(256), 64))
     for key in ("entropy_bottleneck._cdf_length", "gaussian_conditional._cdf_length"):
         state[prefix + key] = torch.full(state[prefix + key].shape, 7, dtype=torch.int32)
+    if not updated:
+        for key in [k for k in state if k.endswith(entropy.TABLE_BUFFERS + ("scale_table",))]:
+            state[key] = torch.zeros(0, dtype=torch.int32 if "table" not in key.split(".")[-1] else torch.float32)
+    for ours, theirs in zip(("_matrix{}", "_bias{}", "_factor{}"), GENERATIONS[generation]):
+        for i in range(5):
+            if f"{prefix}entropy_bottleneck.{ours.format(i)}" in state:
+                value = state.pop(f"{prefix}entropy_bottleneck.{ours.format(i)}")
+                state[f"{prefix}entropy_bottleneck.{theirs.format(i)}"] = value
     torch.save({"state_dict": state, "epoch": 49, "optimizer": {"state": {}, "param_groups": []}}, path)
     return state
 
@@ -111,14 +127,23 @@ def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
                                                                    if k not in tables}
 
 
-def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_path):
+@pytest.mark.parametrize("updated", [False, True], ids=["as trained", "after update"])
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_path, generation, updated):
     path = str(tmp_path / "lambda_0.004.pth.tar")
-    state = fake_release(path)
+    state = fake_release(path, generation=generation, updated=updated)
     model, checkpoint = taco.load_checkpoint(path)
     assert isinstance(model, elic.ElicTACO) and checkpoint["epoch"] == 49
     loaded = model.state_dict()
     for key in ("g_a.analysis_transform.8.gamma", "h_s.increase.4.weight", "channel_context.4.fushion.4.bias"):
         assert torch.equal(loaded[key], state["module." + key])
+    bottleneck = {k: v for k, v in state.items() if k.startswith("module.entropy_bottleneck.") and v.dim() == 3}
+    assert len(bottleneck) == 15                                            # 5 matrices, 5 biases, 4 factors, quantiles
+    for i in range(5):
+        file_key = "module.entropy_bottleneck." + GENERATIONS[generation][0].format(i)
+        assert torch.equal(loaded[f"entropy_bottleneck._matrix{i}"], state[file_key])
+    assert torch.allclose(model.gaussian_conditional.scale_table,
+                          torch.exp(torch.linspace(np.log(0.11), np.log(256), 64)))
     for module in (model.entropy_bottleneck, model.gaussian_conditional):   # the file's tables were rebuilt
         entropy.check_cdfs(*module.tables())
         assert not (module._cdf_length == 7).all()

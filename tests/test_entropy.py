@@ -278,3 +278,36 @@ def test_decoding_in_several_calls_equals_decoding_at_once():
     cuts = [0, 1, 700, 701, 3000, 5000]
     parts = [decoder.decode(indexes[a:b], *tables) for a, b in zip(cuts, cuts[1:])]
     assert np.array_equal(np.concatenate(parts), values)
+
+
+def per_channel_tables(bottleneck):
+    """The factorized prior's tables computed the slow, obvious way: each channel alone, on its own grid."""
+    q = bottleneck.quantiles.detach()
+    cdfs, offsets = [], []
+    with torch.no_grad():
+        for c in range(q.shape[0]):
+            median = q[c, 0, 1]
+            low, high = int(torch.ceil(median - q[c, 0, 0]).clamp_min(0)), int(torch.ceil(q[c, 0, 2] - median).clamp_min(0))
+            v = (median + torch.arange(-low, high + 1).float()).view(1, 1, -1).expand(q.shape[0], 1, -1)
+            pmf = bottleneck._likelihood(v)[c, 0]
+            below = torch.sigmoid(bottleneck._logits_cumulative(v[:, :, :1] - 0.5)[c, 0, 0])
+            above = torch.sigmoid(-bottleneck._logits_cumulative(v[:, :, -1:] + 0.5)[c, 0, 0])
+            cdfs.append(entropy.pmf_to_quantized_cdf(pmf.double().numpy(), float(below + above)))
+            offsets.append(-low)
+    return cdfs, offsets
+
+
+def test_fast_bottleneck_update_equals_the_per_channel_computation():
+    torch.manual_seed(3)
+    bottleneck = entropy.EntropyBottleneck(24)
+    with torch.no_grad():
+        for p in bottleneck.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        bottleneck.quantiles[:, 0, 0] -= torch.rand(24) * 20                 # uneven ranges per channel
+        bottleneck.quantiles[:, 0, 2] += torch.rand(24) * 30
+    bottleneck.update()
+    cdfs, offsets = per_channel_tables(bottleneck)
+    table, lengths, ours = bottleneck.tables()
+    assert lengths.tolist() == [len(c) for c in cdfs] and ours.tolist() == offsets
+    for row, cdf in zip(table, cdfs):
+        assert row[:len(cdf)].tolist() == cdf.tolist()

@@ -301,3 +301,17 @@ def test_caption_cache_reuses_features_and_stays_bounded():
     del encoder.encode                                      # back to the class method
     encoder(["a bird", "a fish", "a cow"])
     assert list(encoder.cache) == ["a bird", "a fish", "a cow"]
+
+
+def test_fingerprint_is_hashed_once_per_set_of_weights(encoder, monkeypatch):
+    model = tiny_model(encoder)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    first, hashed = model.fingerprint(), []
+    sha256 = taco.hashlib.sha256
+    monkeypatch.setattr(taco.hashlib, "sha256", lambda *a: hashed.append(1) or sha256(*a))
+    assert model.fingerprint() == first and model.fingerprint() == first and not hashed
+    with torch.no_grad():
+        model.h_s[0].bias[0] += 1                                    # an in-place change of one weight
+    assert model.fingerprint() != first and len(hashed) == 1
+    model.load_state_dict(original)
+    assert model.fingerprint() == first and len(hashed) == 2
