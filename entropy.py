@@ -10,8 +10,11 @@ Read me first -- the traps this file is built around:
   4. A range coder's low end can overflow ("carry") after bytes were already written. We keep the carry in
      the output buffer and propagate it backwards through 0xFF bytes -- simple, and it cannot run past the
      first byte because the coded interval never leaves [0, 1).
-  5. The decoder must terminate on garbage. It decodes exactly as many symbols as asked, reads zeros past
-     the end of the data, and checks the invariant 0 <= code < range, raising on the first violation.
+  5. The decoder must terminate on garbage. It decodes exactly as many symbols as asked and reads zeros past
+     the end of the data. It cannot tell garbage from data in general: almost any byte string decodes to some
+     symbols. What detects a damaged file is the container's CRC-32 (taco.py); the coder raises only where
+     garbage shows for sure: a position in the rounding slack above the table, an escape length no int32 needs,
+     a value outside int32.
 
 The coder is plain Python over numpy arrays, compiled by numba. Set NUMBA_DISABLE_JIT=1 to step through it.
 
@@ -87,7 +90,7 @@ def _decode_target(code, rng, precision):
     """The value in [0, 2**precision) that the decoder's position `code` points at."""
     r = rng >> precision
     value = code // r
-    if value >= (1 << precision):   # only the rounding slack above r * 2**precision is there: garbage
+    if value >= (1 << precision):   # only the rounding slack above r * 2**precision: no encoder goes there
         raise ValueError("corrupted stream: the decoder left the coded interval")
     return value
 
@@ -103,9 +106,7 @@ def _decode_interval(code, rng, data, pos, start, freq, precision):
         code = (code << 8) | byte
         pos += 1
         rng <<= 8
-    if code >= rng:                 # invariant 0 <= code < rng holds for every valid stream
-        raise ValueError("corrupted stream: the decoder left the coded interval")
-    return code, rng, pos
+    return code, rng, pos           # 0 <= code < rng still holds: the symbol was chosen so that it does
 
 
 @numba.njit(cache=True)
@@ -257,20 +258,32 @@ class SymbolDecoder:
 def pmf_to_quantized_cdf(pmf, tail_mass, precision=PRECISION):
     """Turn a float pmf plus the mass of its tails into an int32 CDF of length len(pmf) + 2.
 
-    The tail mass becomes the escape symbol. Every symbol gets a frequency >= 1, and the total is exactly
-    2**precision; rounding errors are settled on the largest frequencies, where they cost the least.
+    The tail mass becomes the escape symbol. Every symbol gets a frequency >= 1 and the total is exactly
+    2**precision. Rounding leaves an excess (or a shortfall); it is settled one unit at a time where a unit
+    costs the fewest bits: taking one from frequency f of a symbol with probability p costs p*log2(f/(f-1)) bits
+    per coded symbol on average, giving one gains p*log2((f+1)/f). (Taking whole symbols down to frequency 1
+    would cost far more at wide scales, where thousands of tail symbols each claim their minimum unit.)
     """
     pmf = np.append(np.clip(np.asarray(pmf, dtype=np.float64), 0, None), max(float(tail_mass), 0.0))
     total = 1 << precision
     if len(pmf) > total or not np.isfinite(pmf).all() or pmf.sum() <= 0:
         raise ValueError("pmf must be finite, non-zero, and shorter than 2**precision")
-    freqs = np.maximum(1, np.round(pmf / pmf.sum() * total)).astype(np.int64)
+    p = pmf / pmf.sum()
+    freqs = np.maximum(1, np.round(p * total)).astype(np.int64)
     excess = int(freqs.sum()) - total
-    while excess != 0:              # too many: take from the largest (down to 1); too few: give it to the largest
-        k = int(np.argmax(freqs))
-        change = min(excess, int(freqs[k]) - 1)
-        freqs[k] -= change
-        excess -= change
+    while excess != 0:      # each round moves one unit on each of the cheapest half: close to one at a time
+        if excess > 0:
+            cost = np.full(len(p), np.inf)
+            can = freqs > 1
+            cost[can] = p[can] * np.log2(freqs[can] / (freqs[can] - 1))
+            n = max(1, min(excess, int(can.sum())) // 2)
+            freqs[np.argsort(cost, kind="stable")[:n]] -= 1
+            excess -= n
+        else:
+            gain = p * np.log2((freqs + 1) / freqs)
+            n = max(1, min(-excess, len(p)) // 2)
+            freqs[np.argsort(-gain, kind="stable")[:n]] += 1
+            excess += n
     return np.concatenate([[0], np.cumsum(freqs)]).astype(np.int32)
 
 

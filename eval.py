@@ -28,39 +28,47 @@ def psnr(x_hat, x):
 
 
 def _gaussian_window(size=11, sigma=1.5):
-    g = torch.exp(-(torch.arange(size, dtype=torch.float64) - size // 2) ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).float()
+    """The 1-D Gaussian; the 2-D SSIM window is its outer product, applied as two 1-D passes."""
+    g = torch.exp(-(torch.arange(size, dtype=torch.float32) - size // 2) ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
 
 
-def _ssim_terms(x, y, window):
-    """Mean SSIM and mean contrast-structure term per image (Wang et al. 2004; K1=0.01, K2=0.03, range 1)."""
-    C = x.shape[1]
-    w = window.to(x).expand(C, 1, *window.shape)
-    blur = lambda t: F.conv2d(t, w, groups=C)
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
+def _blur(t, g):
+    """Gaussian filter of every channel without padding ('valid'): rows, then columns."""
+    C = t.shape[1]
+    t = F.conv2d(t, g.to(t).view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    return F.conv2d(t, g.to(t).view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+
+
+def _ssim_terms(x, y, g):
+    """Mean SSIM and mean contrast-structure per image and channel (B, C) (Wang et al. 2004; K1=0.01,
+    K2=0.03, range 1)."""
+    mu_x, mu_y = _blur(x, g), _blur(y, g)
+    var_x, var_y = _blur(x * x, g) - mu_x ** 2, _blur(y * y, g) - mu_y ** 2
+    cov = _blur(x * y, g) - mu_x * mu_y
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     cs = (2 * cov + c2) / (var_x + var_y + c2)
     ssim = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * cs
-    return ssim.flatten(1).mean(1), cs.flatten(1).mean(1)
+    return ssim.flatten(2).mean(-1), cs.flatten(2).mean(-1)
 
 
 def ms_ssim(x_hat, x, weights=(0.0448, 0.2856, 0.3001, 0.2363, 0.1333)):
-    """Multi-scale SSIM (Wang et al. 2003): contrast-structure at 5 scales, luminance at the coarsest.
-    Images smaller than 11 * 2**4 pixels use a window shrunk to fit the coarsest scale."""
-    x_hat, x = x_hat.double(), x.double()
+    """Multi-scale SSIM (Wang et al. 2003) as pytorch_msssim computes it (the implementation the reference
+    reports with): per channel, contrast-structure at 4 scales and SSIM at the 5th, each clipped at 0, their
+    weighted product averaged over channels; odd sizes are zero-padded before each 2x2 average pooling.
+    Images smaller than 11 * 2**4 pixels (which pytorch_msssim refuses) use a window shrunk to fit."""
+    x_hat, x = x_hat.float(), x.float()
     levels = len(weights)
     size = min(11, min(x.shape[-2:]) // 2 ** (levels - 1))
-    window = _gaussian_window(size - (1 - size % 2), 1.5 * size / 11).double()
-    value = 1.0
-    for level, weight in enumerate(weights):
-        ssim, cs = _ssim_terms(x_hat, x, window)
-        term = ssim if level == levels - 1 else cs
-        value = value * term.clamp_min(0) ** weight
-        x_hat, x = F.avg_pool2d(x_hat, 2), F.avg_pool2d(x, 2)
-    return value.float()
+    g = _gaussian_window(size - (1 - size % 2), 1.5 * size / 11)
+    terms = []
+    for level in range(levels):
+        ssim, cs = _ssim_terms(x_hat, x, g)                                     # (B, C) each
+        terms.append(F.relu(ssim if level == levels - 1 else cs))
+        padding = [s % 2 for s in x.shape[-2:]]
+        x_hat, x = F.avg_pool2d(x_hat, 2, padding=padding), F.avg_pool2d(x, 2, padding=padding)
+    weights = torch.tensor(weights).view(-1, 1, 1)
+    return torch.prod(torch.stack(terms) ** weights, dim=0).mean(1)           # (B,)
 
 
 class LPIPS(nn.Module):
@@ -134,11 +142,12 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 def clip_preprocess(x, size=224):
-    """CLIP's resize (short side to 224, bicubic) + center crop + normalization, differentiable."""
+    """CLIP's resize (short side to 224, bicubic, antialiased as PIL's) + center crop + normalization,
+    differentiable."""
     H, W = x.shape[-2:]
     scale = size / min(H, W)
     x = F.interpolate(x, size=(max(size, round(H * scale)), max(size, round(W * scale))), mode="bicubic",
-                      align_corners=False)
+                      align_corners=False, antialias=True)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[:, :, top:top + size, left:left + size]
     return (x - CLIP_MEAN.to(x)) / CLIP_STD.to(x)
@@ -148,21 +157,26 @@ def clip_preprocess(x, size=224):
 # Classical baselines through Pillow
 # ----------------------------------------------------------------------------------------------------------
 def pillow_codec(x, codec, quality):
-    """(1, 3, H, W) in [0, 1] -> (bpp from the real bytes, decoded image)."""
+    """(1, 3, H, W) in [0, 1] -> bpp from the real bytes, decoded image, encode and decode wall time (s)."""
     from PIL import Image
     array = (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=codec, quality=quality)
+    image, buffer = Image.fromarray(array), io.BytesIO()
+    start = time.perf_counter()
+    image.save(buffer, format=codec, quality=quality)
+    encode = time.perf_counter() - start
+    start = time.perf_counter()
+    with Image.open(io.BytesIO(buffer.getvalue())) as coded:
+        decoded = np.asarray(coded.convert("RGB"), dtype=np.float32) / 255
+    decode = time.perf_counter() - start
     H, W = array.shape[:2]
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32) / 255
-    return 8 * buffer.tell() / (H * W), torch.from_numpy(decoded).permute(2, 0, 1)[None]
+    return 8 * buffer.tell() / (H * W), torch.from_numpy(decoded).permute(2, 0, 1)[None], encode, decode
 
 
 def baseline_curve(x, codec="JPEG", qualities=range(5, 100, 5)):
     """[(bpp, psnr)] over a quality sweep, sorted by bpp."""
     points = []
     for q in qualities:
-        bpp, decoded = pillow_codec(x, codec, q)
+        bpp, decoded, _, _ = pillow_codec(x, codec, q)
         points.append((bpp, float(psnr(decoded, x))))
     return sorted(points)
 
@@ -195,15 +209,12 @@ def bd_psnr(curve_a, curve_b):
 
 
 def cmmd(a, b, sigma=10.0, scale=1000.0):
-    """CMMD (Jayasumana et al. 2024): MMD^2 with a Gaussian kernel between two sets of L2-normalized CLIP
-    image embeddings, unbiased, times 1000."""
+    """CMMD (Jayasumana et al. 2024) as its reference code computes it (google-research cmmd/distance.py):
+    MMD^2 with a Gaussian kernel between two sets of L2-normalized CLIP image embeddings, by the biased
+    (minimum-variance) estimator that keeps each kernel matrix's diagonal, times 1000."""
     a, b = F.normalize(a.double(), dim=-1), F.normalize(b.double(), dim=-1)
-    kernel = lambda u, v: torch.exp(-torch.cdist(u, v) ** 2 / (2 * sigma ** 2))
-    n, m = len(a), len(b)
-    k_aa, k_bb, k_ab = kernel(a, a), kernel(b, b), kernel(a, b)
-    mmd = ((k_aa.sum() - k_aa.trace()) / (n * (n - 1)) + (k_bb.sum() - k_bb.trace()) / (m * (m - 1))
-           - 2 * k_ab.mean())
-    return float(scale * mmd)
+    kernel_mean = lambda u, v: torch.exp(-torch.cdist(u, v) ** 2 / (2 * sigma ** 2)).mean()
+    return float(scale * (kernel_mean(a, a) + kernel_mean(b, b) - 2 * kernel_mean(a, b)))
 
 
 def fid(a, b):
@@ -281,11 +292,17 @@ def complexity(model, size=256):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluating checkpoints on a folder of images
 # ----------------------------------------------------------------------------------------------------------
-REFERENCE = {   # SPEC.md section 7 (Kodak); TACO LPIPS on the reference's [0, 1] convention
+REFERENCE = {   # published Kodak figures: the released TACO files measured by a third party, CompressAI's
+    # Minnen 2018 model zoo results, and the ELIC paper (He et al., CVPR 2022, Kodak)
     "TACO (released, Kodak)": [(0.183, 28.79), (0.226, 30.09), (0.322, 31.88), (0.450, 33.66), (0.566, 34.89)],
     "Minnen 2018 mean-scale (CompressAI, Kodak)": [(0.124, 27.70), (0.307, 31.13), (0.662, 34.97)],
     "ELIC (paper, Kodak)": [(0.124, 29.11), (0.197, 30.70), (0.334, 32.78), (0.491, 34.58), (0.704, 36.49)],
 }
+
+
+# What a report holds per image (cmmd and fid: per set only), in the order printed and written to results.csv.
+METRIC_KEYS = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "cmmd",
+               "fid", "encode_s", "decode_s")
 
 
 def list_images(folder):
@@ -392,7 +409,8 @@ def shuffled(captions, seed=0):
 
 
 def baseline_curves(folder, images, codecs):
-    """Mean (bpp, PSNR, MS-SSIM) per quality setting, averaged over the images, for each Pillow codec."""
+    """For each Pillow codec, one row per quality setting: bpp, PSNR, MS-SSIM, and encode / decode wall time in
+    this process (as ours is timed), each the mean over the images."""
     from PIL import features
     curves = {}
     for codec in codecs:
@@ -403,10 +421,15 @@ def baseline_curves(folder, images, codecs):
         for name in images:
             x = as_rgb(taco.read_image(os.path.join(folder, name)))
             for q in range(5, 100, 5):
-                bpp, decoded = pillow_codec(x, codec, q)
-                per_quality.setdefault(q, []).append((bpp, float(psnr(decoded, x)), float(ms_ssim(decoded, x))))
-        curves[codec] = [(q, *map(float, np.mean(v, axis=0))) for q, v in sorted(per_quality.items())]
+                bpp, decoded, encode, decode = pillow_codec(x, codec, q)
+                per_quality.setdefault(q, []).append((bpp, float(psnr(decoded, x)), float(ms_ssim(decoded, x)),
+                                                      encode, decode))
+        curves[codec] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}
+                         for q, v in sorted(per_quality.items())]
     return curves
+
+
+BASELINE_KEYS = ("bpp", "psnr", "ms_ssim", "encode_s", "decode_s")
 
 
 def plot(results, curves, png, reference):
@@ -418,7 +441,7 @@ def plot(results, curves, png, reference):
         bpp, quality = zip(*sorted(points))
         ax.plot(bpp, quality, "o-", linewidth=2, label=label)
     for codec, curve in curves.items():
-        ax.plot([c[1] for c in curve], [c[2] for c in curve], "--", label=f"{codec} (Pillow)")
+        ax.plot([c["bpp"] for c in curve], [c["psnr"] for c in curve], "--", label=f"{codec} (Pillow)")
     for label, points in (REFERENCE.items() if reference else []):
         ax.plot(*zip(*points), ":x", label=label)
     ax.set_xlabel("bits per pixel (real file size)"), ax.set_ylabel("PSNR (dB, RGB)")
@@ -460,7 +483,8 @@ def main(argv=None):
                         "with the empty caption instead of stopping")
     parser.add_argument("--ablation", action="store_true", help="also run with empty and with shuffled captions")
     parser.add_argument("--baselines", default="JPEG,WEBP,AVIF", help="Pillow codecs to sweep ('' for none)")
-    parser.add_argument("--reference", action="store_true", help="overlay SPEC.md's Kodak numbers on the plot")
+    parser.add_argument("--reference", action="store_true", help="overlay published Kodak numbers (released TACO "
+                        "checkpoints, CompressAI's Minnen 2018, ELIC) on the plot")
     parser.add_argument("--clip-pretrained", help="CLIP weights (tag or file) if not the checkpoint's")
     parser.add_argument("--alexnet-weights", help="torchvision AlexNet weights file for LPIPS")
     parser.add_argument("--inception-weights", help="torchvision Inception-v3 weights file for FID (needs many "
@@ -513,14 +537,17 @@ def main(argv=None):
     for label, points in curves_by_label.items():
         for codec, curve in report["baselines"].items():
             if len(points) >= 4:
-                anchor = [(c[1], c[2]) for c in curve]
+                anchor = [(c["bpp"], c["psnr"]) for c in curve]
                 report["bd"][f"{label} vs {codec}"] = {"bd_rate_percent": bd_rate(anchor, sorted(points)),
                                                        "bd_psnr_db": bd_psnr(anchor, sorted(points))}
             else:
-                psnrs = [psnr_at_bpp([(c[1], c[2]) for c in curve], b) for b, _ in points]
+                psnrs = [psnr_at_bpp([(c["bpp"], c["psnr"]) for c in curve], b) for b, _ in points]
                 report["bd"][f"{label} vs {codec}"] = {"psnr_of_baseline_at_our_bpp": psnrs}
     for name, value in report["bd"].items():
         print(f"{name}: {value}")
+    for codec, curve in report["baselines"].items():
+        print(f"{codec} (Pillow), mean over images and qualities: encode {np.mean([c['encode_s'] for c in curve]):.4f}"
+              f" s, decode {np.mean([c['decode_s'] for c in curve]):.4f} s per image (ours: encode_s / decode_s above)")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     write_csv(report, os.path.join(args.out, "results.csv"))
@@ -532,8 +559,7 @@ def print_entry(path, entry):
     c = entry["complexity"]
     print(f"{path}: {c['params'] / 1e6:.2f} M parameters ({c['adapter_params'] / 1e6:.2f} M text adapter), "
           f"{c['macs_per_pixel'] / 1e3:.1f} kMAC/pixel")
-    keys = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "cmmd",
-            "fid", "encode_s", "decode_s")
+    keys = METRIC_KEYS
     print("  " + f"{'captions':10s}" + "".join(f"{k:>16s}" for k in keys))
     for run in ("given", "empty", "shuffled"):
         if run in entry:
@@ -542,17 +568,21 @@ def print_entry(path, entry):
 
 
 def write_csv(report, path):
+    """One row per image and caption run of every checkpoint, then one per quality of every Pillow codec
+    (means over the images, in the 'image' column 'mean of N')."""
     import csv
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["checkpoint", "captions", "image", "bpp", "bpp_estimate", "psnr", "ms_ssim",
-                         "lpips_standard", "lpips_reference", "clip_score", "encode_s", "decode_s"])
+        writer.writerow(["checkpoint", "captions", "image", *METRIC_KEYS])
         for ckpt, entry in report["checkpoints"].items():
             for run in ("given", "empty", "shuffled"):
                 for row in entry.get(run, {}).get("per_image", []):
-                    writer.writerow([ckpt, run, row["image"]] + [row.get(k, "") for k in (
-                        "bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference",
-                        "clip_score", "encode_s", "decode_s")])
+                    writer.writerow([ckpt, run, row["image"]] + [row.get(k, "") for k in METRIC_KEYS])
+        images = len(next(iter(report["checkpoints"].values()))["given"]["per_image"]) if report["checkpoints"] else 0
+        for codec, curve in report["baselines"].items():
+            for c in curve:
+                writer.writerow([f"{codec} (Pillow)", f"quality {c['quality']}", f"mean of {images}"]
+                                + [c.get(k, "") for k in METRIC_KEYS])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pixels <-> bits: the TACO codec (Lee et al., ICML 2024) on a GDN mean-scale hyperprior.
 
     image (H, W) --pad to 64--> x --g_a(x, caption tokens)--> y --h_a--> z
-    z --EntropyBottleneck--> z_bytes;  h_s(z_hat) --> means, scales;  y --GaussianConditional--> y_bytes
+    z --EntropyBottleneck--> z_bytes;  h_s(z_hat) --> scales, means;  y --GaussianConditional--> y_bytes
     file = header (magic, version, model fingerprint, H, W) + z_bytes + y_bytes + CRC-32
 
 The caption enters only the encoder, through the text adapter inside g_a; the decoder rebuilds the image
@@ -176,7 +176,7 @@ def hyper_analysis(N, M):
 
 
 def hyper_synthesis(N, M):
-    """h_s ends with 2M channels: the means and the scales of y."""
+    """h_s ends with 2M channels: the scales and the means of y (CompressAI's order)."""
     return nn.Sequential(deconv(N, M), nn.LeakyReLU(), deconv(M, M * 3 // 2), nn.LeakyReLU(),
                          conv(M * 3 // 2, 2 * M, 3, 1))
 
@@ -324,9 +324,9 @@ class TACO(nn.Module):
     `text` is a list of captions (needs a text encoder, see `attach_text_encoder`) or precomputed
     (features (B, T, D), padding (B, T)) from one."""
 
-    def __init__(self, config=TacoConfig()):
+    def __init__(self, config=None):
         super().__init__()
-        self.config = config
+        self.config = config = config or TacoConfig()
         self.g_a, self.g_s, self.h_a, self.h_s = self.transforms(config)
         self.entropy_bottleneck = EntropyBottleneck(config.N)
         self.gaussian_conditional = GaussianConditional()
@@ -352,6 +352,8 @@ class TACO(nn.Module):
         """captions, precomputed features (B, T, D), or (features, padding) -> features, padding mask or None."""
         if not self.config.text_adapter:
             return None, None
+        if text is None:
+            raise ValueError("this model has a text adapter: pass captions, or their CLIP token features, as text")
         if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
             if self.text_encoder is None:
                 raise RuntimeError("this model reads captions: call attach_text_encoder() first")
@@ -374,16 +376,16 @@ class TACO(nn.Module):
 
     # How y is modelled and coded given the hyperprior's output; elic.py overrides these three.
     def y_model(self, y, hyper):
-        """y, h_s(z_hat) (B, 2M, h, w) -> y_hat, likelihoods: a Gaussian with the hyperprior's means and scales."""
-        means, scales = hyper.chunk(2, dim=1)                                   # 2 x (B, M, h, w)
+        """y, h_s(z_hat) (B, 2M, h, w) -> y_hat, likelihoods: a Gaussian with the hyperprior's scales and means."""
+        scales, means = hyper.chunk(2, dim=1)                                   # 2 x (B, M, h, w)
         return self.gaussian_conditional(y, scales, means)
 
     def encode_y(self, y, hyper):
-        means, scales = hyper.chunk(2, dim=1)
+        scales, means = hyper.chunk(2, dim=1)
         return self.gaussian_conditional.compress(y, scales, means)
 
     def decode_y(self, data, hyper):
-        means, scales = hyper.chunk(2, dim=1)
+        scales, means = hyper.chunk(2, dim=1)
         return self.gaussian_conditional.decompress(data, scales, means)
 
     def update(self):
@@ -478,13 +480,17 @@ def unpack(data, fingerprint):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: the config, the weights (tables included) and training metadata, in one file.
 # ----------------------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 2      # 2: h_s gives (scales, means), as CompressAI and elic.py; 1 gave (means, scales)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that does not exist, is not ours, or does not fit its own config."""
 
 
 def save_checkpoint(path, model, **extra):
     """Write atomically: a crash mid-write leaves the previous file intact."""
-    payload = {"config": dataclasses.asdict(model.config), "state_dict": model.state_dict(), **extra}
+    payload = {"config": dataclasses.asdict(model.config), "state_dict": model.state_dict(),
+               "format": CHECKPOINT_FORMAT, **extra}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -507,7 +513,12 @@ def load_checkpoint(path, device="cpu"):
         model = build_model(TacoConfig(**checkpoint["config"]))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path} holds an unknown config: {error}") from error
-    load_weights(model, checkpoint["state_dict"], path)
+    state = checkpoint["state_dict"]
+    if checkpoint.get("format", 1) == 1 and model.config.backbone == "hyperprior":
+        state = dict(state)                     # format 1 put the means first in h_s's output: swap the halves
+        for key in ("h_s.4.weight", "h_s.4.bias"):
+            state[key] = torch.cat(state[key].chunk(2, dim=0)[::-1])
+    load_weights(model, state, path)
     return model.to(device).eval(), checkpoint
 
 
@@ -539,12 +550,21 @@ def build_model(config):
 # ----------------------------------------------------------------------------------------------------------
 # Command line: python taco.py compress | decompress
 # ----------------------------------------------------------------------------------------------------------
+GRAY_MODES = {"1": 255, "L": 255, "LA": 255, "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1}
+
+
 def read_image(path):
-    """-> (1, C, H, W) float in [0, 1]; C = 1 for grayscale, 3 otherwise (alpha is dropped)."""
+    """-> (1, C, H, W) float in [0, 1]; C = 1 for grayscale (8 or 16 bits, with or without alpha), 3 otherwise.
+    Alpha is dropped; 16-bit values keep their precision (x / 65535)."""
     from PIL import Image
     with Image.open(path) as image:
-        image = image.convert("L" if image.mode in ("1", "L", "I;16", "I", "F") else "RGB")
-        array = np.asarray(image, dtype=np.float32) / 255
+        if image.mode in GRAY_MODES:
+            peak = GRAY_MODES[image.mode]
+            if image.mode in ("1", "LA"):
+                image = image.convert("L")
+            array = np.clip(np.asarray(image, dtype=np.float32), 0, peak) / peak
+        else:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
 
 

@@ -1,4 +1,5 @@
-"""Data -> weights: train TACO with the joint image-text loss (SPEC section 4), on a laptop, one GPU or several.
+"""Data -> weights: train TACO with its joint image-text loss (Lee et al., ICML 2024), on a laptop, one
+GPU or several.
 
     python train.py                                   # built-in demo: scikit-image photos, a few CPU minutes
     python train.py --data coco --root /data/coco     # the paper's recipe on MS-COCO captions
@@ -39,7 +40,7 @@ class TrainConfig:
     val_captions: str = ""
     crop: int = 256
     # model (TacoConfig)
-    backbone: str = "hyperprior"     # hyperprior (GDN, the design card) | elic (the paper's exact model, N=192 M=320)
+    backbone: str = "hyperprior"     # hyperprior (GDN mean-scale) | elic (the paper's exact model, N=192 M=320)
     init_from: str = ""              # start from these weights: our checkpoint or a released lambda_*.pth.tar
     N: int = 128
     M: int = 192
@@ -356,6 +357,9 @@ RESUME_MUST_MATCH = ("data", "root", "crop", "lmbda", "k_p", "k_j", "lpips_input
 
 def check_resumable(checkpoint, config, cfg, path):
     """Stop with a message naming the first setting that differs from the interrupted run's."""
+    if checkpoint.get("format", 1) != taco.CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} was written in an older checkpoint format; start a new run from it "
+                         f"with --init-from {path} instead of --resume")
     if checkpoint["config"] != dataclasses.asdict(config):
         raise SystemExit(f"error: {path} was trained with another model config: {checkpoint['config']}")
     before = checkpoint.get("train_config", {})

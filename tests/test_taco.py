@@ -278,7 +278,9 @@ def test_long_captions_are_cut_to_the_token_budget(encoder):
     assert ids[0, 0] == encoder.tokenizer.sot_token_id and ids[0, -1] == encoder.tokenizer.eot_token_id
 
 
-def test_missing_pretrained_weights_fail_at_once_with_instructions():
+def test_missing_pretrained_weights_fail_at_once_with_instructions(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))   # whatever this machine has
     with pytest.raises(taco.WeightsUnavailable, match="--clip-pretrained"):
         taco.load_clip(TacoConfig().clip_model, "openai")
 
@@ -315,3 +317,40 @@ def test_fingerprint_is_hashed_once_per_set_of_weights(encoder, monkeypatch):
     assert model.fingerprint() != first and len(hashed) == 1
     model.load_state_dict(original)
     assert model.fingerprint() == first and len(hashed) == 2
+
+
+def test_sixteen_bit_and_gray_alpha_images_read_as_one_full_precision_channel(tmp_path):
+    from PIL import Image
+    ramp = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    x = taco.read_image(str(tmp_path / "ramp16.png"))
+    assert x.shape == (1, 1, 32, 32)
+    assert np.allclose(x[0, 0].numpy(), ramp / 65535, atol=1e-7)
+    gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(np.stack([gray, 255 - gray], -1), mode="LA").save(tmp_path / "la.png")
+    x = taco.read_image(str(tmp_path / "la.png"))
+    assert x.shape == (1, 1, 16, 16) and np.allclose(x[0, 0].numpy(), gray / 255)
+
+
+def test_adapter_model_without_text_says_what_it_needs(encoder):
+    model = tiny_model(encoder)
+    with pytest.raises(ValueError, match="text adapter: pass captions"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_hyper_synthesis_gives_scales_then_means_and_old_checkpoints_are_converted(encoder, tmp_path):
+    model = tiny_model(encoder)
+    hyper = torch.cat([torch.full((1, 24, 1, 1), 3.0), torch.full((1, 24, 1, 1), 0.25)], dim=1)
+    y = torch.full((1, 24, 1, 1), 0.25)
+    _, likelihoods = model.eval().y_model(y, hyper)                 # scale 3 around mean 0.25: P(0) of N(0, 9)
+    from scipy.stats import norm
+    assert np.allclose(likelihoods.numpy(), norm.cdf(0.5 / 3) - norm.cdf(-0.5 / 3), atol=1e-6)
+    x = natural_image(64, 64)
+    save_checkpoint(str(tmp_path / "new.pt"), model)
+    old = torch.load(tmp_path / "new.pt", weights_only=True)
+    del old["format"]                                               # format 1: h_s gave (means, scales)
+    for key in ("h_s.4.weight", "h_s.4.bias"):
+        old["state_dict"][key] = torch.cat(old["state_dict"][key].chunk(2)[::-1])
+    torch.save(old, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(str(tmp_path / "old.pt"))
+    assert loaded.attach_text_encoder(encoder).compress(x, "a cat") == model.compress(x, "a cat")

@@ -227,3 +227,16 @@ def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_p
                                    "--val-every", "100", "--batch-size", "1"], tmp_path, "finetune")
     assert "starting from the weights of" in capsys.readouterr().out
     assert model.config.backbone == "elic" and checkpoint["step"] == 2
+
+
+def test_an_epoch_is_a_pass_over_image_caption_pairs_as_in_the_reference(tmp_path):
+    (tmp_path / "train2014").mkdir()
+    (tmp_path / "annotations").mkdir()
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 300, "height": 300} for i in range(3)]
+    captions = [{"image_id": i, "caption": f"caption {i}.{j}"} for i in range(3) for j in range(5)]
+    (tmp_path / "annotations" / "captions_train2014.json").write_text(
+        json.dumps({"images": images, "annotations": captions}))
+    cfg = train.parse_args(["--data", "coco", "--root", str(tmp_path), "--batch-size", "3", "--epochs", "2"])
+    items, _ = train.training_data(cfg)
+    assert sorted(c for _, (c,) in items) == sorted(a["caption"] for a in captions)   # 15 pairs, not 3 images
+    assert 2 * train.steps_per_epoch(len(items), cfg.batch_size) == 10
