@@ -10,12 +10,15 @@ What changes from taco.py's hyperprior (the text adapter, the entropy coder and 
     before it, so one stream holds all passes, decoded in several calls (entropy.SymbolDecoder).
 Module names reproduce the reference's state-dict keys, which is how `load_official` loads the released files.
 """
+from types import SimpleNamespace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import entropy
 import taco
+from integer import IntegerNetwork
 from entropy import SymbolDecoder, encode_symbols, quantize, to_cpu
 from taco import Extractor, Injector, conv, deconv
 
@@ -176,22 +179,40 @@ class ElicTACO(taco.TACO):
         N, M = config.N, config.M
         return ElicAnalysis(config), ElicSynthesis(N, M), ElicHyperAnalysis(N, M), ElicHyperSynthesis(N, M)
 
-    def checkerboard_passes(self, hyper, code):
+    def float_networks(self):
+        return SimpleNamespace(h_s=self.h_s, channel_context=self.channel_context, local_context=self.local_context,
+                               anchor=self.entropy_parameters_anchor, nonanchor=self.entropy_parameters_nonanchor)
+
+    def integer_networks(self):
+        """h_s and every context and parameter network in exact integers: their inputs are decoded values,
+        so the whole chain must agree on every machine (integer.py)."""
+        def convert():
+            integer = lambda modules: [IntegerNetwork(m.fushion if isinstance(m, ChannelContext) else
+                                                      m.fusion if isinstance(m, EntropyParameters) else m)
+                                       if m is not None else None for m in modules]
+            return SimpleNamespace(h_s=IntegerNetwork(self.h_s.increase),
+                                   channel_context=integer(self.channel_context),
+                                   local_context=integer(self.local_context),
+                                   anchor=integer(self.entropy_parameters_anchor),
+                                   nonanchor=integer(self.entropy_parameters_nonanchor))
+        return self.cached("integer_networks", convert)
+
+    def checkerboard_passes(self, hyper, code, nets):
         """Both checkerboard passes of every slice, in coding order. `code(i, pass, scales, means)` returns
         that pass's values of slice i (zeros elsewhere). forward, compress and decompress all run this one
         loop, so encoder and decoder visit the symbols in the same order by construction."""
         y_hat_slices = []
         for i in range(len(self.config.slices)):
-            context = [self.channel_context[i](torch.cat(y_hat_slices, dim=1))] if i else []
-            scales, means = self.entropy_parameters_anchor[i](torch.cat(context + [hyper], dim=1)).chunk(2, 1)
+            context = [nets.channel_context[i](torch.cat(y_hat_slices, dim=1))] if i else []
+            scales, means = nets.anchor[i](torch.cat(context + [hyper], dim=1)).chunk(2, 1)
             anchor = code(i, ANCHOR, scales, means)                             # (B, C_i, h, w)
-            local = [self.local_context[i](anchor)]
+            local = [nets.local_context[i](anchor)]
             features = torch.cat(local + context + [hyper], dim=1)
-            scales, means = self.entropy_parameters_nonanchor[i](features).chunk(2, 1)
+            scales, means = nets.nonanchor[i](features).chunk(2, 1)
             y_hat_slices.append(anchor + code(i, NONANCHOR, scales, means))
         return torch.cat(y_hat_slices, dim=1)                                   # (B, M, h, w)
 
-    def y_model(self, y, hyper):
+    def y_model(self, y, hyper, nets):
         slices = y.split(self.config.slices, dim=1)
         likelihoods = [torch.ones_like(s) for s in slices]
 
@@ -200,10 +221,10 @@ class ElicTACO(taco.TACO):
             y_hat, slice_likelihoods = self.gaussian_conditional(slices[i], scales, means)
             likelihoods[i] = torch.where(mask, slice_likelihoods, likelihoods[i])
             return y_hat * mask
-        y_hat = self.checkerboard_passes(hyper, code)
+        y_hat = self.checkerboard_passes(hyper, code, nets)
         return y_hat, torch.cat(likelihoods, dim=1)
 
-    def encode_y(self, y, hyper):
+    def encode_y(self, y, hyper, nets):
         slices = y.split(self.config.slices, dim=1)
         symbols, indexes = [], []
 
@@ -211,22 +232,26 @@ class ElicTACO(taco.TACO):
             mask = checkerboard(kind, *y.shape[-2:], device=y.device)
             symbols.append(quantize(to_cpu(slices[i]), "symbols", to_cpu(means))[:, :, to_cpu(mask)].flatten())
             indexes.append(self.gaussian_conditional.build_indexes(scales)[:, :, to_cpu(mask)].flatten())
-            return quantize(slices[i], "dequantize", means) * mask
-        self.checkerboard_passes(hyper, code)
-        return encode_symbols(torch.cat(symbols).numpy(), torch.cat(indexes).numpy(),
-                              *self.gaussian_conditional.tables())
+            return quantize(slices[i].to(means.dtype), "dequantize", means) * mask
+        self.checkerboard_passes(hyper, code, nets)
+        indexes = torch.cat(indexes)
+        data = encode_symbols(torch.cat(symbols).numpy(), indexes.numpy(), *self.gaussian_conditional.tables())
+        return data, taco.decisions_crc(indexes)
 
-    def decode_y(self, data, hyper):
-        decoder, tables = SymbolDecoder(data), self.gaussian_conditional.tables()
+    def decode_y(self, data, hyper, nets, expected_crc):
+        decoder, tables, crc = SymbolDecoder(data), self.gaussian_conditional.tables(), [0]
 
         def code(i, kind, scales, means):
             mask = checkerboard(kind, *hyper.shape[-2:], device=hyper.device)
             indexes = self.gaussian_conditional.build_indexes(scales)[:, :, to_cpu(mask)]   # (B, C_i, K)
+            crc[0] = taco.decisions_crc(indexes.flatten(), crc[0])
             symbols = torch.from_numpy(decoder.decode(indexes.flatten().numpy(), *tables)).view(indexes.shape)
             values = torch.zeros_like(scales)
             values[:, :, mask] = symbols.to(scales) + means[:, :, mask]
             return values
-        return self.checkerboard_passes(hyper, code)
+        y_hat = self.checkerboard_passes(hyper, code, nets)
+        taco.check_decisions(crc[0], expected_crc)
+        return y_hat
 
 
 # ----------------------------------------------------------------------------------------------------------

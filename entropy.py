@@ -488,13 +488,17 @@ class GaussianConditional(_CodingTables):
         return lower_bound(upper - lower, self.likelihood_bound)
 
     def forward(self, y, scales, means=None):
-        """y, scales, means (B, M, h, w) -> y_hat for the decoder, likelihoods of the training proxy."""
-        y, scales = y.float(), scales.float()     # likelihoods need float32, even under bf16 autocast
-        means = None if means is None else means.float()
-        y_tilde = quantize(y, "noise") if self.training else quantize(y, "dequantize", means)
-        y_hat = quantize(y, "ste", means) if self.training else y_tilde
+        """y, scales, means (B, M, h, w) -> y_hat for the decoder, likelihoods of the training proxy.
+        In eval mode y_hat = round(y - means) + means is computed in the means' precision, as the coder does
+        (float64 on the integer networks' grid), so it equals the decoder's y_hat exactly."""
+        if self.training:
+            y, scales = y.float(), scales.float()  # likelihoods need float32, even under bf16 autocast
+            means = None if means is None else means.float()
+            y_tilde, y_hat = quantize(y, "noise"), quantize(y, "ste", means)
+        else:
+            y_tilde = y_hat = quantize(y if means is None else y.to(means.dtype), "dequantize", means)
         with torch.autocast(y.device.type, enabled=False):
-            return y_hat, self.likelihood(y_tilde, scales, means)
+            return y_hat, self.likelihood(y_tilde.float(), scales.float(), None if means is None else means.float())
 
     @torch.no_grad()
     def update(self):
@@ -511,19 +515,18 @@ class GaussianConditional(_CodingTables):
         self._set_tables(cdfs, offsets)
 
     def build_indexes(self, scales):
-        """scales (any device) -> int32 CPU tensor: index of the first table entry >= the (bounded) scale."""
-        scales = to_cpu(scales).float().contiguous().clamp_min(self.scale_bound)
-        idx = torch.bucketize(scales, to_cpu(self.scale_table))
+        """scales (any device) -> int32 CPU tensor: index of the first table entry >= the (bounded) scale.
+        The comparison runs in float64, where both the table and scales on the integer grid are exact."""
+        scales = to_cpu(scales).double().contiguous().clamp_min(self.scale_bound)
+        idx = torch.bucketize(scales, to_cpu(self.scale_table).double())
         return idx.clamp_max(len(self.scale_table) - 1).to(torch.int32)
 
-    def compress(self, y, scales, means=None):
-        """y, scales, means (B, M, h, w) on any device -> bytes."""
+    def compress(self, y, indexes, means=None):
+        """y, means (B, M, h, w) on any device, indexes from build_indexes -> bytes."""
         symbols = quantize(to_cpu(y), "symbols", None if means is None else to_cpu(means))
-        return encode_symbols(symbols.numpy(), self.build_indexes(scales).numpy(), *self.tables())
+        return encode_symbols(symbols.numpy(), indexes.numpy(), *self.tables())
 
-    def decompress(self, data, scales, means=None):
-        """bytes, scales, means (B, M, h, w) -> y_hat on the device of the scales."""
-        indexes = self.build_indexes(scales)
-        symbols = decode_symbols(data, indexes.numpy(), *self.tables())
-        y_hat = torch.from_numpy(symbols).view(indexes.shape).float().to(scales.device)
-        return y_hat if means is None else y_hat + means
+    def decompress(self, data, indexes, means=None):
+        """bytes, indexes (B, M, h, w), means -> y_hat, with the means' device and precision."""
+        symbols = torch.from_numpy(decode_symbols(data, indexes.numpy(), *self.tables())).view(indexes.shape)
+        return symbols.float() if means is None else symbols.to(means) + means

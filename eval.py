@@ -279,8 +279,10 @@ def complexity(model, size=256):
     config, device = model.config, next(model.parameters()).device
     text = (torch.zeros(1, config.text_tokens, config.text_dim, device=device),
             torch.zeros(1, config.text_tokens, dtype=bool, device=device))
-    with torch.no_grad():
-        model.eval()(torch.rand(1, 3, size, size, device=device), text)
+    training = model.training
+    with torch.no_grad():              # train mode: the float entropy networks, whose hooks count (the integer
+        model.train()(torch.rand(1, 3, size, size, device=device), text)     # ones do the same products)
+    model.train(training)
     for h in handles:
         h.remove()
     params = sum(p.numel() for p in model.parameters())

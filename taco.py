@@ -2,7 +2,8 @@
 
     image (H, W) --pad to 64--> x --g_a(x, caption tokens)--> y --h_a--> z
     z --EntropyBottleneck--> z_bytes;  h_s(z_hat) --> scales, means;  y --GaussianConditional--> y_bytes
-    file = header (magic, version, model fingerprint, H, W) + z_bytes + y_bytes + CRC-32
+    file = header (magic, version, model fingerprint, H, W, check of the decoder's decisions)
+           + z_bytes + y_bytes + CRC-32
 
 The caption enters only the encoder, through the text adapter inside g_a; the decoder rebuilds the image
 from the file alone. Backbone: Balle et al. 2017 (GDN), Balle et al. 2018 and Minnen et al. 2018 (mean-scale
@@ -22,6 +23,7 @@ import time
 import urllib.parse
 import zlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from entropy import TABLE_BUFFERS, EntropyBottleneck, GaussianConditional, lower_bound, to_cpu
+from integer import IntegerNetwork
 
 # A random CLIP of the ViT-B-32 family, small enough for tests on a laptop (same tokenizer, random weights).
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=224, layers=1, width=64, patch_size=32),
@@ -367,26 +370,43 @@ class TACO(nn.Module):
         return features.to(device), padding.to(device)
 
     def forward(self, x, text=None):
-        """x (B, 3, H, W) in [0, 1], H and W multiples of 64 -> {"x_hat", "likelihoods": {"y", "z"}}."""
+        """x (B, 3, H, W) in [0, 1], H and W multiples of 64 -> {"x_hat", "likelihoods": {"y", "z"}}.
+        In eval mode the entropy parameters come from the integer networks, exactly as the decoder's."""
         y = self.g_a(x, *self.read_text(text, x.device))                        # (B, M, H/16, W/16)
         z = self.h_a(y)                                                         # (B, N, H/64, W/64)
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
-        y_hat, y_likelihoods = self.y_model(y, self.h_s(z_hat))
-        return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+        nets = self.float_networks() if self.training else self.integer_networks()
+        y_hat, y_likelihoods = self.y_model(y, nets.h_s(z_hat), nets)
+        return {"x_hat": self.g_s(y_hat.to(x.dtype)), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+    # The networks that give the entropy parameters: as trained (float), and in exact integer arithmetic for
+    # coding (integer.py), so that a file decodes to the same symbols on every machine. elic.py adds its own.
+    def float_networks(self):
+        return SimpleNamespace(h_s=self.h_s)
+
+    def integer_networks(self):
+        """Converted from the float weights by exact operations, once per set of weights."""
+        return self.cached("integer_networks", lambda: SimpleNamespace(h_s=IntegerNetwork(self.h_s)))
 
     # How y is modelled and coded given the hyperprior's output; elic.py overrides these three.
-    def y_model(self, y, hyper):
+    def y_model(self, y, hyper, nets):
         """y, h_s(z_hat) (B, 2M, h, w) -> y_hat, likelihoods: a Gaussian with the hyperprior's scales and means."""
         scales, means = hyper.chunk(2, dim=1)                                   # 2 x (B, M, h, w)
         return self.gaussian_conditional(y, scales, means)
 
-    def encode_y(self, y, hyper):
+    def encode_y(self, y, hyper, nets):
+        """-> y's bytes, CRC-32 of the coding decisions (the table index of every symbol, in coding order)."""
         scales, means = hyper.chunk(2, dim=1)
-        return self.gaussian_conditional.compress(y, scales, means)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        return self.gaussian_conditional.compress(y, indexes, means), decisions_crc(indexes)
 
-    def decode_y(self, data, hyper):
+    def decode_y(self, data, hyper, nets, expected_crc):
+        """-> y_hat, after checking that this machine chose the encoder's tables (decoding with others would
+        give garbage); elic.py can only check at the end, as its later tables depend on decoded values."""
         scales, means = hyper.chunk(2, dim=1)
-        return self.gaussian_conditional.decompress(data, scales, means)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        check_decisions(decisions_crc(indexes), expected_crc)
+        return self.gaussian_conditional.decompress(data, indexes, means)
 
     def update(self):
         """Freeze the integer coding tables (after training, before coding)."""
@@ -394,18 +414,23 @@ class TACO(nn.Module):
         self.gaussian_conditional.update()
         return self
 
+    def cached(self, name, build):
+        """build(), computed again only when a weight, buffer or table changed (in place, replaced or moved)."""
+        key = [(name, t.data_ptr(), t._version, t.shape) for name, t in self.state_dict(keep_vars=True).items()]
+        cache = self.__dict__.setdefault("_cache", {})
+        if cache.get(name, (None,))[0] != key:
+            cache[name] = (key, build())
+        return cache[name][1]
+
     def fingerprint(self):
-        """8 bytes that identify the config and every weight and table: files name the model that wrote them.
-        Hashed once per set of weights: any change (in place, a new tensor, a move) gives a new cache key."""
-        tensors = sorted(self.state_dict(keep_vars=True).items())
-        key = [(name, t.data_ptr(), t._version, t.shape) for name, t in tensors]
-        if self.__dict__.get("_fingerprint", (None,))[0] != key:
-            digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
-            for name, tensor in tensors:
-                digest.update(name.encode())
-                digest.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            self.__dict__["_fingerprint"] = (key, digest.digest()[:8])
-        return self.__dict__["_fingerprint"][1]
+        """8 bytes that identify the config and every weight and table: files name the model that wrote them."""
+        def digest():
+            h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+            for name, tensor in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            return h.digest()[:8]
+        return self.cached("fingerprint", digest)
 
     @torch.no_grad()
     @deterministic_gpu()
@@ -423,46 +448,64 @@ class TACO(nn.Module):
         z = self.h_a(y)                                                         # (1, N, H'/64, W'/64)
         z_bytes = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape)           # as the decoder will see it
-        y_bytes = self.encode_y(y, self.h_s(z_hat))
-        return pack(self.fingerprint(), H, W, gray, z_bytes, y_bytes)
+        nets = self.integer_networks()
+        y_bytes, crc = self.encode_y(y, nets.h_s(z_hat), nets)
+        return pack(self.fingerprint(), H, W, gray, crc, z_bytes, y_bytes)
 
     @torch.no_grad()
     @deterministic_gpu()
     def decompress(self, data):
         """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) in [0, 1]. No caption needed."""
-        H, W, gray, z_bytes, y_bytes = unpack(data, self.fingerprint())
+        H, W, gray, crc, z_bytes, y_bytes = unpack(data, self.fingerprint())
         Hp, Wp = -(-H // 64) * 64, -(-W // 64) * 64
+        nets = self.integer_networks()
         try:
             z_hat = self.entropy_bottleneck.decompress(z_bytes, (1, self.config.N, Hp // 64, Wp // 64))
-            y_hat = self.decode_y(y_bytes, self.h_s(z_hat))                    # (1, M, H'/16, W'/16)
+            y_hat = self.decode_y(y_bytes, nets.h_s(z_hat), nets, crc)         # (1, M, H'/16, W'/16)
         except ValueError as error:
-            raise BitstreamError(f"corrupted file: {error}") from error
-        x_hat = self.g_s(y_hat).clamp(0, 1)[:, :, :H, :W]                      # (1, 3, H, W)
+            if isinstance(error, BitstreamError):
+                raise
+            raise BitstreamError(f"the file's checksum is intact, yet decoding failed ({error}): this machine's "
+                                 f"arithmetic differs from the encoder's, or the file is forged") from error
+        x_hat = self.g_s(y_hat.float()).clamp(0, 1)[:, :, :H, :W]              # (1, 3, H, W)
         return x_hat.mean(1, keepdim=True) if gray else x_hat
+
+
+def decisions_crc(indexes, crc=0):
+    """CRC-32 of table indexes (int32, little-endian), continuing from `crc`."""
+    return zlib.crc32(np.ascontiguousarray(indexes.numpy(), dtype="<i4").tobytes(), crc)
+
+
+def check_decisions(crc, expected):
+    if crc != expected:
+        raise BitstreamError("this machine's arithmetic differs from the encoder's: it would decode the file with "
+                             "other coding tables than it was written with (decisions check mismatch)")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The file container: every check happens before anything large is allocated.
 # ----------------------------------------------------------------------------------------------------------
-MAGIC, VERSION = b"TACO", 1
-HEADER = struct.Struct(">4sB8sHHBII")     # magic, version, fingerprint, H, W, grayscale, len(z), len(y)
+MAGIC, VERSION = b"TACO", 2
+HEADER = struct.Struct(">4sB8sHHBIII")    # magic, version, fingerprint, H, W, grayscale, decisions, len(z), len(y)
 CHECKSUM = struct.Struct(">I")
 MAX_PIXELS = 1 << 28
 
 
-def pack(fingerprint, H, W, gray, z_bytes, y_bytes):
-    body = HEADER.pack(MAGIC, VERSION, fingerprint, H, W, int(gray), len(z_bytes), len(y_bytes))
+def pack(fingerprint, H, W, gray, decisions, z_bytes, y_bytes):
+    body = HEADER.pack(MAGIC, VERSION, fingerprint, H, W, int(gray), decisions, len(z_bytes), len(y_bytes))
     body += z_bytes + y_bytes
     return body + CHECKSUM.pack(zlib.crc32(body))
 
 
 def unpack(data, fingerprint):
-    """-> H, W, grayscale, z_bytes, y_bytes; raises BitstreamError with the reason."""
-    if len(data) < HEADER.size + CHECKSUM.size or data[:4] != MAGIC:
+    """-> H, W, grayscale, CRC of the coding decisions, z_bytes, y_bytes; raises BitstreamError with the reason."""
+    if len(data) < 5 or data[:4] != MAGIC:
         raise BitstreamError("not a TACO file (no TACO header)")
-    magic, version, written_by, H, W, gray, z_len, y_len = HEADER.unpack_from(data)
-    if version != VERSION:
-        raise BitstreamError(f"TACO format version {version}; this code reads version {VERSION}")
+    if data[4] != VERSION:
+        raise BitstreamError(f"TACO format version {data[4]}; this code reads version {VERSION}")
+    if len(data) < HEADER.size + CHECKSUM.size:
+        raise BitstreamError(f"truncated file: {len(data)} bytes, shorter than the header")
+    magic, version, written_by, H, W, gray, decisions, z_len, y_len = HEADER.unpack_from(data)
     if HEADER.size + z_len + y_len + CHECKSUM.size != len(data):
         raise BitstreamError(f"truncated or padded file: the header announces "
                              f"{HEADER.size + z_len + y_len + CHECKSUM.size} bytes, the file has {len(data)}")
@@ -474,7 +517,7 @@ def unpack(data, fingerprint):
     if H == 0 or W == 0 or H * W > MAX_PIXELS or gray > 1:
         raise BitstreamError(f"corrupted header: impossible image size {W}x{H}")
     z_bytes = data[HEADER.size:HEADER.size + z_len]
-    return H, W, bool(gray), z_bytes, data[HEADER.size + z_len:len(data) - CHECKSUM.size]
+    return H, W, bool(gray), decisions, z_bytes, data[HEADER.size + z_len:len(data) - CHECKSUM.size]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -342,7 +342,7 @@ def test_hyper_synthesis_gives_scales_then_means_and_old_checkpoints_are_convert
     model = tiny_model(encoder)
     hyper = torch.cat([torch.full((1, 24, 1, 1), 3.0), torch.full((1, 24, 1, 1), 0.25)], dim=1)
     y = torch.full((1, 24, 1, 1), 0.25)
-    _, likelihoods = model.eval().y_model(y, hyper)                 # scale 3 around mean 0.25: P(0) of N(0, 9)
+    _, likelihoods = model.eval().y_model(y, hyper, None)           # scale 3 around mean 0.25: P(0) of N(0, 9)
     from scipy.stats import norm
     assert np.allclose(likelihoods.numpy(), norm.cdf(0.5 / 3) - norm.cdf(-0.5 / 3), atol=1e-6)
     x = natural_image(64, 64)

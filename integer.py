@@ -1,0 +1,142 @@
+"""Exact integer inference for the networks whose outputs choose coding tables and means (Balle, Johnston and
+Minnen 2019, "Integer networks for data compression with latent-variable models", ICLR).
+
+Why. The decoder recomputes the entropy parameters (h_s; for ELIC also the context networks) from what it has
+decoded. In floating point the result depends on the order of the additions -- thread count, oneDNN on or off,
+another CPU, a GPU, another library build -- and a last-bit difference can move a scale across a table
+boundary: the decoder then reads with another CDF and every symbol after it is garbage. In integers there is
+no order to depend on.
+
+How. After training, each Conv2d / ConvTranspose2d of such a network is converted once, from its float32
+weights, by exact operations only (so every machine converts to the same integers):
+  activations  a = round(x * 2**FRACTION_BITS), clamped to |a| <= ACTIVATION_LIMIT
+  weights      w_c = round(w * 2**s_c) per output channel c, bias b_c = round(b * 2**(FRACTION_BITS + s_c))
+  accumulator  sum(a * w_c) + b_c, at scale 2**(FRACTION_BITS + s_c), requantized to a by a shift with rounding
+The shift s_c is the largest one with ACTIVATION_LIMIT * sum|w_c| + |b_c| < EXACT_LIMIT: then every product and
+every partial sum of every output is an integer below 2**52 in magnitude, whatever the order of summation, so
+float64 -- which holds such integers exactly -- computes it exactly on any BLAS and any device. Convolutions
+run as unfold + matrix product (+ fold for the transposed ones): plain multiply-adds, never Winograd or FFT.
+ReLU is max(a, 0); LeakyReLU's slope becomes a multiply by an integer and a shift.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FRACTION_BITS = 12               # activations carry 12 fractional bits: a resolution of 1/4096
+ACTIVATION_LIMIT = 2.0 ** 26     # |a| <= 2**26: values within +-16384 at that resolution
+EXACT_LIMIT = 2.0 ** 52          # every accumulator stays below this, so float64 holds it exactly
+MAX_SHIFT = 40                   # weight precision is capped (a channel of zeros would allow any shift)
+SLOPE_BITS = 16                  # LeakyReLU's slope as an integer over 2**16 (0.01 -> 655 / 65536)
+
+
+def to_fixed(x):
+    """Real values -> integers at 2**FRACTION_BITS (held in float64), clamped to the activation range."""
+    return torch.round(x.double() * 2.0 ** FRACTION_BITS).clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+
+
+def from_fixed(a):
+    """Integers at 2**FRACTION_BITS -> their real values, exactly (float64)."""
+    return a * 2.0 ** -FRACTION_BITS
+
+
+def powers_of_two(exponents):
+    """Exact 2**e for each integer e (math.ldexp is exact by definition; a float pow need not be)."""
+    return torch.tensor([math.ldexp(1.0, int(e)) for e in exponents], dtype=torch.float64)
+
+
+class IntegerConv:
+    """A Conv2d or ConvTranspose2d in integers: per-output-channel weight shifts, exact float64 accumulation."""
+
+    def __init__(self, conv):
+        self.transposed = isinstance(conv, nn.ConvTranspose2d)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.output_padding = conv.output_padding if self.transposed else (0, 0)
+        weight = conv.weight.detach().to("cpu", torch.float64)                # exact: float32 -> float64
+        out_channels = weight.shape[1] if self.transposed else weight.shape[0]
+        bias = torch.zeros(out_channels, dtype=torch.float64) if conv.bias is None else \
+            conv.bias.detach().to("cpu", torch.float64)
+        per_output = weight.transpose(0, 1) if self.transposed else weight      # (Cout, Cin, k, k)
+        shifts = self.largest_exact_shifts(per_output.flatten(1), bias)        # (Cout,)
+        self.weight = torch.round(per_output * powers_of_two(shifts).view(-1, 1, 1, 1))
+        if self.transposed:
+            self.weight = self.weight.transpose(0, 1).contiguous()             # back to (Cin, Cout, k, k)
+        self.bias = torch.round(bias * powers_of_two(shifts + FRACTION_BITS))
+        self.down = powers_of_two(-shifts)                                      # accumulator -> activation
+        self.shifts = shifts
+
+    @staticmethod
+    def largest_exact_shifts(weight, bias):
+        """weight (Cout, K), bias (Cout,) -> for each c the largest s <= MAX_SHIFT with
+        ACTIVATION_LIMIT * sum|round(w * 2**s)| + |round(b * 2**(FRACTION_BITS + s))| < EXACT_LIMIT, checked in
+        exact arithmetic. The left side never decreases as s grows (|round(2y)| >= |round(y)|), so searching
+        down from any start above the answer finds the same s on every machine; a float log2 picks the start."""
+        magnitude = ACTIVATION_LIMIT * weight.abs().sum(1) + bias.abs() * 2.0 ** FRACTION_BITS
+        start = torch.floor(torch.log2(EXACT_LIMIT / magnitude.clamp_min(1e-300))) + 2
+        shifts = start.clamp(max=MAX_SHIFT).long()
+
+        def exact(s):
+            w = torch.round(weight * powers_of_two(s)[:, None]).abs().sum(1)   # integers: exact sums
+            b = torch.round(bias * powers_of_two(s + FRACTION_BITS)).abs()
+            return ACTIVATION_LIMIT * w + b < EXACT_LIMIT
+        while not (ok := exact(shifts)).all():
+            shifts = torch.where(ok, shifts, shifts - 1)
+        return shifts
+
+    def __call__(self, a):
+        """a (B, Cin, H, W) integers -> (B, Cout, H', W') integers, both at 2**FRACTION_BITS."""
+        weight, bias, down = (t.to(a.device) for t in (self.weight, self.bias, self.down))
+        B, Cin, H, W = a.shape
+        k = weight.shape[-2:]
+        if self.transposed:
+            Cout = weight.shape[1]
+            H_out = (H - 1) * self.stride[0] - 2 * self.padding[0] + k[0] + self.output_padding[0]
+            W_out = (W - 1) * self.stride[1] - 2 * self.padding[1] + k[1] + self.output_padding[1]
+            columns = weight.flatten(1).T @ a.flatten(2)                        # (B, Cout*k*k, H*W)
+            out = F.fold(columns, (H_out, W_out), k, stride=self.stride, padding=self.padding)
+        else:
+            Cout = weight.shape[0]
+            H_out = (H + 2 * self.padding[0] - k[0]) // self.stride[0] + 1
+            W_out = (W + 2 * self.padding[1] - k[1]) // self.stride[1] + 1
+            columns = F.unfold(a, k, padding=self.padding, stride=self.stride)  # (B, Cin*k*k, H'*W')
+            out = (weight.flatten(1) @ columns).view(B, Cout, H_out, W_out)
+        out = out + bias.view(1, -1, 1, 1)                                      # at 2**(FRACTION_BITS + s_c)
+        requantized = torch.floor(out * down.view(1, -1, 1, 1) + 0.5)          # round half up, exact
+        return requantized.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+
+
+class IntegerLeakyReLU:
+    def __init__(self, slope):
+        self.slope = round(slope * 2 ** SLOPE_BITS)                             # 0.01 -> 655
+
+    def __call__(self, a):
+        return torch.where(a < 0, torch.floor(a * self.slope * 2.0 ** -SLOPE_BITS), a)
+
+
+def relu(a):
+    return a.clamp_min(0)
+
+
+class IntegerNetwork:
+    """A float network of convolutions, ReLUs and LeakyReLUs, run in exact integer arithmetic. A drop-in for it
+    at coding time: real values in (rounded onto the 2**-FRACTION_BITS grid), real values out (on the grid)."""
+
+    def __init__(self, network):
+        layers = list(network) if isinstance(network, nn.Sequential) else [network]
+        self.layers = []
+        for layer in layers:
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                self.layers.append(IntegerConv(layer))
+            elif isinstance(layer, nn.ReLU):
+                self.layers.append(relu)
+            elif isinstance(layer, nn.LeakyReLU):
+                self.layers.append(IntegerLeakyReLU(layer.negative_slope))
+            else:
+                raise TypeError(f"no integer version of {type(layer).__name__}")
+
+    def __call__(self, x):
+        a = to_fixed(x)
+        for layer in self.layers:
+            a = layer(a)
+        return from_fixed(a)                                                    # float64, exact
