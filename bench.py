@@ -3,6 +3,7 @@
     python bench.py coder        # the range coder on 300k Gaussian-conditional symbols (a 768x512 image's y)
     python bench.py codec        # compress / decompress time and peak memory, with and without the adapter
     python bench.py codec --backbone elic -N 192 -M 320     # the paper's model at the reference widths
+    python bench.py integer --checkpoint runs/demo/best.pt   # integer vs float entropy parameters
     python bench.py release      # load a released-size checkpoint (tables rebuilt) and code its first image
     python bench.py train        # training images/s and peak memory (demo and default configs)
 """
@@ -153,6 +154,51 @@ def bench_release(args):
         print(f"  {name:24s} {seconds * 1e3:8.0f} ms")
 
 
+def integer_case(checkpoint, backbone, repeat, queue):
+    """Integer vs float entropy parameters on photos: real file sizes, compress / decompress times."""
+    import skimage.data
+
+    import taco
+    if checkpoint:
+        model, _ = taco.load_checkpoint(checkpoint)
+        label = checkpoint
+    else:
+        torch.manual_seed(0)
+        config = dict(N=192, M=320) if backbone == "elic" else {}
+        model = taco.build_model(taco.TacoConfig(clip_pretrained="random", backbone=backbone, **config))
+        model.eval().update()
+        label = f"{backbone}, random weights"
+    if model.config.text_adapter:
+        model.attach_text_encoder(taco.TextEncoder(model.config.clip_model, "random", model.config.text_tokens))
+    photos = {name: getattr(skimage.data, name)() for name in ("coffee", "chelsea", "astronaut", "rocket")}
+    rows = {}
+    for path in ("integer", "float"):
+        if path == "float":                  # the same code with the float networks: this machine only
+            model.integer_networks = model.float_networks
+        sizes, t_enc, t_dec = [], 0.0, 0.0
+        for name, array in photos.items():
+            x = torch.from_numpy(array[:, :, :3].copy()).permute(2, 0, 1)[None].float() / 255
+            model.compress(x, name)                                              # warm-up
+            seconds, data = best_time(lambda: model.compress(x, name), repeat)
+            t_enc += seconds
+            t_dec += best_time(lambda: model.decompress(data), repeat)[0]
+            sizes.append(8 * len(data) / (x.shape[-1] * x.shape[-2]))
+        rows[path] = (sizes, t_enc, t_dec)
+    queue.put((label, list(photos), rows))
+
+
+def bench_integer(args):
+    label, names, rows = in_child(integer_case, args.checkpoint, args.backbone, args.repeat)
+    print(f"integer vs float entropy parameters: {label}, CPU ({torch.get_num_threads()} threads), "
+          f"{len(names)} photos ({', '.join(names)})")
+    (int_bpp, int_enc, int_dec), (float_bpp, float_enc, float_dec) = rows["integer"], rows["float"]
+    for name, a, b in zip(names, int_bpp, float_bpp):
+        print(f"  {name:12s} bpp integer {a:.4f}  float {b:.4f}  ({100 * (a / b - 1):+.2f}%)")
+    print(f"  total bpp {100 * (sum(int_bpp) / sum(float_bpp) - 1):+.2f}%; compress {int_enc * 1e3:.0f} vs "
+          f"{float_enc * 1e3:.0f} ms ({100 * (int_enc / float_enc - 1):+.1f}%), decompress {int_dec * 1e3:.0f} vs "
+          f"{float_dec * 1e3:.0f} ms ({100 * (int_dec / float_dec - 1):+.1f}%)")
+
+
 def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
     """Training steps with every tower of the real architecture (random weights cost the same)."""
     import torchvision
@@ -226,6 +272,11 @@ def main():
     codec.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
     codec.add_argument("--device", default="cpu", help="where the transforms run: cpu, or cuda on a GPU machine")
     codec.set_defaults(run=bench_codec)
+    exact = sub.add_parser("integer", help="integer vs float entropy parameters: bpp and coding time on photos")
+    exact.add_argument("--checkpoint", help="a trained checkpoint (e.g. runs/demo/best.pt); default random weights")
+    exact.add_argument("--backbone", default="hyperprior", help="without --checkpoint: hyperprior or elic")
+    exact.add_argument("--repeat", type=int, default=2, help="runs per figure; the fastest is reported")
+    exact.set_defaults(run=bench_integer)
     release = sub.add_parser("release", help="load a released-size checkpoint and code its first image")
     release.add_argument("--height", type=int, default=512)
     release.add_argument("--width", type=int, default=768)

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FRACTION_BITS = 12               # activations carry 12 fractional bits: a resolution of 1/4096
-ACTIVATION_LIMIT = 2.0 ** 26     # |a| <= 2**26: values within +-16384 at that resolution
+FRACTION_BITS = 16               # activations carry 16 fractional bits: a resolution of 1/65536
+ACTIVATION_LIMIT = 2.0 ** 29     # |a| <= 2**29: values within +-8192 at that resolution
 EXACT_LIMIT = 2.0 ** 52          # every accumulator stays below this, so float64 holds it exactly
 MAX_SHIFT = 40                   # weight precision is capped (a channel of zeros would allow any shift)
 SLOPE_BITS = 16                  # LeakyReLU's slope as an integer over 2**16 (0.01 -> 655 / 65536)

@@ -456,6 +456,14 @@ class TACO(nn.Module):
     @deterministic_gpu()
     def decompress(self, data):
         """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) in [0, 1]. No caption needed."""
+        y_hat, (H, W, gray) = self.decode_latents(data)
+        x_hat = self.g_s(y_hat.float()).clamp(0, 1)[:, :, :H, :W]              # (1, 3, H, W)
+        return x_hat.mean(1, keepdim=True) if gray else x_hat
+
+    @torch.no_grad()
+    @deterministic_gpu()
+    def decode_latents(self, data):
+        """bytes -> y_hat (1, M, H'/16, W'/16), identical on every machine, and the image's (H, W, grayscale)."""
         H, W, gray, crc, z_bytes, y_bytes = unpack(data, self.fingerprint())
         Hp, Wp = -(-H // 64) * 64, -(-W // 64) * 64
         nets = self.integer_networks()
@@ -467,8 +475,7 @@ class TACO(nn.Module):
                 raise
             raise BitstreamError(f"the file's checksum is intact, yet decoding failed ({error}): this machine's "
                                  f"arithmetic differs from the encoder's, or the file is forged") from error
-        x_hat = self.g_s(y_hat.float()).clamp(0, 1)[:, :, :H, :W]              # (1, 3, H, W)
-        return x_hat.mean(1, keepdim=True) if gray else x_hat
+        return y_hat, (H, W, gray)
 
 
 def decisions_crc(indexes, crc=0):

@@ -1,0 +1,167 @@
+"""Claims about integer.py and the files it makes portable: the entropy parameters are exact integers, so a
+file decodes to the same symbols in another process, with another thread count or without oneDNN; float
+arithmetic would not; and a decoder whose choices differ says so instead of returning a wrong image."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import integer
+import taco
+from test_devices import TINY, TINY_ELIC
+from test_taco import natural_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spread_scales(model):
+    """Random weights, with the scale outputs moved (by their biases) to values log-uniform over the whole
+    scale table, as a trained model's are: many land near a table boundary, where drift flips an index."""
+    g = torch.Generator().manual_seed(1)
+    last_layers = [model.h_s[-1]] if model.config.backbone == "hyperprior" else \
+        [net.fusion[-1] for net in (*model.entropy_parameters_anchor, *model.entropy_parameters_nonanchor)]
+    with torch.no_grad():
+        for layer in last_layers:
+            half = layer.bias.shape[0] // 2                                     # (scales, means)
+            layer.bias[:half] = torch.exp(torch.empty(half).uniform_(math.log(0.11), math.log(200), generator=g))
+    return model
+
+
+def model_for(config, seed=0):
+    torch.manual_seed(seed)
+    model = taco.build_model(taco.TacoConfig(**config)).eval()
+    model.attach_text_encoder(taco.TextEncoder("tiny", "random"))
+    for module in model.modules():
+        if isinstance(module, taco.Injector):
+            module.gamma.data.normal_()
+    return spread_scales(model).update()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_integer_convolution_is_the_exact_integer_formula(transposed):
+    """Against an independent integer computation: int64 products summed by F.conv2d in float64 would be the
+    same thing; here numpy int64 does the multiply-adds one output at a time."""
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose2d(3, 4, 5, 2, 2, 1) if transposed else nn.Conv2d(3, 4, 3, 2, 1)).double()
+    layer = integer.IntegerConv(conv)
+    a = torch.randint(-2 ** 20, 2 ** 20, (1, 3, 5, 6)).double()
+    out = layer(a)
+    w = layer.weight.long().numpy()
+    reference = (F.conv_transpose2d if transposed else F.conv2d)(
+        torch.from_numpy(a.long().numpy()).double(), torch.from_numpy(w).double(), None, 2,
+        conv.padding, *((conv.output_padding,) if transposed else ())).numpy().astype(np.int64)
+    accumulators = reference + layer.bias.long().numpy()[None, :, None, None]
+    for c, s in enumerate(layer.shifts.tolist()):                               # round half up by an exact shift
+        expected = np.floor(accumulators[:, c] / 2 ** s + 0.5) if s >= 0 else accumulators[:, c] * 2 ** -s
+        assert np.array_equal(out[:, c].numpy(), expected)
+    bound = integer.ACTIVATION_LIMIT * layer.weight.abs().transpose(0, 1 if transposed else 0).flatten(1).sum(1)
+    assert (bound + layer.bias.abs() < integer.EXACT_LIMIT).all()             # every partial sum is exact
+
+
+def test_integer_network_follows_the_float_network_to_its_resolution():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(8, 12, 5, 2, 2, 1), nn.LeakyReLU(), nn.Conv2d(12, 6, 3, 1, 1), nn.ReLU())
+    x = torch.randn(2, 8, 6, 7) * 4
+    with torch.no_grad():
+        assert torch.allclose(integer.IntegerNetwork(net)(x).float(), net(x), atol=4 * 2.0 ** -integer.FRACTION_BITS)
+
+
+def test_conversion_is_made_of_exact_operations_only():
+    """Shifts and integer weights from float32 weights must not depend on float rounding: converting a layer
+    whose weights are scaled by a power of two gives the same integers with the shift moved by that power."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3)
+    twice = nn.Conv2d(16, 8, 3)
+    with torch.no_grad():
+        twice.weight.copy_(conv.weight * 2)
+        twice.bias.copy_(conv.bias * 2)
+    a, b = integer.IntegerConv(conv), integer.IntegerConv(twice)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) and torch.equal(a.shifts, b.shifts + 1)
+
+
+def hyper_outputs(model, z_hat):
+    with torch.no_grad():
+        return model.h_s(z_hat), model.integer_networks().h_s(z_hat)
+
+
+def test_a_simulated_other_platform_flips_float_table_choices_and_no_integer_one():
+    """Another platform's float h_s differs in the last bits: simulated by evaluating it in float64 and by
+    moving its outputs by 1e-6. The integer h_s is simulated by another summation order (its input channels
+    permuted) and by moving its inputs by 1e-6 (they are rounded onto its grid)."""
+    model = model_for(TINY)
+    z_hat = torch.randint(-6, 7, (1, 16, 32, 32)).float()                     # y: 24 x 128 x 128 scales
+    float_hyper, integer_hyper = hyper_outputs(model, z_hat)
+    indexes = lambda hyper: model.gaussian_conditional.build_indexes(hyper.chunk(2, 1)[0])
+    with torch.no_grad():
+        float64_hyper = model.h_s.double()(z_hat.double())
+        model.h_s.float()
+    flips = (indexes(float_hyper) != indexes(float_hyper + 1e-6)).sum() + \
+        (indexes(float_hyper) != indexes(float64_hyper)).sum()
+    assert flips > 0
+
+    nets = model.integer_networks()
+    order = torch.randperm(16)
+    first = nets.h_s.layers[0]
+    permuted = integer.IntegerNetwork(model.h_s)
+    permuted.layers[0].weight = first.weight[order]                              # (Cin, Cout, k, k): inputs permuted
+    assert torch.equal(permuted(z_hat[:, order]), integer_hyper)
+    assert torch.equal(nets.h_s(z_hat + 1e-6), integer_hyper) and torch.equal(nets.h_s(z_hat - 1e-6), integer_hyper)
+
+
+DECODE_ELSEWHERE = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, %r)
+    torch.set_num_threads(int(sys.argv[3]))
+    torch.backends.mkldnn.enabled = sys.argv[4] == "on"
+    import taco
+    model, _ = taco.load_checkpoint(sys.argv[1])
+    data = open(sys.argv[2], "rb").read()
+    y_hat, _ = model.decode_latents(data)
+    torch.save({"y_hat": y_hat, "x_hat": model.decompress(data)}, sys.argv[2] + ".decoded")
+""" % ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
+def test_files_decode_to_the_same_symbols_with_other_threads_and_without_onednn(config, tmp_path):
+    model = model_for(config)
+    taco.save_checkpoint(str(tmp_path / "model.pt"), model)
+    x = natural_image(192, 256)
+    (tmp_path / "image.taco").write_bytes(model.compress(x, "a red barn in the snow"))
+    y_hat, _ = model.decode_latents((tmp_path / "image.taco").read_bytes())
+    x_hat = model.decompress((tmp_path / "image.taco").read_bytes())
+    for threads, onednn in (("1", "on"), ("2", "off"), ("1", "off")):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", DECODE_ELSEWHERE, str(tmp_path / "model.pt"),
+                              str(tmp_path / "image.taco"), threads, onednn], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        decoded = torch.load(str(tmp_path / "image.taco.decoded"), weights_only=True)
+        assert torch.equal(decoded["y_hat"], y_hat), (threads, onednn)          # the symbols, bit for bit
+        assert (decoded["x_hat"] - x_hat).abs().max() <= 1 / 255                # g_s stays float
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
+def test_a_decoder_whose_choices_differ_raises_the_dedicated_error(config):
+    model = model_for(config)
+    data = model.compress(natural_image(64, 96), "a boat")
+    nets = model.integer_networks()
+    last = (nets.h_s if config is TINY else nets.anchor[0]).layers[-1]
+    last.bias[0] += 5 * 2.0 ** (integer.FRACTION_BITS + float(last.shifts[0]))   # scale of channel 0 + 5
+    with pytest.raises(taco.BitstreamError, match="arithmetic differs from the encoder's"):
+        model.decompress(data)
+
+
+def test_old_format_files_are_refused_with_their_version():
+    model = model_for(TINY)
+    data = bytearray(model.compress(natural_image(64, 64), "a boat"))
+    data[4] = 1
+    with pytest.raises(taco.BitstreamError, match="version 1; this code reads version 2"):
+        model.decompress(bytes(data))
