@@ -203,7 +203,7 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
     """Training steps with every tower of the real architecture (random weights cost the same)."""
     import torchvision
 
-    import eval as metrics
+    import metrics
     import taco
     import train
     torch.manual_seed(0)

@@ -116,12 +116,16 @@ class Injector(nn.Module):
         self.image_norm, self.text_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.gamma = nn.Parameter(torch.zeros(dim))
+        self.record_attention, self.attention = False, None     # explain.py reads where the queries look
 
     def forward(self, x, text, padding=None):
         B, C, H, W = x.shape
         image = self.image_norm(to_tokens(x))                                   # (B, H*W, C)
         text = self.text_norm(self.text_feature_dim_proj(text))                 # (B, T, C)
-        attended = self.cross_attn(image, text, text, key_padding_mask=padding, need_weights=False)[0]
+        attended, weights = self.cross_attn(image, text, text, key_padding_mask=padding,
+                                            need_weights=self.record_attention)   # weights (B, H*W, T)
+        if self.record_attention:
+            self.attention = weights.detach().view(B, H, W, -1)                 # averaged over heads
         return (image + self.gamma * attended).transpose(1, 2).reshape(B, C, H, W)
 
 

@@ -10,11 +10,8 @@ GPU or several.
 """
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -24,9 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-import eval as metrics
+import data
+import metrics
 import taco
 
 
@@ -78,130 +76,6 @@ class TrainConfig:
 # `python train.py` with no --data: a run that does real work in a few CPU minutes, offline.
 DEMO = dict(data="demo", crop=128, N=64, M=96, steps=800, batch_size=8, lr=1e-3, lmbda=0.0067, val_every=400,
             log_every=10, workers=0, out="runs/demo", allow_missing_weights=True)
-
-DEMO_PHOTOS = {   # scikit-image's color photographs, each with a caption written here
-    "astronaut": "an astronaut in a white spacesuit posing in front of an American flag",
-    "rocket": "a rocket standing on a launch pad under a blue sky",
-    "hubble_deep_field": "a deep field of distant galaxies scattered across black space",
-    "stereo_motorcycle": "a red and silver motorcycle parked in a room in front of a wall",
-    "retina": "a photograph of the back of a human eye with the retina and its blood vessels",
-    "immunohistochemistry": "a microscope image of tissue stained brown and blue",
-}
-DEMO_HELD_OUT = {"coffee": "a cup of coffee on a saucer with a spoon on a table",
-                 "chelsea": "an orange tabby cat looking to the side"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: a list of (image source, [captions]); a sample is a random crop and a random caption of one image.
-# ----------------------------------------------------------------------------------------------------------
-def demo_items(names):
-    return [(f"skimage:{name}", [caption]) for name, caption in names.items()]
-
-
-@functools.lru_cache(maxsize=None)
-def skimage_photo(name):
-    import skimage.data
-    image = getattr(skimage.data, name)()
-    return image[0] if isinstance(image, tuple) else image                      # stereo pair: the left view
-
-
-def coco_items(root, crop):
-    """MS-COCO captions as downloaded: <root>/train2014 (or train2017) + annotations/captions_*.json."""
-    for split in ("train2014", "train2017"):
-        annotations = os.path.join(root, "annotations", f"captions_{split}.json")
-        if os.path.isfile(annotations):
-            break
-    else:
-        raise SystemExit(f"error: no annotations/captions_train2014.json or _train2017.json under {root}")
-    with open(annotations) as f:
-        meta = json.load(f)
-    captions = {}
-    for a in meta["annotations"]:
-        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
-    images = [im for im in meta["images"] if min(im["width"], im["height"]) >= crop]
-    print(f"COCO {split}: {len(images)} of {len(meta['images'])} images have both sides >= {crop}")
-    return [(os.path.join(root, split, im["file_name"]), captions[im["id"]])
-            for im in images if im["id"] in captions]
-
-
-def folder_items(root, captions_path, crop):
-    """Images of `root` named in the caption file; unreadable and small ones are skipped and counted."""
-    from PIL import Image
-    if not os.path.isdir(root):
-        raise SystemExit(f"error: image folder not found: {root}")
-    items, skipped = [], {"missing": 0, "unreadable": 0, f"smaller than {crop}": 0}
-    for name, caps in sorted(metrics.read_captions(captions_path).items()):
-        path = os.path.join(root, name)
-        if not os.path.isfile(path):
-            skipped["missing"] += 1
-            continue
-        try:
-            with Image.open(path) as image:
-                size = image.size
-        except OSError:
-            skipped["unreadable"] += 1
-            continue
-        if min(size) < crop:
-            skipped[f"smaller than {crop}"] += 1
-            continue
-        items.append((path, caps))
-    print(f"{root}: {len(items)} images" + "".join(f", {n} {why}" for why, n in skipped.items() if n))
-    if not items:
-        raise SystemExit(f"error: no usable images in {root}")
-    return items
-
-
-def load_rgb(source):
-    """An image path or "skimage:<name>" -> (3, H, W) float tensor in [0, 1]."""
-    if source.startswith("skimage:"):
-        return torch.tensor(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1).float() / 255
-    image = taco.read_image(source)[0]                                          # (1 or 3, H, W)
-    return image.expand(3, *image.shape[-2:])
-
-
-class CropDataset(Dataset):
-    """dataset[(index, seed)] -> a random crop and caption; the randomness is a function of the seed alone,
-    so a resumed run sees exactly the samples the interrupted one would have seen."""
-
-    def __init__(self, items, crop):
-        self.items, self.crop = items, crop
-
-    def __getitem__(self, key):
-        index, seed = key
-        rng = random.Random(seed)
-        for attempt in range(len(self.items)):              # an image that fails to decode: take the next
-            source, captions = self.items[(index + attempt) % len(self.items)]
-            try:
-                image = load_rgb(source)
-                break
-            except OSError as error:
-                print(f"warning: skipping unreadable {source}: {error}", file=sys.stderr)
-        _, H, W = image.shape
-        top, left = rng.randrange(H - self.crop + 1), rng.randrange(W - self.crop + 1)
-        return image[:, top:top + self.crop, left:left + self.crop], rng.choice(captions)
-
-
-def steps_per_epoch(n_items, per_step):
-    return max(n_items // per_step, 1)
-
-
-def batches(n_items, batch_size, rank, world, seed, start_step):
-    """Endless batches of (index, sample seed), each rank its own share; epoch e uses permutation(seed, e)."""
-    per_step = batch_size * world
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, steps_per_epoch(n_items, per_step))
-        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        order = order.repeat(math.ceil(per_step / n_items))             # tiny sets: reuse images in a step
-        chunk = order[offset * per_step:(offset + 1) * per_step][rank::world]
-        yield [(int(i), hash((seed, step, rank, j)) & 0x7FFFFFFF) for j, i in enumerate(chunk)]
-        step += 1
-
-
-def collate(samples):
-    images, captions = zip(*samples)
-    return torch.stack(images), list(captions)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The joint loss
@@ -288,11 +162,11 @@ def validate(model, items, lpips=None):
     model.eval().update()
     rows = []
     for source, captions in items:
-        x = load_rgb(source)[None]                                                # (1, 3, H, W)
+        x = data.load_rgb(source)[None]                                         # (1, 3, H, W)
         H, W = x.shape[-2:]
-        data = model.compress(x, captions[0])
-        x_hat = model.decompress(data).cpu()
-        row = {"bpp": 8 * len(data) / (H * W), "psnr": float(metrics.psnr(x_hat, x))}
+        coded = model.compress(x, captions[0])
+        x_hat = model.decompress(coded).cpu()
+        row = {"bpp": 8 * len(coded) / (H * W), "psnr": float(metrics.psnr(x_hat, x))}
         if lpips is not None:
             device = next(lpips.parameters()).device
             row["lpips"] = float(lpips(x_hat.to(device), x.to(device)))
@@ -311,7 +185,7 @@ def compare_with_jpeg(items, rows):
     print(f"{'held-out image':28s} {'bpp':>7s} {'PSNR':>8s} {'JPEG PSNR at that bpp':>22s}")
     for (source, _), row in zip(items, rows):
         name = source.split(":")[-1]
-        jpeg = metrics.psnr_at_bpp(metrics.baseline_curve(load_rgb(source)[None]), row["bpp"])
+        jpeg = metrics.psnr_at_bpp(metrics.baseline_curve(data.load_rgb(source)[None]), row["bpp"])
         jpeg_text = f"{jpeg:.2f} dB" if jpeg is not None else "outside JPEG's range"
         print(f"{os.path.basename(name)[:28]:28s} {row['bpp']:7.3f} {row['psnr']:6.2f} dB {jpeg_text:>22s}")
 
@@ -333,21 +207,15 @@ def setup_distributed():
 
 def training_data(cfg):
     if cfg.data == "demo":
-        return demo_items(DEMO_PHOTOS), demo_items(DEMO_HELD_OUT)
+        return data.demo_items(data.DEMO_PHOTOS), data.demo_items(data.DEMO_HELD_OUT)
     if cfg.data == "coco":
-        train_items = coco_items(cfg.root, cfg.crop)
+        train_items = data.coco_items(cfg.root, cfg.crop)
     elif cfg.data == "folder":
-        train_items = folder_items(cfg.root, cfg.captions, cfg.crop)
+        train_items = data.folder_items(cfg.root, cfg.captions, cfg.crop)
     else:
         raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")
-    val_items = folder_items(cfg.val_root, cfg.val_captions, 1) if cfg.val_root else []
-    return caption_pairs(train_items), val_items
-
-
-def caption_pairs(items):
-    """One training item per (image, caption) pair, as the reference's dataset: an epoch on COCO is a pass over
-    its ~5 captions per image, so --epochs 50 and the lr drops at epochs 45 and 48 mean what they meant there."""
-    return [(source, [caption]) for source, captions in items for caption in captions]
+    val_items = data.folder_items(cfg.val_root, cfg.val_captions, 1) if cfg.val_root else []
+    return data.caption_pairs(train_items), val_items
 
 
 # Settings that shape the optimization: a resumed run must use the ones it was started with.
@@ -460,7 +328,7 @@ def train(cfg):
                              clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
                              text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)
     if not cfg.steps:
-        cfg.steps = cfg.epochs * steps_per_epoch(len(train_items), cfg.batch_size * world)
+        cfg.steps = cfg.epochs * data.steps_per_epoch(len(train_items), cfg.batch_size * world)
     model, optimizers, step, best = build_model(cfg, config, device, say)
     optimizer, aux_optimizer, scheduler = optimizers
     if encoder is not None:
@@ -469,8 +337,8 @@ def train(cfg):
             model.attach_text_encoder(encoder)
     criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
     net = wrap(model, cfg, device, world)
-    loader = DataLoader(CropDataset(train_items, cfg.crop), collate_fn=collate, num_workers=cfg.workers,
-                        batch_sampler=batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
+    loader = DataLoader(data.CropDataset(train_items, cfg.crop), collate_fn=data.collate, num_workers=cfg.workers,
+                        batch_sampler=data.batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
                         pin_memory=on_gpu, persistent_workers=False)
     precision = "bf16 autocast" if on_gpu and cfg.bf16 else "fp32" + (" (TF32 matmuls)" if on_gpu else "")
     say(f"training on {device} x{world} in {precision}: {len(train_items)} images, {len(val_items)} held out, "

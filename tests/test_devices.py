@@ -1,11 +1,10 @@
 """Claims about devices, proven on a CPU-only machine with a stand-in GPU (tests/standin.py): a model on an
 accelerator codes, trains, validates, checkpoints and resumes; the coder only ever sees CPU copies."""
-import os
 
 import pytest
 import torch
 
-import eval as metrics
+import metrics
 import taco
 import train
 from standin import DeviceMismatch, StandInGPU

@@ -249,6 +249,6 @@ def test_text_features_match_a_hand_written_clip_text_forward():
 
 def test_adapter_size_at_the_reference_width_matches_the_paper():
     """About 1.65 M adapter parameters at dim 192 (two Injectors and one Extractor), as in the paper."""
-    import eval as metrics
+    import metrics
     counted = metrics.complexity(elic.ElicTACO(elic.OFFICIAL), size=64)
     assert 1.6e6 < counted["adapter_params"] < 1.7e6

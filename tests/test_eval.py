@@ -8,7 +8,8 @@ import torchvision
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-import eval as metrics
+import eval as evaluation
+import metrics
 import taco
 
 TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
@@ -158,7 +159,7 @@ def folder(tmp_path_factory):
 
 def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
     out = folder / "out"
-    metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
+    evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
                   str(folder / "captions.json"), "--ablation", "--baselines", "JPEG,WEBP", "--reference",
                   "--alexnet-weights", str(folder / "alexnet.pth"), "--inception-weights",
                   str(folder / "inception.pth"), "--out", str(out)])
@@ -187,14 +188,14 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
 def test_bad_inputs_stop_with_a_clear_message(folder, tmp_path):
     common = ["--images", str(folder / "images"), "--out", str(tmp_path), "--baselines", ""]
     with pytest.raises(SystemExit, match="image folder not found"):
-        metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(tmp_path / "none")])
+        evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(tmp_path / "none")])
     (tmp_path / "partial.json").write_text(json.dumps({"coffee.png": "a cup"}))
     with pytest.raises(SystemExit, match="no caption for 2 image"):
-        metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--captions", str(tmp_path / "partial.json")]
+        evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--captions", str(tmp_path / "partial.json")]
                      + common)
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
-        metrics.main(["--checkpoint", str(tmp_path / "bad.pt"), "--captions", str(folder / "captions.json")]
+        evaluation.main(["--checkpoint", str(tmp_path / "bad.pt"), "--captions", str(folder / "captions.json")]
                      + common)
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import eval as metrics
+import eval as evaluation
 import taco
 import train
 from test_devices import TINY, TINY_ELIC
@@ -45,7 +45,7 @@ def test_compress_on_the_gpu_decodes_on_the_gpu_and_on_the_cpu(config):
 
 
 def test_eval_runs_its_networks_on_the_gpu(folder, tmp_path):  # noqa: F811
-    metrics.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
+    evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
                   str(folder / "captions.json"), "--baselines", "", "--alexnet-weights", str(folder / "alexnet.pth"),
                   "--device", "cuda", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())

@@ -11,7 +11,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import eval as metrics
+import data
+import metrics
 import taco
 import train
 
@@ -169,10 +170,10 @@ def test_coco_format_loads_with_every_caption_and_size_filter(tmp_path):
             "annotations": [{"image_id": 1, "caption": "a dog"}, {"image_id": 1, "caption": "a brown dog "},
                             {"image_id": 2, "caption": "too small"}, {"image_id": 3, "caption": "a square"}]}
     (tmp_path / "annotations" / "captions_train2014.json").write_text(json.dumps(meta))
-    items = train.coco_items(str(tmp_path), 256)
+    items = data.coco_items(str(tmp_path), 256)
     assert sorted((os.path.basename(p), c) for p, c in items) == [
         ("COCO_1.jpg", ["a dog", "a brown dog"]), ("COCO_3.jpg", ["a square"])]
-    crop, caption = train.CropDataset(items, 256)[(0, 123)]
+    crop, caption = data.CropDataset(items, 256)[(0, 123)]
     assert crop.shape == (3, 256, 256) and caption in ("a dog", "a brown dog")
 
 
@@ -187,7 +188,7 @@ def test_folder_format_skips_and_counts_bad_images(tmp_path, capsys, style):
     else:
         (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"file": k, "caption": v})
                                                            for k, v in captions.items()))
-    items = train.folder_items(str(tmp_path), str(tmp_path / f"captions.{style}"), 64)
+    items = data.folder_items(str(tmp_path), str(tmp_path / f"captions.{style}"), 64)
     assert [(os.path.basename(p), c) for p, c in items] == [("good.png", ["a", "b"])]
     out = capsys.readouterr().out
     assert "1 missing" in out and "1 unreadable" in out and "1 smaller than 64" in out
@@ -195,11 +196,11 @@ def test_folder_format_skips_and_counts_bad_images(tmp_path, capsys, style):
 
 def test_missing_caption_file_or_folder_stops_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="caption file not found"):
-        train.folder_items(str(tmp_path), str(tmp_path / "nope.json"), 64)
+        data.folder_items(str(tmp_path), str(tmp_path / "nope.json"), 64)
     with pytest.raises(SystemExit, match="image folder not found"):
-        train.folder_items(str(tmp_path / "nope"), str(tmp_path / "nope.json"), 64)
+        data.folder_items(str(tmp_path / "nope"), str(tmp_path / "nope.json"), 64)
     with pytest.raises(SystemExit, match="no annotations"):
-        train.coco_items(str(tmp_path), 256)
+        data.coco_items(str(tmp_path), 256)
 
 
 def test_missing_pretrained_weights_stop_the_run_unless_allowed(tmp_path):
@@ -210,11 +211,11 @@ def test_missing_pretrained_weights_stop_the_run_unless_allowed(tmp_path):
 
 
 def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
-    full = train.batches(10, 2, 0, 1, seed=5, start_step=0)
+    full = data.batches(10, 2, 0, 1, seed=5, start_step=0)
     first_six = [next(full) for _ in range(6)]
-    restarted = train.batches(10, 2, 0, 1, seed=5, start_step=4)
+    restarted = data.batches(10, 2, 0, 1, seed=5, start_step=4)
     assert [next(restarted) for _ in range(2)] == first_six[4:]
-    rank0, rank1 = next(train.batches(10, 2, 0, 2, 5, 0)), next(train.batches(10, 2, 1, 2, 5, 0))
+    rank0, rank1 = next(data.batches(10, 2, 0, 2, 5, 0)), next(data.batches(10, 2, 1, 2, 5, 0))
     assert not {i for i, _ in rank0} & {i for i, _ in rank1}
 
 
@@ -239,4 +240,4 @@ def test_an_epoch_is_a_pass_over_image_caption_pairs_as_in_the_reference(tmp_pat
     cfg = train.parse_args(["--data", "coco", "--root", str(tmp_path), "--batch-size", "3", "--epochs", "2"])
     items, _ = train.training_data(cfg)
     assert sorted(c for _, (c,) in items) == sorted(a["caption"] for a in captions)   # 15 pairs, not 3 images
-    assert 2 * train.steps_per_epoch(len(items), cfg.batch_size) == 10
+    assert 2 * data.steps_per_epoch(len(items), cfg.batch_size) == 10

@@ -1,0 +1,163 @@
+"""Data: training and held-out images with their captions, as lists of (image source, [captions]).
+
+    demo       scikit-image's colour photographs, with captions written here (nothing to download)
+    coco       MS-COCO captions as downloaded: <root>/train2014 + annotations/captions_train2014.json
+    folder     a folder of images + a JSON {file: caption(s)} or JSONL caption file
+
+A training sample is a random crop and a caption of one item; the randomness is a function of a seed alone,
+so a resumed run sees exactly the samples the interrupted one would have seen.
+"""
+import functools
+import json
+import math
+import os
+import random
+import sys
+
+import torch
+from torch.utils.data import Dataset
+
+import taco
+
+DEMO_PHOTOS = {   # scikit-image's color photographs, each with a caption written here
+    "astronaut": "an astronaut in a white spacesuit posing in front of an American flag",
+    "rocket": "a rocket standing on a launch pad under a blue sky",
+    "hubble_deep_field": "a deep field of distant galaxies scattered across black space",
+    "stereo_motorcycle": "a red and silver motorcycle parked in a room in front of a wall",
+    "retina": "a photograph of the back of a human eye with the retina and its blood vessels",
+    "immunohistochemistry": "a microscope image of tissue stained brown and blue",
+}
+DEMO_HELD_OUT = {"coffee": "a cup of coffee on a saucer with a spoon on a table",
+                 "chelsea": "an orange tabby cat looking to the side"}
+
+
+def demo_items(names):
+    return [(f"skimage:{name}", [caption]) for name, caption in names.items()]
+
+
+@functools.lru_cache(maxsize=None)
+def skimage_photo(name):
+    import skimage.data
+    image = getattr(skimage.data, name)()
+    return image[0] if isinstance(image, tuple) else image                      # stereo pair: the left view
+
+
+def coco_items(root, crop):
+    """MS-COCO captions as downloaded: <root>/train2014 (or train2017) + annotations/captions_*.json."""
+    for split in ("train2014", "train2017"):
+        annotations = os.path.join(root, "annotations", f"captions_{split}.json")
+        if os.path.isfile(annotations):
+            break
+    else:
+        raise SystemExit(f"error: no annotations/captions_train2014.json or _train2017.json under {root}")
+    with open(annotations) as f:
+        meta = json.load(f)
+    captions = {}
+    for a in meta["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+    images = [im for im in meta["images"] if min(im["width"], im["height"]) >= crop]
+    print(f"COCO {split}: {len(images)} of {len(meta['images'])} images have both sides >= {crop}")
+    return [(os.path.join(root, split, im["file_name"]), captions[im["id"]])
+            for im in images if im["id"] in captions]
+
+
+def folder_items(root, captions_path, crop):
+    """Images of `root` named in the caption file; unreadable and small ones are skipped and counted."""
+    from PIL import Image
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: image folder not found: {root}")
+    items, skipped = [], {"missing": 0, "unreadable": 0, f"smaller than {crop}": 0}
+    for name, caps in sorted(read_captions(captions_path).items()):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            skipped["missing"] += 1
+            continue
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except OSError:
+            skipped["unreadable"] += 1
+            continue
+        if min(size) < crop:
+            skipped[f"smaller than {crop}"] += 1
+            continue
+        items.append((path, caps))
+    print(f"{root}: {len(items)} images" + "".join(f", {n} {why}" for why, n in skipped.items() if n))
+    if not items:
+        raise SystemExit(f"error: no usable images in {root}")
+    return items
+
+
+def load_rgb(source):
+    """An image path or "skimage:<name>" -> (3, H, W) float tensor in [0, 1]."""
+    if source.startswith("skimage:"):
+        return torch.tensor(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1).float() / 255
+    image = taco.read_image(source)[0]                                          # (1 or 3, H, W)
+    return image.expand(3, *image.shape[-2:])
+
+
+class CropDataset(Dataset):
+    """dataset[(index, seed)] -> a random crop and caption; the randomness is a function of the seed alone,
+    so a resumed run sees exactly the samples the interrupted one would have seen."""
+
+    def __init__(self, items, crop):
+        self.items, self.crop = items, crop
+
+    def __getitem__(self, key):
+        index, seed = key
+        rng = random.Random(seed)
+        for attempt in range(len(self.items)):              # an image that fails to decode: take the next
+            source, captions = self.items[(index + attempt) % len(self.items)]
+            try:
+                image = load_rgb(source)
+                break
+            except OSError as error:
+                print(f"warning: skipping unreadable {source}: {error}", file=sys.stderr)
+        _, H, W = image.shape
+        top, left = rng.randrange(H - self.crop + 1), rng.randrange(W - self.crop + 1)
+        return image[:, top:top + self.crop, left:left + self.crop], rng.choice(captions)
+
+
+def steps_per_epoch(n_items, per_step):
+    return max(n_items // per_step, 1)
+
+
+def batches(n_items, batch_size, rank, world, seed, start_step):
+    """Endless batches of (index, sample seed), each rank its own share; epoch e uses permutation(seed, e)."""
+    per_step = batch_size * world
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch(n_items, per_step))
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = order.repeat(math.ceil(per_step / n_items))             # tiny sets: reuse images in a step
+        chunk = order[offset * per_step:(offset + 1) * per_step][rank::world]
+        yield [(int(i), hash((seed, step, rank, j)) & 0x7FFFFFFF) for j, i in enumerate(chunk)]
+        step += 1
+
+
+def collate(samples):
+    images, captions = zip(*samples)
+    return torch.stack(images), list(captions)
+
+
+def caption_pairs(items):
+    """One training item per (image, caption) pair, as the reference's dataset: an epoch on COCO is a pass over
+    its ~5 captions per image, so --epochs 50 and the lr drops at epochs 45 and 48 mean what they meant there."""
+    return [(source, [caption]) for source, captions in items for caption in captions]
+
+
+def read_captions(path):
+    """JSON {file: caption or [captions]} or JSONL lines {"file": ..., "caption" or "captions": ...}."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: caption file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            table = {r["file"]: r.get("captions", r.get("caption")) for r in rows}
+        else:
+            table = json.loads(text)
+    except (ValueError, KeyError) as error:
+        raise SystemExit(f"error: {path} is not a caption file ({error})")
+    return {k: [v] if isinstance(v, str) else list(v) for k, v in table.items()}
