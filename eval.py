@@ -2,6 +2,7 @@
 the caption ablation, results.json / results.csv / rd.png.
 
     python eval.py --checkpoint runs/demo/best.pt --images kodak/ --captions kodak_captions.json
+    python eval.py --checkpoint runs/demo/best.pt --explain photo.png --caption "..." -o explain.png
 """
 import argparse
 import dataclasses
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import explain
 import metrics
 import taco
 
@@ -189,7 +191,13 @@ def load_towers(args, config):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoints (rate points)")
-    parser.add_argument("--images", required=True, help="folder of images (Kodak, CLIC, COCO val, ...)")
+    parser.add_argument("--images", help="folder of images (Kodak, CLIC, COCO val, ...)")
+    parser.add_argument("--explain", metavar="IMAGE", help="instead: one figure for one image (with --caption): "
+                        "original, decoded, error, where the bits go, what the caption changed, and where the "
+                        "text adapter looks (explain.py)")
+    parser.add_argument("--caption", default="", help="--explain: the image's caption")
+    parser.add_argument("-o", "--output", default="explain.png", help="--explain: the figure's file (PNG)")
+    parser.add_argument("--force", action="store_true", help="--explain: overwrite an existing figure")
     parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used)")
     parser.add_argument("--allow-missing-captions", action="store_true", help="code images without a caption "
                         "with the empty caption instead of stopping")
@@ -207,6 +215,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the networks run (entropy coding is always on the CPU)")
     args = parser.parse_args(argv)
+    if args.explain:
+        return explain_one(args)
+    if not args.images:
+        parser.error("--images is required (or --explain IMAGE)")
 
     images = list_images(args.images)
     os.makedirs(args.out, exist_ok=True)
@@ -265,6 +277,29 @@ def main(argv=None):
     write_csv(report, os.path.join(args.out, "results.csv"))
     plot(curves_by_label, report["baselines"], os.path.join(args.out, "rd.png"), args.reference)
     print(f"wrote {args.out}/results.json, results.csv, rd.png")
+
+
+def explain_one(args):
+    """eval.py --explain: the figure of explain.py for one image and the first checkpoint."""
+    if os.path.exists(args.output) and not args.force:
+        raise SystemExit(f"error: {args.output} exists; pass --force to overwrite it")
+    if not os.path.isfile(args.explain):
+        raise SystemExit(f"error: no such image: {args.explain}")
+    try:
+        model, _ = taco.load_checkpoint(args.checkpoint[0], args.device)
+    except taco.CheckpointError as error:
+        raise SystemExit(f"error: {error}")
+    config = model.config
+    if config.text_adapter:
+        pretrained = args.clip_pretrained or config.clip_pretrained
+        model.attach_text_encoder(taco.TextEncoder(config.clip_model, pretrained, config.text_tokens).to(args.device))
+    try:
+        lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
+    except taco.WeightsUnavailable:
+        lpips = None
+    with_caption, empty = explain.explain(model, taco.read_image(args.explain), args.caption, args.output, lpips)
+    print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
+          f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 
 
 def print_entry(path, entry):

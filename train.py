@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data
+import explain
 import metrics
 import taco
 
@@ -401,6 +402,11 @@ def train(cfg):
         say(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
         if val_rows and step == cfg.steps:
             compare_with_jpeg(val_items, val_rows)
+            source, captions = val_items[0]
+            figure = os.path.join(cfg.out, "explain.png")
+            explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)
+            say(f"{figure}: where the bits of {os.path.basename(source.split(':')[-1])} go and what its caption "
+                f"changed")
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,0 +1,75 @@
+"""Claims about explain.py: the bits map is the model's own likelihood bits, the attention shown is the adapter's
+own, and the caption's effect is zero exactly when the adapter's gammas are."""
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluation
+import explain
+import taco
+from test_devices import TINY, TINY_ELIC
+from test_taco import encoder, natural_image, trained_model  # noqa: F401 (fixtures)
+
+
+def model_for(config, gammas=True):
+    torch.manual_seed(0)
+    model = taco.build_model(taco.TacoConfig(**config)).eval()
+    model.attach_text_encoder(taco.TextEncoder("tiny", "random"))
+    if gammas:
+        for injector in explain.injectors(model):
+            injector.gamma.data.normal_()
+    return model.update()
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
+def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass(config):
+    model, x = model_for(config), natural_image(70, 100)
+    result = explain.analyse(model, x, "a red barn")
+    with torch.no_grad():
+        likelihoods = model(taco.pad_to_64(x), ["a red barn"])["likelihoods"]
+    total_y, total_z = -torch.log2(likelihoods["y"].double()).sum(), -torch.log2(likelihoods["z"].double()).sum()
+    assert float(result["bits_y"].sum()) == pytest.approx(float(total_y), rel=1e-12)    # float64 summation order
+    assert result["bits_z"] == pytest.approx(float(total_z), rel=1e-12)
+
+
+def test_bits_map_total_is_the_file_size_up_to_header_and_coder_overhead(trained_model):
+    result = explain.analyse(trained_model, natural_image(192, 256, seed=9), "a photo")
+    coded = 8 * result["bytes"] - explain.header_bits()
+    estimate = float(result["bits_y"].sum()) + result["bits_z"]
+    assert abs(coded - estimate) <= 0.03 * estimate + 128                     # coder flush, table quantization
+
+
+def test_attention_shown_is_the_adapters_own_and_follows_the_caption():
+    model, x = model_for(TINY, gammas=False), natural_image(64, 64)
+    first = explain.analyse(model, x, "a red barn in the snow")
+    assert torch.allclose(first["attention"].sum(-1), torch.ones(first["attention"].shape[:2]), atol=1e-5)
+    assert first["attention"].shape[:2] == (16, 16)                             # the first Injector: 1/4
+    other = explain.analyse(model, x, "two boats on a lake")
+    assert not torch.allclose(first["attention"], other["attention"])
+    words = [w for w, _, _ in explain.word_attention(first)]
+    assert words and set(words) <= {"a", "red", "barn", "in", "the", "snow"}
+    assert all(not i.record_attention and i.attention is None for i in explain.injectors(model))
+
+
+@pytest.mark.parametrize("gammas", [False, True])
+def test_caption_changes_the_bits_map_exactly_when_the_gammas_are_nonzero(gammas):
+    model, x = model_for(TINY, gammas), natural_image(64, 128)
+    with_caption, empty = explain.analyse(model, x, "a red barn"), explain.analyse(model, x, "")
+    assert torch.equal(with_caption["bits_y"], empty["bits_y"]) != gammas
+
+
+def test_explain_cli_writes_a_figure_and_never_overwrites(tmp_path, capsys):
+    model = model_for(TINY)
+    taco.save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    Image.fromarray((natural_image(96, 160)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(
+        tmp_path / "photo.png")
+    args = ["--checkpoint", str(tmp_path / "tiny.pt"), "--explain", str(tmp_path / "photo.png"), "--caption",
+            "a red barn", "-o", str(tmp_path / "explain.png")]
+    evaluation.main(args)
+    assert "with the caption" in capsys.readouterr().out
+    with Image.open(tmp_path / "explain.png") as figure:
+        assert figure.size[0] > 800
+    before = (tmp_path / "explain.png").read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        evaluation.main(args)
+    assert (tmp_path / "explain.png").read_bytes() == before
