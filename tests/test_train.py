@@ -128,7 +128,7 @@ def test_builtin_demo_runs_end_to_end_and_compares_with_jpeg(tmp_path, capsys):
     stand_in = out.find("STAND-IN: AlexNet")                # said before training starts, when it applies
     assert (stand_in >= 0) != lpips_available and stand_in < out.find("training on")
     assert "JPEG PSNR at that bpp" in out and "coffee" in out and "chelsea" in out
-    for name in ("latest.pt", "best.pt", "log.jsonl", "curves.png"):
+    for name in ("latest.pt", "best.pt", "log.jsonl", "curves.png", "explain.png"):
         assert (tmp_path / "demo" / name).exists(), name
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "log.jsonl")]
     assert {"bpp", "mse", "psnr", "loss", "aux"} <= set(rows[0]) and any("val_bpp" in r for r in rows)
@@ -149,7 +149,7 @@ def test_two_processes_with_torchrun_and_gloo_write_one_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "curves.png", "latest.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "curves.png", "explain.png", "latest.pt", "log.jsonl"]
     model, checkpoint = taco.load_checkpoint(str(tmp_path / "ddp" / "latest.pt"))
     assert checkpoint["step"] == 3
 
