@@ -15,7 +15,10 @@ import time
 import numpy as np
 import torch
 
+import clip_text
+import codec
 import entropy
+
 
 
 def best_time(fn, repeat):
@@ -82,9 +85,9 @@ def codec_case(backbone, N, M, text_adapter, height, width, repeat, device, queu
     import taco
     torch.manual_seed(0)
     config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random", backbone=backbone)
-    model = taco.build_model(config).eval().update().to(device)
+    model = codec.build_model(config).eval().update().to(device)
     if text_adapter:
-        model.attach_text_encoder(taco.TextEncoder(config.clip_model, "random").to(device))   # full size
+        model.attach_text_encoder(clip_text.TextEncoder(config.clip_model, "random").to(device))   # full size
     x = torch.rand(1, 3, height, width)
     loaded = peak_mib()
     first = time.perf_counter()
@@ -111,10 +114,9 @@ def bench_codec(args):
 
 
 def release_case(path, height, width, queue):
-    import taco
     timings = {}
     start = time.perf_counter()
-    model, _ = taco.load_checkpoint(path)              # torch.load, strict key check, update() of every table
+    model, _ = codec.load_checkpoint(path)              # torch.load, strict key check, update() of every table
     timings["load (tables rebuilt)"] = time.perf_counter() - start
     x, features = torch.rand(1, 3, height, width), torch.randn(1, 38, 512)     # CLIP token features given
     start = time.perf_counter()
@@ -160,16 +162,16 @@ def integer_case(checkpoint, backbone, repeat, queue):
 
     import taco
     if checkpoint:
-        model, _ = taco.load_checkpoint(checkpoint)
+        model, _ = codec.load_checkpoint(checkpoint)
         label = checkpoint
     else:
         torch.manual_seed(0)
         config = dict(N=192, M=320) if backbone == "elic" else {}
-        model = taco.build_model(taco.TacoConfig(clip_pretrained="random", backbone=backbone, **config))
+        model = codec.build_model(taco.TacoConfig(clip_pretrained="random", backbone=backbone, **config))
         model.eval().update()
         label = f"{backbone}, random weights"
     if model.config.text_adapter:
-        model.attach_text_encoder(taco.TextEncoder(model.config.clip_model, "random", model.config.text_tokens))
+        model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, "random", model.config.text_tokens))
     photos = {name: getattr(skimage.data, name)() for name in ("coffee", "chelsea", "astronaut", "rocket")}
     rows = {}
     for path in ("integer", "float"):
@@ -207,8 +209,8 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
     import taco
     import train
     torch.manual_seed(0)
-    clip = taco.load_clip("ViT-B-32-quickgelu", "random")
-    encoder = taco.TextEncoder("ViT-B-32-quickgelu", "random", clip=clip) if text_adapter else None
+    clip = clip_text.load_clip("ViT-B-32-quickgelu", "random")
+    encoder = clip_text.TextEncoder("ViT-B-32-quickgelu", "random", clip=clip) if text_adapter else None
     model = taco.TACO(taco.TacoConfig(N=N, M=M, text_adapter=text_adapter)).train()
     if encoder:
         model.attach_text_encoder(encoder)

@@ -17,7 +17,8 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-import taco
+import codec
+
 
 DEMO_PHOTOS = {   # scikit-image's color photographs, each with a caption written here
     "astronaut": "an astronaut in a white spacesuit posing in front of an American flag",
@@ -92,7 +93,7 @@ def load_rgb(source):
     """An image path or "skimage:<name>" -> (3, H, W) float tensor in [0, 1]."""
     if source.startswith("skimage:"):
         return torch.tensor(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1).float() / 255
-    image = taco.read_image(source)[0]                                          # (1 or 3, H, W)
+    image = codec.read_image(source)[0]                                          # (1 or 3, H, W)
     return image.expand(3, *image.shape[-2:])
 
 

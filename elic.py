@@ -16,11 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import container
 import entropy
 import taco
-from integer import IntegerNetwork
 from entropy import SymbolDecoder, encode_symbols, quantize, to_cpu
+from integer import IntegerNetwork
 from taco import Extractor, Injector, conv, deconv
+
 
 ANCHOR, NONANCHOR = "anchor", "non-anchor"
 
@@ -236,7 +238,7 @@ class ElicTACO(taco.TACO):
         self.checkerboard_passes(hyper, code, nets)
         indexes = torch.cat(indexes)
         data = encode_symbols(torch.cat(symbols).numpy(), indexes.numpy(), *self.gaussian_conditional.tables())
-        return data, taco.decisions_crc(indexes)
+        return data, container.decisions_crc(indexes)
 
     def decode_y(self, data, hyper, nets, expected_crc):
         decoder, tables, crc = SymbolDecoder(data), self.gaussian_conditional.tables(), [0]
@@ -244,18 +246,18 @@ class ElicTACO(taco.TACO):
         def code(i, kind, scales, means):
             mask = checkerboard(kind, *hyper.shape[-2:], device=hyper.device)
             indexes = self.gaussian_conditional.build_indexes(scales)[:, :, to_cpu(mask)]   # (B, C_i, K)
-            crc[0] = taco.decisions_crc(indexes.flatten(), crc[0])
+            crc[0] = container.decisions_crc(indexes.flatten(), crc[0])
             symbols = torch.from_numpy(decoder.decode(indexes.flatten().numpy(), *tables)).view(indexes.shape)
             values = torch.zeros_like(scales)
             values[:, :, mask] = symbols.to(scales) + means[:, :, mask]
             return values
         y_hat = self.checkerboard_passes(hyper, code, nets)
-        taco.check_decisions(crc[0], expected_crc)
+        container.check_decisions(crc[0], expected_crc)
         return y_hat
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The released checkpoints
+# The released checkpoints' names (codec.load_released loads them)
 # ----------------------------------------------------------------------------------------------------------
 OFFICIAL = taco.TacoConfig(N=192, M=320, backbone="elic", text_adapter=True, clip_model="ViT-B-32-quickgelu",
                            clip_pretrained="openai", text_tokens=38, text_dim=512, heads=8)
@@ -268,7 +270,7 @@ BOTTLENECK_NAMES = {"matrices.": "_matrix", "biases.": "_bias", "factors.": "_fa
                     "_matrices.": "_matrix", "_biases.": "_bias", "_factors.": "_factor"}  # its zoo's oldest files
 
 
-def our_key(key):
+def released_key(key):
     """A released file's key -> our key; None for what we do not load (constants, coding tables)."""
     key = key.removeprefix("module.")                                   # saved from DistributedDataParallel
     if key in COMPRESSAI_CONSTANTS or key.endswith(entropy.TABLE_BUFFERS):   # tables: rebuilt by update()
@@ -278,19 +280,3 @@ def our_key(key):
         if module == "entropy_bottleneck" and name.startswith(old):
             return f"{module}.{new}{name[len(old):]}"
     return key
-
-
-def load_official(path, device="cpu", checkpoint=None):
-    """A released TACO file (torch.save of {"state_dict", optimizer states, epoch}) -> ElicTACO in eval mode.
-
-    The files are saved from the training model, before any update(): CompressAI's coding tables are empty and
-    the scale table may be too (the reference builds GaussianConditional(None)); either way our update()
-    rebuilds them. Every other key must match exactly, in any of CompressAI's naming generations."""
-    if checkpoint is None:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = {our_key(k): v for k, v in checkpoint["state_dict"].items() if our_key(k) is not None}
-    if state.get("gaussian_conditional.scale_table", torch.ones(1)).numel() == 0:
-        del state["gaussian_conditional.scale_table"]                   # never filled: keep our (equal) table
-    model = ElicTACO(OFFICIAL)
-    taco.load_weights(model, state, path, rebuilt=entropy.TABLE_BUFFERS + ("gaussian_conditional.scale_table",))
-    return model.update().to(device).eval()

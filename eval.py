@@ -15,10 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import clip_text
+import codec
+import container
 import data
 import explain
 import metrics
 import taco
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluating checkpoints on a folder of images
@@ -68,7 +72,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
     from tqdm import tqdm
     rows, device = [], next(model.parameters()).device
     for name in tqdm(images, desc="images", leave=False):
-        x = taco.read_image(os.path.join(folder, name)).to(device)
+        x = codec.read_image(os.path.join(folder, name)).to(device)
         H, W = x.shape[-2:]
         start = time.perf_counter()
         data = model.compress(x, captions[name])
@@ -89,15 +93,15 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
             row["_inception"] = tuple(metrics.inception_features(inception, t)[0].cpu() for t in (x, x_hat))
         if clip is not None:
             e_hat = clip.encode_image(metrics.clip_preprocess(x_hat))
-            row["clip_score"] = float(100 * F.cosine_similarity(e_hat, clip_text(clip, captions[name])).clamp_min(0))
+            row["clip_score"] = float(100 * F.cosine_similarity(e_hat, caption_embedding(clip, captions[name])).clamp_min(0))
             row["_embeddings"] = (clip.encode_image(metrics.clip_preprocess(x))[0].cpu(), e_hat[0].cpu())
         if save_dir:
-            taco.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
+            codec.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
         rows.append(row)
     return rows
 
 
-def clip_text(clip, caption):
+def caption_embedding(clip, caption):
     import open_clip
     tokens = open_clip.get_tokenizer("ViT-B-32-quickgelu")([caption])
     return clip.encode_text(tokens.to(next(clip.parameters()).device))
@@ -122,23 +126,23 @@ def shuffled(captions, seed=0):
     return {names[order[i]]: captions[names[order[(i + 1) % len(names)]]] for i in range(len(names))}
 
 
-def baseline_curves(folder, images, codecs):
+def baseline_curves(folder, images, pillows):
     """For each Pillow codec, one row per quality setting: bpp, PSNR, MS-SSIM, and encode / decode wall time in
     this process (as ours is timed), each the mean over the images."""
     from PIL import features
     curves = {}
-    for codec in codecs:
-        if not features.check(codec.lower().replace("jpeg", "jpg")):
-            print(f"note: this Pillow has no {codec} support; skipped")
+    for pillow in pillows:
+        if not features.check(pillow.lower().replace("jpeg", "jpg")):
+            print(f"note: this Pillow has no {pillow} support; skipped")
             continue
         per_quality = {}
         for name in images:
-            x = as_rgb(taco.read_image(os.path.join(folder, name)))
+            x = as_rgb(codec.read_image(os.path.join(folder, name)))
             for q in range(5, 100, 5):
-                bpp, decoded, encode, decode = metrics.pillow_codec(x, codec, q)
+                bpp, decoded, encode, decode = metrics.pillow_codec(x, pillow, q)
                 quality = float(metrics.psnr(decoded, x)), float(metrics.ms_ssim(decoded, x))
                 per_quality.setdefault(q, []).append((bpp, *quality, encode, decode))
-        curves[codec] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}
+        curves[pillow] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}
                          for q, v in sorted(per_quality.items())]
     return curves
 
@@ -154,8 +158,8 @@ def plot(results, curves, png, reference):
     for label, points in results.items():
         bpp, quality = zip(*sorted(points))
         ax.plot(bpp, quality, "o-", linewidth=2, label=label)
-    for codec, curve in curves.items():
-        ax.plot([c["bpp"] for c in curve], [c["psnr"] for c in curve], "--", label=f"{codec} (Pillow)")
+    for pillow, curve in curves.items():
+        ax.plot([c["bpp"] for c in curve], [c["psnr"] for c in curve], "--", label=f"{pillow} (Pillow)")
     for label, points in (REFERENCE.items() if reference else []):
         ax.plot(*zip(*points), ":x", label=label)
     ax.set_xlabel("bits per pixel (real file size)"), ax.set_ylabel("PSNR (dB, RGB)")
@@ -171,19 +175,19 @@ def load_towers(args, config):
     try:
         for convention in ("standard", "reference"):
             lpips[convention] = metrics.load_lpips(convention, args.alexnet_weights).to(args.device)
-    except taco.WeightsUnavailable as error:
+    except clip_text.WeightsUnavailable as error:
         print(f"note: LPIPS skipped: {error}")
     clip, pretrained = None, args.clip_pretrained or config.clip_pretrained
     try:
-        clip = taco.load_clip(config.clip_model, pretrained).eval().to(args.device)
+        clip = clip_text.load_clip(config.clip_model, pretrained).eval().to(args.device)
         if pretrained == "random":
             print("note: CLIP has random weights: the CLIP score and CMMD below carry no meaning")
-    except taco.WeightsUnavailable as error:
+    except clip_text.WeightsUnavailable as error:
         print(f"note: CLIP score and CMMD skipped, and captions cannot be read: {error}")
     inception = None
     try:
         inception = metrics.load_inception(args.inception_weights).to(args.device)
-    except taco.WeightsUnavailable as error:
+    except clip_text.WeightsUnavailable as error:
         print(f"note: FID skipped: {error}")
     return lpips, clip, pretrained, inception
 
@@ -225,15 +229,15 @@ def main(argv=None):
     report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
     for path in args.checkpoint:
         try:
-            model, _ = taco.load_checkpoint(path, args.device)
-        except taco.CheckpointError as error:
+            model, _ = codec.load_checkpoint(path, args.device)
+        except codec.CheckpointError as error:
             raise SystemExit(f"error: {error}")
         lpips, clip, pretrained, inception = load_towers(args, model.config)
         text_model = model.config.text_adapter
         if text_model:
             if clip is None:
                 raise SystemExit(f"error: {path} reads captions but its CLIP text tower cannot be loaded")
-            model.attach_text_encoder(taco.TextEncoder(model.config.clip_model, pretrained,
+            model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, pretrained,
                                                        model.config.text_tokens, clip=clip))
         captions = captions_for(images, args.captions, args.allow_missing_captions or not text_model)
         save_dir = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0]) \
@@ -255,22 +259,22 @@ def main(argv=None):
         curves_by_label.setdefault(label, []).append((mean["bpp"], mean["psnr"]))
         print_entry(path, entry)
 
-    codecs = [c.strip().upper() for c in args.baselines.split(",") if c.strip()]
-    report["baselines"] = baseline_curves(args.images, images, codecs)
+    pillows = [c.strip().upper() for c in args.baselines.split(",") if c.strip()]
+    report["baselines"] = baseline_curves(args.images, images, pillows)
     report["bd"] = {}
     for label, points in curves_by_label.items():
-        for codec, curve in report["baselines"].items():
+        for pillow, curve in report["baselines"].items():
             if len(points) >= 4:
                 anchor = [(c["bpp"], c["psnr"]) for c in curve]
-                report["bd"][f"{label} vs {codec}"] = {"bd_rate_percent": metrics.bd_rate(anchor, sorted(points)),
+                report["bd"][f"{label} vs {pillow}"] = {"bd_rate_percent": metrics.bd_rate(anchor, sorted(points)),
                                                        "bd_psnr_db": metrics.bd_psnr(anchor, sorted(points))}
             else:
                 psnrs = [metrics.psnr_at_bpp([(c["bpp"], c["psnr"]) for c in curve], b) for b, _ in points]
-                report["bd"][f"{label} vs {codec}"] = {"psnr_of_baseline_at_our_bpp": psnrs}
+                report["bd"][f"{label} vs {pillow}"] = {"psnr_of_baseline_at_our_bpp": psnrs}
     for name, value in report["bd"].items():
         print(f"{name}: {value}")
-    for codec, curve in report["baselines"].items():
-        print(f"{codec} (Pillow), mean over images and qualities: encode {np.mean([c['encode_s'] for c in curve]):.4f}"
+    for pillow, curve in report["baselines"].items():
+        print(f"{pillow} (Pillow), mean over images and qualities: encode {np.mean([c['encode_s'] for c in curve]):.4f}"
               f" s, decode {np.mean([c['decode_s'] for c in curve]):.4f} s per image (ours: encode_s / decode_s above)")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -286,18 +290,18 @@ def explain_one(args):
     if not os.path.isfile(args.explain):
         raise SystemExit(f"error: no such image: {args.explain}")
     try:
-        model, _ = taco.load_checkpoint(args.checkpoint[0], args.device)
-    except taco.CheckpointError as error:
+        model, _ = codec.load_checkpoint(args.checkpoint[0], args.device)
+    except codec.CheckpointError as error:
         raise SystemExit(f"error: {error}")
     config = model.config
     if config.text_adapter:
         pretrained = args.clip_pretrained or config.clip_pretrained
-        model.attach_text_encoder(taco.TextEncoder(config.clip_model, pretrained, config.text_tokens).to(args.device))
+        model.attach_text_encoder(clip_text.TextEncoder(config.clip_model, pretrained, config.text_tokens).to(args.device))
     try:
         lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
-    except taco.WeightsUnavailable:
+    except clip_text.WeightsUnavailable:
         lpips = None
-    with_caption, empty = explain.explain(model, taco.read_image(args.explain), args.caption, args.output, lpips)
+    with_caption, empty = explain.explain(model, codec.read_image(args.explain), args.caption, args.output, lpips)
     print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
           f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 
@@ -326,14 +330,15 @@ def write_csv(report, path):
                 for row in entry.get(run, {}).get("per_image", []):
                     writer.writerow([ckpt, run, row["image"]] + [row.get(k, "") for k in METRIC_KEYS])
         images = len(next(iter(report["checkpoints"].values()))["given"]["per_image"]) if report["checkpoints"] else 0
-        for codec, curve in report["baselines"].items():
+        for pillow, curve in report["baselines"].items():
             for c in curve:
-                writer.writerow([f"{codec} (Pillow)", f"quality {c['quality']}", f"mean of {images}"]
+                writer.writerow([f"{pillow} (Pillow)", f"quality {c['quality']}", f"mean of {images}"]
                                 + [c.get(k, "") for k in METRIC_KEYS])
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (taco.CheckpointError, taco.WeightsUnavailable, taco.BitstreamError, ValueError, OSError) as error:
+    except (codec.CheckpointError, clip_text.WeightsUnavailable, container.BitstreamError, ValueError,
+            OSError) as error:
         sys.exit(f"error: {error}")

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import container
 import metrics
 import taco
+
 
 
 def injectors(model):
@@ -76,7 +78,7 @@ def show(fig, ax, picture, title, **style):
 
 
 def header_bits():
-    return 8 * (taco.HEADER.size + taco.CHECKSUM.size)
+    return 8 * (container.HEADER.size + container.CHECKSUM.size)
 
 
 def figure(model, with_caption, empty, path, lpips=None, stand_in=None):

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import clip_text
 import taco
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Metrics on (B, 3, H, W) tensors in [0, 1]
@@ -112,7 +114,7 @@ def torchvision_state(weights, path, what, flag):
             return torch.load(path, map_location="cpu", weights_only=True)
         return weights.get_state_dict(progress=False)
     except Exception as error:
-        raise taco.WeightsUnavailable(
+        raise clip_text.WeightsUnavailable(
             f"could not load {what} weights ({type(error).__name__}): run once with network access (torchvision "
             f"caches {os.path.basename(weights.url)} under ~/.cache/torch/hub/checkpoints) or pass that file as "
             f"{flag}") from error

@@ -23,10 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import clip_text
+import codec
 import data
 import explain
 import metrics
 import taco
+
 
 
 @dataclass
@@ -130,23 +133,23 @@ def build_towers(cfg, say):
     clip, text_pretrained = None, cfg.clip_pretrained
     if cfg.text_adapter or cfg.k_j > 0:
         try:
-            clip = taco.load_clip(cfg.clip_model, cfg.clip_pretrained)
-        except taco.WeightsUnavailable as error:
+            clip = clip_text.load_clip(cfg.clip_model, cfg.clip_pretrained)
+        except clip_text.WeightsUnavailable as error:
             if not cfg.allow_missing_weights:
                 raise SystemExit(f"error: {error}; or pass --allow-missing-weights to train without it")
             say(f"STAND-IN: CLIP {cfg.clip_model} weights unavailable; the adapter reads a randomly "
                 f"initialised text tower (captions still differ, but carry no learned meaning) and the "
                 f"joint image-text term J is dropped")
-            clip, text_pretrained = taco.load_clip(cfg.clip_model, "random"), "random"
+            clip, text_pretrained = clip_text.load_clip(cfg.clip_model, "random"), "random"
     clip_visual = clip.visual if clip is not None and text_pretrained != "random" and cfg.k_j > 0 else None
     encoder = None               # captions are read for the adapter, or for J's text embeddings, or both
     if cfg.text_adapter or clip_visual is not None:
-        encoder = taco.TextEncoder(cfg.clip_model, text_pretrained, clip=clip)
+        encoder = clip_text.TextEncoder(cfg.clip_model, text_pretrained, clip=clip)
     lpips = None
     if cfg.k_p > 0:
         try:
             lpips = metrics.load_lpips(cfg.lpips_input, cfg.alexnet_weights or None)
-        except taco.WeightsUnavailable as error:
+        except clip_text.WeightsUnavailable as error:
             if not cfg.allow_missing_weights:
                 raise SystemExit(f"error: {error}; or pass --allow-missing-weights to train without it")
             say("STAND-IN: AlexNet weights for LPIPS unavailable; the LPIPS term is dropped (an MSE-only "
@@ -226,7 +229,7 @@ RESUME_MUST_MATCH = ("data", "root", "crop", "lmbda", "k_p", "k_j", "lpips_input
 
 def check_resumable(checkpoint, config, cfg, path):
     """Stop with a message naming the first setting that differs from the interrupted run's."""
-    if checkpoint.get("format", 1) != taco.CHECKPOINT_FORMAT:
+    if checkpoint.get("format", 1) != codec.CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} was written in an older checkpoint format; start a new run from it "
                          f"with --init-from {path} instead of --resume")
     if checkpoint["config"] != dataclasses.asdict(config):
@@ -253,9 +256,9 @@ def build_model(cfg, config, device, say):
     """The codec on its device: built, initialised (--init-from), moved, then -- nanoGPT's order -- its
     optimizers built and, when resuming, loaded, so that their state lands on the parameters' device."""
     torch.manual_seed(cfg.seed)
-    model = taco.build_model(config)
+    model = codec.build_model(config)
     if cfg.init_from and not cfg.resume:
-        source, _ = taco.load_checkpoint(cfg.init_from)
+        source, _ = codec.load_checkpoint(cfg.init_from)
         if (source.config.backbone, source.config.N, source.config.M) != (cfg.backbone, cfg.N, cfg.M):
             raise SystemExit(f"error: {cfg.init_from} is a {source.config.backbone} model with N={source.config.N}"
                              f", M={source.config.M}; pass the same --backbone, --N and --M")
@@ -299,12 +302,12 @@ def checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips
                        + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
         if rd_score(mean, cfg) < best:
             best = rd_score(mean, cfg)
-            taco.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
+            codec.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
                                  train_config=dataclasses.asdict(cfg))
     else:
         model.update()
     optimizer, aux_optimizer, scheduler = optimizers
-    taco.save_checkpoint(os.path.join(cfg.out, "latest.pt"), model, step=step, best=best,
+    codec.save_checkpoint(os.path.join(cfg.out, "latest.pt"), model, step=step, best=best,
                          train_config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(),
                          aux_optimizer=aux_optimizer.state_dict(), scheduler=scheduler.state_dict())
     return best, rows
@@ -477,5 +480,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except (taco.CheckpointError, taco.WeightsUnavailable, ValueError, OSError) as error:
+    except (codec.CheckpointError, clip_text.WeightsUnavailable, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -4,11 +4,14 @@ accelerator codes, trains, validates, checkpoints and resumes; the coder only ev
 import pytest
 import torch
 
+import clip_text
+import codec
 import metrics
 import taco
 import train
 from standin import DeviceMismatch, StandInGPU
 from test_train import TINY_RUN
+
 
 TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
 TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
@@ -30,8 +33,8 @@ def test_the_stand_in_gpu_catches_what_a_real_gpu_refuses():
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_a_model_on_a_gpu_updates_compresses_the_cpu_bytes_and_decodes_on_either(config):
     torch.manual_seed(0)
-    model = taco.build_model(taco.TacoConfig(**config)).eval()
-    model.attach_text_encoder(taco.TextEncoder("tiny", "random"))
+    model = codec.build_model(taco.TacoConfig(**config)).eval()
+    model.attach_text_encoder(clip_text.TextEncoder("tiny", "random"))
     x = torch.rand(1, 3, 70, 100)
     cpu_bytes = model.update().compress(x, "a red barn")
     with StandInGPU() as gpu:
@@ -46,7 +49,7 @@ def test_a_model_on_a_gpu_updates_compresses_the_cpu_bytes_and_decodes_on_either
 
 def test_complexity_feeds_inputs_on_the_models_device():
     torch.manual_seed(0)
-    model = taco.build_model(taco.TacoConfig(**TINY))
+    model = codec.build_model(taco.TacoConfig(**TINY))
     with StandInGPU() as gpu:
         counts = metrics.complexity(model.to(gpu.device), size=64)
     assert counts["macs_per_pixel"] > 0
@@ -76,8 +79,8 @@ def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_
 
 
 def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_path, monkeypatch, capsys):
-    tiny = taco.load_clip
-    monkeypatch.setattr(taco, "load_clip", lambda name, pretrained: tiny("tiny", "random"))   # "pretrained"
+    tiny = clip_text.load_clip
+    monkeypatch.setattr(clip_text, "load_clip", lambda name, pretrained: tiny("tiny", "random"))   # "pretrained"
     args = TINY_RUN + ["--clip-pretrained", "weights.bin", "--no-text-adapter", "--k-j", "0.1", "--k-p", "0",
                        "--steps", "1", "--out", str(tmp_path / "run")]
     train.train(train.parse_args(args))

@@ -5,9 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import clip_text
+import codec
+import container
 import elic
 import entropy
 import taco
+
 
 TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
                  slices=(4, 4, 8, 8, 16))
@@ -132,7 +136,7 @@ def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
 def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_path, generation, updated):
     path = str(tmp_path / "lambda_0.004.pth.tar")
     state = fake_release(path, generation=generation, updated=updated)
-    model, checkpoint = taco.load_checkpoint(path)
+    model, checkpoint = codec.load_checkpoint(path)
     assert isinstance(model, elic.ElicTACO) and checkpoint["epoch"] == 49
     loaded = model.state_dict()
     for key in ("g_a.analysis_transform.8.gamma", "h_s.increase.4.weight", "channel_context.4.fushion.4.bias"):
@@ -166,13 +170,13 @@ def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, damage):
     else:
         shapes["g_a.analysis_transform.18.weight"] = (3,)
     fake_release(str(tmp_path / "bad.pth.tar"), shapes, prefix="")
-    with pytest.raises(taco.CheckpointError, match=f"{damage}.*g_a.analysis_transform.1[58]"):
-        taco.load_checkpoint(str(tmp_path / "bad.pth.tar"))
+    with pytest.raises(codec.CheckpointError, match=f"{damage}.*g_a.analysis_transform.1[58]"):
+        codec.load_checkpoint(str(tmp_path / "bad.pth.tar"))
 
 
 def tiny_elic():
     torch.manual_seed(0)
-    model = taco.build_model(taco.TacoConfig(**TINY_ELIC)).eval()
+    model = codec.build_model(taco.TacoConfig(**TINY_ELIC)).eval()
     model.attach_text_encoder()
     for module in model.modules():
         if isinstance(module, taco.Injector):
@@ -214,7 +218,7 @@ def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_i
         monkeypatch.setattr(elic, "SymbolDecoder", Backwards)
     try:
         corrupted = model.decompress(data)
-    except taco.BitstreamError:
+    except container.BitstreamError:
         return                                                      # detected: fine
     assert not torch.equal(corrupted, correct)
 
@@ -222,7 +226,7 @@ def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_i
 def test_text_features_match_a_hand_written_clip_text_forward():
     """The reference read HF CLIP's last hidden state: start token, caption, end token, padded to 38 with the
     end token, padding masked in the attention, final LayerNorm. Recomputed here by hand from the weights."""
-    encoder = taco.TextEncoder("tiny", "random")
+    encoder = clip_text.TextEncoder("tiny", "random")
     captions = ["a red barn in the snow!", "boats"]
     ids, padding = encoder.tokenize(captions)
     eot = encoder.tokenizer.eot_token_id

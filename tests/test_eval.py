@@ -8,9 +8,11 @@ import torchvision
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+import codec
 import eval as evaluation
 import metrics
 import taco
+
 
 TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
 
@@ -150,7 +152,7 @@ def folder(tmp_path_factory):
     model = taco.TACO(taco.TacoConfig(**TINY)).attach_text_encoder()
     for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
         injector.gamma.data.normal_()
-    taco.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
+    codec.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
     inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     torch.save(inception.state_dict(), root / "inception.pth")
@@ -165,11 +167,11 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
                   str(folder / "inception.pth"), "--out", str(out)])
     report = json.loads((out / "results.json").read_text())
     entry = report["checkpoints"][str(folder / "tiny.pt")]
-    model, _ = taco.load_checkpoint(str(folder / "tiny.pt"))
+    model, _ = codec.load_checkpoint(str(folder / "tiny.pt"))
     model.attach_text_encoder()
     captions = {"coffee.png": "a cup of coffee", "cat.png": "a cat", "rocket.png": "a rocket"}
     for row in entry["given"]["per_image"]:
-        x = taco.read_image(str(folder / "images" / row["image"]))
+        x = codec.read_image(str(folder / "images" / row["image"]))
         size = len(model.compress(x, captions[row["image"]]))
         assert row["bytes"] == size and row["bpp"] == 8 * size / (x.shape[-1] * x.shape[-2])
         assert {"psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "bpp_estimate"} <= set(row)

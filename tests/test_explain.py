@@ -4,6 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_text
+import codec
 import eval as evaluation
 import explain
 import taco
@@ -11,10 +13,11 @@ from test_devices import TINY, TINY_ELIC
 from test_taco import encoder, natural_image, trained_model  # noqa: F401 (fixtures)
 
 
+
 def model_for(config, gammas=True):
     torch.manual_seed(0)
-    model = taco.build_model(taco.TacoConfig(**config)).eval()
-    model.attach_text_encoder(taco.TextEncoder("tiny", "random"))
+    model = codec.build_model(taco.TacoConfig(**config)).eval()
+    model.attach_text_encoder(clip_text.TextEncoder("tiny", "random"))
     if gammas:
         for injector in explain.injectors(model):
             injector.gamma.data.normal_()
@@ -60,7 +63,7 @@ def test_caption_changes_the_bits_map_exactly_when_the_gammas_are_nonzero(gammas
 
 def test_explain_cli_writes_a_figure_and_never_overwrites(tmp_path, capsys):
     model = model_for(TINY)
-    taco.save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    codec.save_checkpoint(str(tmp_path / "tiny.pt"), model)
     Image.fromarray((natural_image(96, 160)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(
         tmp_path / "photo.png")
     args = ["--checkpoint", str(tmp_path / "tiny.pt"), "--explain", str(tmp_path / "photo.png"), "--caption",

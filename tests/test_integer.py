@@ -13,10 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import clip_text
+import codec
+import container
 import integer
 import taco
 from test_devices import TINY, TINY_ELIC
 from test_taco import natural_image
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +40,8 @@ def spread_scales(model):
 
 def model_for(config, seed=0):
     torch.manual_seed(seed)
-    model = taco.build_model(taco.TacoConfig(**config)).eval()
-    model.attach_text_encoder(taco.TextEncoder("tiny", "random"))
+    model = codec.build_model(taco.TacoConfig(**config)).eval()
+    model.attach_text_encoder(clip_text.TextEncoder("tiny", "random"))
     for module in model.modules():
         if isinstance(module, taco.Injector):
             module.gamma.data.normal_()
@@ -120,8 +124,8 @@ DECODE_ELSEWHERE = textwrap.dedent("""
     sys.path.insert(0, %r)
     torch.set_num_threads(int(sys.argv[3]))
     torch.backends.mkldnn.enabled = sys.argv[4] == "on"
-    import taco
-    model, _ = taco.load_checkpoint(sys.argv[1])
+    import codec
+    model, _ = codec.load_checkpoint(sys.argv[1])
     data = open(sys.argv[2], "rb").read()
     y_hat, _ = model.decode_latents(data)
     torch.save({"y_hat": y_hat, "x_hat": model.decompress(data)}, sys.argv[2] + ".decoded")
@@ -132,7 +136,7 @@ DECODE_ELSEWHERE = textwrap.dedent("""
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_files_decode_to_the_same_symbols_with_other_threads_and_without_onednn(config, tmp_path):
     model = model_for(config)
-    taco.save_checkpoint(str(tmp_path / "model.pt"), model)
+    codec.save_checkpoint(str(tmp_path / "model.pt"), model)
     x = natural_image(192, 256)
     (tmp_path / "image.taco").write_bytes(model.compress(x, "a red barn in the snow"))
     y_hat, _ = model.decode_latents((tmp_path / "image.taco").read_bytes())
@@ -155,7 +159,7 @@ def test_a_decoder_whose_choices_differ_raises_the_dedicated_error(config):
     nets = model.integer_networks()
     last = (nets.h_s if config is TINY else nets.anchor[0]).layers[-1]
     last.bias[0] += 5 * 2.0 ** (integer.FRACTION_BITS + float(last.shifts[0]))   # scale of channel 0 + 5
-    with pytest.raises(taco.BitstreamError, match="arithmetic differs from the encoder's"):
+    with pytest.raises(container.BitstreamError, match="arithmetic differs from the encoder's"):
         model.decompress(data)
 
 
@@ -163,5 +167,5 @@ def test_old_format_files_are_refused_with_their_version():
     model = model_for(TINY)
     data = bytearray(model.compress(natural_image(64, 64), "a boat"))
     data[4] = 1
-    with pytest.raises(taco.BitstreamError, match="version 1; this code reads version 2"):
+    with pytest.raises(container.BitstreamError, match="version 1; this code reads version 2"):
         model.decompress(bytes(data))

@@ -9,9 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import clip_text
+import codec
+import container
 import taco
-from taco import (GDN, TACO, BitstreamError, CheckpointError, TacoConfig, TextEncoder, load_checkpoint,
-                  save_checkpoint)
+from clip_text import TextEncoder
+from codec import CheckpointError, load_checkpoint, save_checkpoint
+from container import BitstreamError
+from taco import GDN, TACO, TacoConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
@@ -105,7 +110,7 @@ def test_file_size_matches_the_likelihood_estimate(trained_model):
     with torch.no_grad():
         likelihoods = trained_model(x, ["a photo"])["likelihoods"]
     estimate_bytes = sum(float(-torch.log2(l).sum()) for l in likelihoods.values()) / 8
-    payload = len(data) - taco.HEADER.size - taco.CHECKSUM.size
+    payload = len(data) - container.HEADER.size - container.CHECKSUM.size
     assert abs(payload - estimate_bytes) <= 0.03 * estimate_bytes + 16
 
 
@@ -171,10 +176,10 @@ def test_file_from_another_model_raises_clear_error(encoder, coded):
 
 def test_absurd_size_in_a_well_formed_header_raises_before_allocating(coded):
     model, data = coded
-    fields = list(taco.HEADER.unpack_from(data))
+    fields = list(container.HEADER.unpack_from(data))
     fields[3], fields[4] = 65535, 65535                          # 4.3 gigapixels
-    body = taco.HEADER.pack(*fields) + data[taco.HEADER.size:-taco.CHECKSUM.size]
-    forged = body + taco.CHECKSUM.pack(__import__("zlib").crc32(body))
+    body = container.HEADER.pack(*fields) + data[container.HEADER.size:-container.CHECKSUM.size]
+    forged = body + container.CHECKSUM.pack(__import__("zlib").crc32(body))
     with pytest.raises(BitstreamError, match="impossible image size"):
         model.decompress(forged)
 
@@ -200,7 +205,7 @@ def test_checkpoint_loaded_in_a_fresh_process_decodes_files_written_before_the_s
     code = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {ROOT!r})
-        from taco import load_checkpoint
+        from codec import load_checkpoint
         model, checkpoint = load_checkpoint({str(tmp_path / "model.pt")!r})
         x_hat = model.decompress(open({str(tmp_path / "image.taco")!r}, "rb").read()).numpy()
         assert checkpoint["step"] == 7
@@ -217,20 +222,20 @@ def test_cli_roundtrip_refuses_to_overwrite_and_reports_errors(encoder, tmp_path
     image = (natural_image(45, 60)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "photo.png")
     ckpt, photo, coded = str(tmp_path / "model.pt"), str(tmp_path / "photo.png"), str(tmp_path / "photo.taco")
-    assert taco.main(["compress", photo, "--checkpoint", ckpt, "-o", coded]) == 0
+    assert codec.main(["compress", photo, "--checkpoint", ckpt, "-o", coded]) == 0
     assert "bpp" in capsys.readouterr().out
     decoded = str(tmp_path / "decoded.png")
-    assert taco.main(["decompress", coded, "--checkpoint", ckpt, "-o", decoded]) == 0
+    assert codec.main(["decompress", coded, "--checkpoint", ckpt, "-o", decoded]) == 0
     expected = model.decompress(open(coded, "rb").read())
     assert np.array_equal(np.asarray(Image.open(decoded)),
                           (expected[0].permute(1, 2, 0) * 255).round().byte().numpy())
 
     before = open(coded, "rb").read()
-    assert taco.main(["compress", photo, "--checkpoint", ckpt, "-o", coded]) == 1
+    assert codec.main(["compress", photo, "--checkpoint", ckpt, "-o", coded]) == 1
     assert "--force" in capsys.readouterr().err and open(coded, "rb").read() == before
 
     (tmp_path / "broken.taco").write_bytes(before[:-5])
-    assert taco.main(["decompress", str(tmp_path / "broken.taco"), "--checkpoint", ckpt,
+    assert codec.main(["decompress", str(tmp_path / "broken.taco"), "--checkpoint", ckpt,
                       "-o", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
@@ -241,10 +246,10 @@ def test_cli_text_model_requires_a_caption(encoder, tmp_path, capsys):
     from PIL import Image
     save_checkpoint(str(tmp_path / "model.pt"), tiny_model(encoder))
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
-    assert taco.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model.pt")]) == 1
+    assert codec.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model.pt")]) == 1
     assert "--caption" in capsys.readouterr().err
     (tmp_path / "caption.txt").write_text("a black square\n")
-    assert taco.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model.pt"),
+    assert codec.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model.pt"),
                       "--caption-file", str(tmp_path / "caption.txt")]) == 0
     assert os.path.exists(tmp_path / "a.taco")
 
@@ -253,7 +258,7 @@ def test_text_embedding_matches_open_clips_own_encode_text(encoder):
     """Our 38-token path and open_clip's 77-token encode_text agree for captions that fit."""
     import open_clip
     torch.manual_seed(0)
-    clip = taco.load_clip("tiny", "random")
+    clip = clip_text.load_clip("tiny", "random")
     ours = TextEncoder("tiny", "random", clip=clip)
     captions = ["a red barn in the snow", "two dogs", ""]
     _, _, embedding = ours(captions)
@@ -281,8 +286,8 @@ def test_long_captions_are_cut_to_the_token_budget(encoder):
 def test_missing_pretrained_weights_fail_at_once_with_instructions(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))   # whatever this machine has
-    with pytest.raises(taco.WeightsUnavailable, match="--clip-pretrained"):
-        taco.load_clip(TacoConfig().clip_model, "openai")
+    with pytest.raises(clip_text.WeightsUnavailable, match="--clip-pretrained"):
+        clip_text.load_clip(TacoConfig().clip_model, "openai")
 
 
 def test_openai_weights_are_never_paired_with_the_wrong_gelu():
@@ -290,7 +295,7 @@ def test_openai_weights_are_never_paired_with_the_wrong_gelu():
     import open_clip
     assert open_clip.get_model_config(TacoConfig().clip_model)["quick_gelu"] is True
     with pytest.raises(ValueError, match="ViT-B-32-quickgelu"):
-        taco.load_clip("ViT-B-32", "openai")
+        clip_text.load_clip("ViT-B-32", "openai")
 
 
 def test_caption_cache_reuses_features_and_stays_bounded():
@@ -323,12 +328,12 @@ def test_sixteen_bit_and_gray_alpha_images_read_as_one_full_precision_channel(tm
     from PIL import Image
     ramp = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
-    x = taco.read_image(str(tmp_path / "ramp16.png"))
+    x = codec.read_image(str(tmp_path / "ramp16.png"))
     assert x.shape == (1, 1, 32, 32)
     assert np.allclose(x[0, 0].numpy(), ramp / 65535, atol=1e-7)
     gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
     Image.fromarray(np.stack([gray, 255 - gray], -1), mode="LA").save(tmp_path / "la.png")
-    x = taco.read_image(str(tmp_path / "la.png"))
+    x = codec.read_image(str(tmp_path / "la.png"))
     assert x.shape == (1, 1, 16, 16) and np.allclose(x[0, 0].numpy(), gray / 255)
 
 

@@ -11,10 +11,13 @@ import torch
 import torchvision
 from PIL import Image
 
+import clip_text
+import codec
 import data
 import metrics
 import taco
 import train
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +28,9 @@ TINY_RUN = ["--N", "16", "--M", "24", "--clip-model", "tiny", "--clip-pretrained
 def tiny_towers():
     """Random-weight stand-ins with the real architectures: tiny CLIP, AlexNet LPIPS."""
     torch.manual_seed(0)
-    clip = taco.load_clip("tiny", "random")
+    clip = clip_text.load_clip("tiny", "random")
     lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
-    return taco.TextEncoder("tiny", "random", clip=clip), clip.visual, lpips
+    return clip_text.TextEncoder("tiny", "random", clip=clip), clip.visual, lpips
 
 
 def tiny_model(encoder):
@@ -96,7 +99,7 @@ def test_loss_falls_over_a_few_dozen_steps():
 def run_train(args, tmp_path, name):
     cfg = train.parse_args(TINY_RUN + ["--out", str(tmp_path / name)] + args)
     train.train(cfg)
-    return taco.load_checkpoint(str(tmp_path / name / "latest.pt"))
+    return codec.load_checkpoint(str(tmp_path / name / "latest.pt"))
 
 
 def test_resume_after_interruption_continues_exactly(tmp_path, capsys):
@@ -123,7 +126,7 @@ def test_builtin_demo_runs_end_to_end_and_compares_with_jpeg(tmp_path, capsys):
     try:
         metrics.load_lpips()
         lpips_available = True
-    except taco.WeightsUnavailable:
+    except clip_text.WeightsUnavailable:
         lpips_available = False
     stand_in = out.find("STAND-IN: AlexNet")                # said before training starts, when it applies
     assert (stand_in >= 0) != lpips_available and stand_in < out.find("training on")
@@ -150,7 +153,7 @@ def test_two_processes_with_torchrun_and_gloo_write_one_checkpoint(tmp_path):
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "curves.png", "explain.png", "latest.pt", "log.jsonl"]
-    model, checkpoint = taco.load_checkpoint(str(tmp_path / "ddp" / "latest.pt"))
+    model, checkpoint = codec.load_checkpoint(str(tmp_path / "ddp" / "latest.pt"))
     assert checkpoint["step"] == 3
 
 

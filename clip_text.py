@@ -1,0 +1,125 @@
+"""The frozen CLIP text tower (open_clip) that turns captions into the token features the text adapter reads.
+Only the encoder needs it: decoding never loads CLIP. open_clip is imported where a tower is built, so a
+decoder never pays for importing it."""
+import collections
+import contextlib
+import socket
+import urllib.parse
+
+import torch
+import torch.nn as nn
+
+# A random CLIP of the ViT-B-32 family, small enough for tests on a laptop (same tokenizer, random weights).
+TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=224, layers=1, width=64, patch_size=32),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded (no network, no local file)."""
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(timeout=3.0):
+    """Without network, make the Hugging Face hub read its local cache at once instead of retrying for a
+    minute: the weights still load when they were downloaded before."""
+    from huggingface_hub import constants
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    saved = constants.HF_HUB_OFFLINE
+    if not saved:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError:
+            constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def load_clip(name, pretrained):
+    """An open_clip CLIP model: `pretrained` is a tag ("openai"), a local weights file, or "random"."""
+    import open_clip
+    if name == "tiny" and pretrained != "random":
+        raise ValueError('the "tiny" CLIP exists only with random weights (clip_pretrained="random")')
+    if pretrained == "random":             # seeded: the same stand-in in every process, for train and compress
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if name == "tiny":
+                return open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
+            return open_clip.create_model(name, pretrained=None)
+    tag_gelu = open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu")
+    if tag_gelu is not None and tag_gelu != bool((open_clip.get_model_config(name) or {}).get("quick_gelu")):
+        fix = f"{name}-quickgelu" if tag_gelu else name.removesuffix("-quickgelu")
+        raise ValueError(f"open_clip's {name} uses another GELU than the '{pretrained}' weights were trained "
+                         f"with: use {fix}")
+    try:
+        with hub_offline_unless_reachable():
+            return open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
+    except Exception as error:
+        raise WeightsUnavailable(
+            f"could not load CLIP {name} weights '{pretrained}' ({type(error).__name__}). Either run once "
+            f"with network access (open_clip caches them under ~/.cache/huggingface), or pass a local "
+            f"weights file (open_clip_pytorch_model.bin) as --clip-pretrained") from error
+
+
+class TextEncoder(nn.Module):
+    """Captions -> CLIP token features (B, T, D) after the final LayerNorm, their padding mask (B, T), and
+    the pooled, projected embedding (B, E) used by the loss. Tokenized as the reference did: start token,
+    caption (cut to T - 2 tokens), end token, padded to T with the end token; the padding is masked inside
+    the text transformer. Frozen; the features of the last `cache_size` captions are kept for reuse."""
+
+    def __init__(self, name="ViT-B-32-quickgelu", pretrained="openai", tokens=38, clip=None, cache_size=1024):
+        super().__init__()
+        import open_clip
+        clip = clip if clip is not None else load_clip(name, pretrained)
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-32" if name == "tiny" else name)
+        self.token_embedding, self.transformer = clip.token_embedding, clip.transformer
+        self.positional_embedding, self.ln_final = clip.positional_embedding, clip.ln_final
+        self.text_projection = clip.text_projection
+        self.tokens, self.width = tokens, clip.ln_final.normalized_shape[0]
+        self.requires_grad_(False).eval()
+        self.cache, self.cache_size = collections.OrderedDict(), cache_size
+
+    def tokenize(self, captions):
+        """-> token ids (B, T) and padding mask (B, T), True where a position is padding."""
+        T = self.tokens
+        sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        raw = self.tokenizer(list(captions))                                    # (B, 77), zero-padded
+        ids = torch.full((len(captions), T), eot, dtype=torch.long)
+        lengths = []
+        for i, row in enumerate(raw):
+            end = int((row == eot).nonzero()[0])                # the end token; open_clip zero-pads after it
+            body = row[1:end][:T - 2]                                           # caption tokens only
+            ids[i, 0], ids[i, 1:1 + len(body)] = sot, body
+            lengths.append(len(body) + 2)
+        padding = torch.arange(T)[None, :] >= torch.tensor(lengths)[:, None]
+        return ids, padding
+
+    @torch.no_grad()
+    @torch.autocast("cuda", enabled=False)   # float32 features: they are cached and reused outside autocast
+    def encode(self, ids, padding):
+        B, T = ids.shape
+        x = self.token_embedding(ids) + self.positional_embedding[:T]          # (B, T, D)
+        causal = torch.full((T, T), float("-inf")).triu(1)
+        mask = causal + torch.zeros(B, 1, T).masked_fill(padding[:, None, :].cpu(), float("-inf"))  # (B, T, T)
+        heads = self.transformer.resblocks[0].attn.num_heads
+        x = self.ln_final(self.transformer(x, attn_mask=mask.repeat_interleave(heads, 0).to(x)))
+        pooled = x[torch.arange(B), (~padding).sum(1) - 1]                      # the end token, (B, D)
+        proj = self.text_projection
+        return x, pooled @ proj if isinstance(proj, torch.Tensor) else proj(pooled)
+
+    def forward(self, captions):
+        """list of str -> features (B, T, D), padding (B, T), embedding (B, E)."""
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            ids, padding = self.tokenize(missing)
+            features, embedding = self.encode(ids.to(self.ln_final.weight.device), padding)
+            for i, caption in enumerate(missing):
+                self.cache[caption] = (features[i], padding[i], embedding[i])
+        rows = [self.cache[c] for c in captions]
+        for caption in captions:                        # least recently used captions leave first
+            self.cache.move_to_end(caption)
+        while len(self.cache) > max(self.cache_size, len(captions)):
+            self.cache.popitem(last=False)
+        features, padding, embedding = zip(*rows)
+        return torch.stack(features), torch.stack(padding), torch.stack(embedding)

@@ -1,0 +1,56 @@
+"""The .taco file: a header (magic, version, the writing model's fingerprint, image size, a check of the
+decoder's decisions, stream lengths), the z and y streams, and a CRC-32 of all of it. Every check happens
+before anything large is allocated, and every failure is one BitstreamError that says why."""
+import struct
+import zlib
+
+import numpy as np
+
+class BitstreamError(ValueError):
+    """A file that this model cannot decode: not ours, truncated, corrupted, or written by another model."""
+
+
+MAGIC, VERSION = b"TACO", 2
+HEADER = struct.Struct(">4sB8sHHBIII")    # magic, version, fingerprint, H, W, grayscale, decisions, len(z), len(y)
+CHECKSUM = struct.Struct(">I")
+MAX_PIXELS = 1 << 28
+
+
+def pack(fingerprint, H, W, gray, decisions, z_bytes, y_bytes):
+    body = HEADER.pack(MAGIC, VERSION, fingerprint, H, W, int(gray), decisions, len(z_bytes), len(y_bytes))
+    body += z_bytes + y_bytes
+    return body + CHECKSUM.pack(zlib.crc32(body))
+
+
+def unpack(data, fingerprint):
+    """-> H, W, grayscale, CRC of the coding decisions, z_bytes, y_bytes; raises BitstreamError with the reason."""
+    if len(data) < 5 or data[:4] != MAGIC:
+        raise BitstreamError("not a TACO file (no TACO header)")
+    if data[4] != VERSION:
+        raise BitstreamError(f"TACO format version {data[4]}; this code reads version {VERSION}")
+    if len(data) < HEADER.size + CHECKSUM.size:
+        raise BitstreamError(f"truncated file: {len(data)} bytes, shorter than the header")
+    magic, version, written_by, H, W, gray, decisions, z_len, y_len = HEADER.unpack_from(data)
+    if HEADER.size + z_len + y_len + CHECKSUM.size != len(data):
+        raise BitstreamError(f"truncated or padded file: the header announces "
+                             f"{HEADER.size + z_len + y_len + CHECKSUM.size} bytes, the file has {len(data)}")
+    if CHECKSUM.unpack_from(data, len(data) - CHECKSUM.size)[0] != zlib.crc32(data[:-CHECKSUM.size]):
+        raise BitstreamError("corrupted file: checksum mismatch")
+    if written_by != fingerprint:
+        raise BitstreamError(f"file written by another model (fingerprint {written_by.hex()}); this checkpoint "
+                             f"is {fingerprint.hex()}: decode with the checkpoint that wrote it")
+    if H == 0 or W == 0 or H * W > MAX_PIXELS or gray > 1:
+        raise BitstreamError(f"corrupted header: impossible image size {W}x{H}")
+    z_bytes = data[HEADER.size:HEADER.size + z_len]
+    return H, W, bool(gray), decisions, z_bytes, data[HEADER.size + z_len:len(data) - CHECKSUM.size]
+
+
+def decisions_crc(indexes, crc=0):
+    """CRC-32 of table indexes (int32, little-endian), continuing from `crc`."""
+    return zlib.crc32(np.ascontiguousarray(indexes.numpy(), dtype="<i4").tobytes(), crc)
+
+
+def check_decisions(crc, expected):
+    if crc != expected:
+        raise BitstreamError("this machine's arithmetic differs from the encoder's: it would decode the file with "
+                             "other coding tables than it was written with (decisions check mismatch)")
