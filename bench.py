@@ -31,19 +31,6 @@ def best_time(fn, repeat):
     return min(times), result
 
 
-def sample_from_tables(cdfs, lengths, offsets, indexes, rng):
-    """Draw one value per index from that row's own quantized distribution (escape symbol excluded)."""
-    values = np.empty(len(indexes), dtype=np.int32)
-    bits = 0.0
-    for k in np.unique(indexes):
-        where = np.flatnonzero(indexes == k)
-        freqs = np.diff(cdfs[k, :lengths[k]]).astype(np.float64)[:-1]       # regular symbols only
-        s = rng.choice(len(freqs), size=len(where), p=freqs / freqs.sum())
-        values[where] = s + offsets[k]
-        bits -= np.log2(freqs[s] / (1 << entropy.PRECISION)).sum()          # the ideal code length
-    return values, bits
-
-
 def bench_coder(args):
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -53,7 +40,7 @@ def bench_coder(args):
     # Scales of a trained hyperprior's y are mostly small: log-uniform in [0.11, 20] is a fair stand-in.
     scales = torch.exp(torch.empty(args.symbols).uniform_(np.log(0.11), np.log(20.0)))
     indexes = gaussian.build_indexes(scales).numpy()
-    values, ideal_bits = sample_from_tables(cdfs, lengths, offsets, indexes, rng)
+    values, ideal_bits = entropy.sample_from_tables(rng, cdfs, lengths, offsets, indexes)
     entropy.decode_symbols(entropy.encode_symbols(values[:10], indexes[:10], cdfs, lengths, offsets),
                            indexes[:10], cdfs, lengths, offsets)                  # compile outside the clock
     t_enc, data = best_time(lambda: entropy.encode_symbols(values, indexes, cdfs, lengths, offsets), args.repeat)

@@ -255,6 +255,19 @@ class SymbolDecoder:
         return _decode(self.data, self.state, indexes, cdfs, cdf_lengths, offsets)
 
 
+def sample_from_tables(rng, cdfs, cdf_lengths, offsets, indexes):
+    """Draw one value per index from that row's own quantized distribution (escape excluded), and the ideal
+    code length of them all in bits, -sum log2(freq / 2**16): what tests and benchmarks hold the coder to."""
+    values, bits = np.empty(len(indexes), dtype=np.int32), 0.0
+    for k in np.unique(indexes):
+        where = np.flatnonzero(indexes == k)
+        freqs = np.diff(cdfs[k, :cdf_lengths[k]]).astype(np.float64)[:-1]   # regular symbols only
+        s = rng.choice(len(freqs), size=len(where), p=freqs / freqs.sum())
+        values[where] = s + offsets[k]
+        bits -= np.log2(freqs[s] / (1 << PRECISION)).sum()
+    return values, bits
+
+
 def pmf_to_quantized_cdf(pmf, tail_mass, precision=PRECISION):
     """Turn a float pmf plus the mass of its tails into an int32 CDF of length len(pmf) + 2.
 

@@ -93,7 +93,8 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
             row["_inception"] = tuple(metrics.inception_features(inception, t)[0].cpu() for t in (x, x_hat))
         if clip is not None:
             e_hat = clip.encode_image(metrics.clip_preprocess(x_hat))
-            row["clip_score"] = float(100 * F.cosine_similarity(e_hat, caption_embedding(clip, captions[name])).clamp_min(0))
+            similarity = F.cosine_similarity(e_hat, caption_embedding(clip, captions[name]))
+            row["clip_score"] = float(100 * similarity.clamp_min(0))
             row["_embeddings"] = (clip.encode_image(metrics.clip_preprocess(x))[0].cpu(), e_hat[0].cpu())
         if save_dir:
             codec.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
@@ -228,59 +229,74 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
     for path in args.checkpoint:
-        try:
-            model, _ = codec.load_checkpoint(path, args.device)
-        except codec.CheckpointError as error:
-            raise SystemExit(f"error: {error}")
-        lpips, clip, pretrained, inception = load_towers(args, model.config)
-        text_model = model.config.text_adapter
-        if text_model:
-            if clip is None:
-                raise SystemExit(f"error: {path} reads captions but its CLIP text tower cannot be loaded")
-            model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, pretrained,
-                                                       model.config.text_tokens, clip=clip))
-        captions = captions_for(images, args.captions, args.allow_missing_captions or not text_model)
-        save_dir = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0]) \
-            if args.save_reconstructions else None
-        if save_dir:
-            os.makedirs(save_dir, exist_ok=True)
-        runs = {"given": captions}
-        if args.ablation and text_model:
-            runs.update(empty={n: "" for n in images}, shuffled=shuffled(captions))
-        entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}
-        for run, caps in runs.items():
-            rows = evaluate(model, images, caps, lpips, clip, inception, args.images,
-                            save_dir if run == "given" else None)
-            entry[run] = {"mean": summarize(rows), "per_image": [{k: v for k, v in r.items()
-                                                                  if not k.startswith("_")} for r in rows]}
+        entry = evaluate_checkpoint(path, args, images)
         report["checkpoints"][path] = entry
-        label = "TACO (ours)" if text_model else "hyperprior (ours)"
+        label = "TACO (ours)" if entry["config"]["text_adapter"] else "hyperprior (ours)"
         mean = entry["given"]["mean"]
         curves_by_label.setdefault(label, []).append((mean["bpp"], mean["psnr"]))
         print_entry(path, entry)
 
     pillows = [c.strip().upper() for c in args.baselines.split(",") if c.strip()]
     report["baselines"] = baseline_curves(args.images, images, pillows)
-    report["bd"] = {}
-    for label, points in curves_by_label.items():
-        for pillow, curve in report["baselines"].items():
-            if len(points) >= 4:
-                anchor = [(c["bpp"], c["psnr"]) for c in curve]
-                report["bd"][f"{label} vs {pillow}"] = {"bd_rate_percent": metrics.bd_rate(anchor, sorted(points)),
-                                                       "bd_psnr_db": metrics.bd_psnr(anchor, sorted(points))}
-            else:
-                psnrs = [metrics.psnr_at_bpp([(c["bpp"], c["psnr"]) for c in curve], b) for b, _ in points]
-                report["bd"][f"{label} vs {pillow}"] = {"psnr_of_baseline_at_our_bpp": psnrs}
+    report["bd"] = bjontegaard(curves_by_label, report["baselines"])
     for name, value in report["bd"].items():
         print(f"{name}: {value}")
     for pillow, curve in report["baselines"].items():
-        print(f"{pillow} (Pillow), mean over images and qualities: encode {np.mean([c['encode_s'] for c in curve]):.4f}"
-              f" s, decode {np.mean([c['decode_s'] for c in curve]):.4f} s per image (ours: encode_s / decode_s above)")
+        encode, decode = (np.mean([c[k] for c in curve]) for k in ("encode_s", "decode_s"))
+        print(f"{pillow} (Pillow), mean over images and qualities: encode {encode:.4f} s, decode {decode:.4f} s "
+              f"per image (ours: encode_s / decode_s above)")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     write_csv(report, os.path.join(args.out, "results.csv"))
     plot(curves_by_label, report["baselines"], os.path.join(args.out, "rd.png"), args.reference)
     print(f"wrote {args.out}/results.json, results.csv, rd.png")
+
+
+def evaluate_checkpoint(path, args, images):
+    """One checkpoint on the folder: its complexity, then every image coded for real, with the given captions
+    (and, with --ablation, empty and shuffled ones)."""
+    try:
+        model, _ = codec.load_checkpoint(path, args.device)
+    except codec.CheckpointError as error:
+        raise SystemExit(f"error: {error}")
+    lpips, clip, pretrained, inception = load_towers(args, model.config)
+    text_model = model.config.text_adapter
+    if text_model:
+        if clip is None:
+            raise SystemExit(f"error: {path} reads captions but its CLIP text tower cannot be loaded")
+        model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, pretrained,
+                                                        model.config.text_tokens, clip=clip))
+    captions = captions_for(images, args.captions, args.allow_missing_captions or not text_model)
+    save_dir = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0]) \
+        if args.save_reconstructions else None
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    runs = {"given": captions}
+    if args.ablation and text_model:
+        runs.update(empty={n: "" for n in images}, shuffled=shuffled(captions))
+    entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}
+    for run, caps in runs.items():
+        rows = evaluate(model, images, caps, lpips, clip, inception, args.images,
+                        save_dir if run == "given" else None)
+        entry[run] = {"mean": summarize(rows), "per_image": [{k: v for k, v in r.items()
+                                                              if not k.startswith("_")} for r in rows]}
+    return entry
+
+
+def bjontegaard(curves_by_label, baselines):
+    """BD-rate and BD-PSNR of our curves against each Pillow codec (4+ rate points), else the baseline's PSNR
+    at our bpp."""
+    report = {}
+    for label, points in curves_by_label.items():
+        for pillow, curve in baselines.items():
+            anchor = [(c["bpp"], c["psnr"]) for c in curve]
+            if len(points) >= 4:
+                report[f"{label} vs {pillow}"] = {"bd_rate_percent": metrics.bd_rate(anchor, sorted(points)),
+                                                  "bd_psnr_db": metrics.bd_psnr(anchor, sorted(points))}
+            else:
+                report[f"{label} vs {pillow}"] = {
+                    "psnr_of_baseline_at_our_bpp": [metrics.psnr_at_bpp(anchor, b) for b, _ in points]}
+    return report
 
 
 def explain_one(args):
@@ -296,7 +312,8 @@ def explain_one(args):
     config = model.config
     if config.text_adapter:
         pretrained = args.clip_pretrained or config.clip_pretrained
-        model.attach_text_encoder(clip_text.TextEncoder(config.clip_model, pretrained, config.text_tokens).to(args.device))
+        encoder = clip_text.TextEncoder(config.clip_model, pretrained, config.text_tokens)
+        model.attach_text_encoder(encoder.to(args.device))
     try:
         lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
     except clip_text.WeightsUnavailable:

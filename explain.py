@@ -101,8 +101,9 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
     show(fig, axes[0, 2], (with_caption["x_hat"] - x).abs().mean(1)[0].numpy(), "|error|, mean over RGB",
          cmap="magma")
     show(fig, axes[0, 3], upsample(with_caption["bits_y"], 16, H, W) / 256,   # a y element covers 16x16 pixels
-         f"bits per pixel of y: {with_caption['bits_y'].sum() / (H * W):.3f} bpp; z {with_caption['bits_z'] / (H * W):.3f}"
-         f" bpp\nfile = these + header {header_bits()} bits + coder and tables {overhead:+.0f} bits", cmap="viridis")
+         f"bits per pixel of y: {with_caption['bits_y'].sum() / (H * W):.3f} bpp; "
+         f"z {with_caption['bits_z'] / (H * W):.3f} bpp\n"
+         f"file = these + header {header_bits()} bits + coder and tables {overhead:+.0f} bits", cmap="viridis")
 
     delta_bits = upsample(with_caption["bits_y"] - empty["bits_y"], 16, H, W) / 256
     limit = max(float(np.abs(delta_bits).max()), 1e-9)

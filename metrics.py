@@ -20,8 +20,12 @@ import taco
 # Metrics on (B, 3, H, W) tensors in [0, 1]
 # ----------------------------------------------------------------------------------------------------------
 def psnr(x_hat, x):
-    """10 log10(1 / MSE) per image, over all channels (RGB PSNR)."""
-    mse = ((x_hat - x) ** 2).flatten(1).mean(1)
+    """PSNR per image, over all channels (RGB PSNR)."""
+    return psnr_of_mse(((x_hat - x) ** 2).flatten(1).mean(1))
+
+
+def psnr_of_mse(mse):
+    """10 log10(1 / MSE), for images in [0, 1]."""
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 

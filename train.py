@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,49 +32,58 @@ import taco
 
 
 
+def option(default, help):
+    """A TrainConfig field and its --flag's help, in one place."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # data
-    data: str = "demo"               # demo | coco | folder
-    root: str = ""                   # coco: folder with train2014/ (or train2017/) and annotations/
-    captions: str = ""               # folder: JSON {file: caption(s)} or JSONL {"file", "caption(s)"}
-    val_root: str = ""               # held-out images (e.g. Kodak) for real-bitstream validation
-    val_captions: str = ""
-    crop: int = 256
+    data: str = option("demo", "demo (built-in photos), coco (--root), or folder (--root + --captions)")
+    root: str = option("", "coco: folder with train2014/ (or train2017/) and annotations/; folder: the images")
+    captions: str = option("", "folder data: JSON {file: caption(s)} or JSONL {\"file\", \"caption(s)\"}")
+    val_root: str = option("", "held-out images (e.g. Kodak) for real-bitstream validation")
+    val_captions: str = option("", "captions of the held-out images (JSON or JSONL)")
+    crop: int = option(256, "random crop size for training")
     # model (TacoConfig)
-    backbone: str = "hyperprior"     # hyperprior (GDN mean-scale) | elic (the paper's exact model, N=192 M=320)
-    init_from: str = ""              # start from these weights: our checkpoint or a released lambda_*.pth.tar
-    N: int = 128
-    M: int = 192
-    text_adapter: bool = True
-    clip_model: str = "ViT-B-32-quickgelu"   # OpenAI's ViT-B/32; plain "ViT-B-32" would use GELU with its weights
-    clip_pretrained: str = "openai"
-    mask_padding: bool = False
+    backbone: str = option("hyperprior", "hyperprior (GDN mean-scale) or elic (the paper's model; use --N 192 "
+                                         "--M 320)")
+    init_from: str = option("", "start from these weights: our checkpoint or a released lambda_*.pth.tar")
+    N: int = option(128, "transform channels")
+    M: int = option(192, "latent channels")
+    text_adapter: bool = option(True, "CLIP text adapter in g_a")
+    clip_model: str = option("ViT-B-32-quickgelu", "open_clip model name (OpenAI's ViT-B/32 needs the -quickgelu "
+                                                   "variant; 'tiny': a small random tower for smoke runs)")
+    clip_pretrained: str = option("openai", "open_clip tag, local weights file, or 'random'")
+    mask_padding: bool = option(False, "mask padding tokens in the adapter's attention")
     # loss
-    lmbda: float = 0.004             # released rate points: 0.0008, 0.0016, 0.004, 0.009, 0.015
-    k_p: float = 3.5                 # LPIPS weight (reference README); its parser default was 1.0
-    k_j: float = 0.0025              # joint image-text weight (reference README); parser default 0.005
-    lpips_input: str = "reference"   # reference: [0, 1] fed to LPIPS as the paper did; standard: [-1, 1]
-    alexnet_weights: str = ""        # local torchvision AlexNet weights file for LPIPS
-    allow_missing_weights: bool = False   # train without a term whose pretrained weights cannot load
+    lmbda: float = option(0.004, "rate-distortion trade-off lambda (released: 0.0008, 0.0016, 0.004, 0.009, "
+                                 "0.015)")
+    k_p: float = option(3.5, "LPIPS weight k_P (reference README; its parser default was 1.0)")
+    k_j: float = option(0.0025, "joint image-text weight k_J (reference README; its parser default 0.005)")
+    lpips_input: str = option("reference", "reference ([0,1] fed to LPIPS, as the paper) or standard ([-1,1])")
+    alexnet_weights: str = option("", "local torchvision AlexNet weights file for LPIPS")
+    allow_missing_weights: bool = option(False, "train without LPIPS / J when their weights cannot be loaded")
     # optimization (reference: 50 epochs at batch 8 per GPU, lr x0.1 at epochs 45 and 48)
-    epochs: int = 50
-    steps: int = 0                   # 0: `epochs` passes over the data; otherwise exactly this many steps
-    batch_size: int = 8
-    lr: float = 1e-4
-    aux_lr: float = 1e-3
-    clip_grad: float = 1.0
-    seed: int = 100
+    epochs: int = option(50, "passes over the (image, caption) pairs (if no --steps)")
+    steps: int = option(0, "total optimizer steps (0: from --epochs)")
+    batch_size: int = option(8, "images per step and per process")
+    lr: float = option(1e-4, "Adam learning rate of the codec")
+    aux_lr: float = option(1e-3, "Adam learning rate of the factorized prior's quantiles")
+    clip_grad: float = option(1.0, "gradient norm clip")
+    seed: int = option(100, "seed of weights, data order, crops and noise")
     # machinery
-    out: str = "runs/taco"
-    val_every: int = 5000
-    log_every: int = 50
-    workers: int = 4
-    bf16: bool = False               # GPU only: bf16 autocast (opt-in; the reference trains in fp32)
-    channels_last: bool = True       # on GPU only
-    compile: bool = False
-    resume: bool = False
-    stop_at: int = 0                 # stop (with a checkpoint) at this step, to be continued with --resume
+    out: str = option("runs/taco", "folder for checkpoints, log.jsonl, curves.png and explain.png")
+    val_every: int = option(5000, "validate with real bitstreams (and checkpoint) every this many steps")
+    log_every: int = option(50, "steps between log.jsonl rows")
+    workers: int = option(4, "data loader processes")
+    bf16: bool = option(False, "bf16 autocast on GPU (default: fp32 with TF32 matmuls, as the reference; coding "
+                               "always runs in fp32)")
+    channels_last: bool = option(True, "channels-last memory format on GPU")
+    compile: bool = option(False, "torch.compile the model")
+    resume: bool = option(False, "continue the run in --out from latest.pt")
+    stop_at: int = option(0, "stop at this step with a checkpoint (e.g. a job time limit); continue with --resume")
 
 
 # `python train.py` with no --data: a run that does real work in a few CPU minutes, offline.
@@ -123,7 +132,7 @@ class JointLoss(nn.Module):
         if self.clip_visual is not None and text_embedding is not None:
             terms["joint"] = self.joint_term(x_hat, x, text_embedding)
             loss = loss + self.k_j * terms["joint"]
-        terms["psnr"] = 10 * torch.log10(1 / terms["mse"].detach())
+        terms["psnr"] = metrics.psnr_of_mse(terms["mse"].detach())
         return loss, terms
 
 
@@ -317,13 +326,7 @@ def train(cfg):
     # setup: devices, towers, data, model and optimizers (in that order)
     rank, world, device = setup_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    latest = os.path.join(cfg.out, "latest.pt")
-    if rank == 0 and os.path.exists(latest) and not cfg.resume:
-        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it, "
-                         f"or choose another --out")
-    if cfg.resume and not os.path.exists(latest):
-        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
-    os.makedirs(cfg.out, exist_ok=True)
+    prepare_out(cfg, rank)
     on_gpu = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (coding turns them off)
     encoder, clip_visual, lpips, text_pretrained = build_towers(cfg, say)
@@ -334,7 +337,6 @@ def train(cfg):
     if not cfg.steps:
         cfg.steps = cfg.epochs * data.steps_per_epoch(len(train_items), cfg.batch_size * world)
     model, optimizers, step, best = build_model(cfg, config, device, say)
-    optimizer, aux_optimizer, scheduler = optimizers
     if encoder is not None:
         encoder.to(device)
         if cfg.text_adapter:
@@ -366,26 +368,14 @@ def train(cfg):
             features, padding, embedding = encoder(captions) if encoder is not None else (None, None, None)
             out = net(x, (features, padding) if cfg.text_adapter else None)
             loss, terms = criterion(out, x, embedding)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        aux_loss = model.entropy_bottleneck.aux_loss()
-        aux_optimizer.zero_grad(set_to_none=True)
-        aux_loss.backward()
-        if world > 1:
-            quantiles = model.entropy_bottleneck.quantiles
-            dist.all_reduce(quantiles.grad)
-            quantiles.grad /= world
-        aux_optimizer.step()
+        aux_loss = optimization_step(model, optimizers, loss, cfg.clip_grad, world)
         step += 1
         images_seen += len(x) * world
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.3f}", bpp=f"{terms['bpp'].item():.3f}",
                              psnr=f"{terms['psnr'].item():.2f}")
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            row = {"step": step, "loss": loss.item(), "aux": aux_loss.item(), "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": loss.item(), "aux": aux_loss.item(), "lr": optimizers[2].get_last_lr()[0],
                    "images_per_s": images_seen / (time.perf_counter() - started),
                    **{k: v.item() for k, v in terms.items()}}
             log.write(json.dumps(row) + "\n")
@@ -401,17 +391,53 @@ def train(cfg):
     progress.close()
     if rank == 0:
         log.close()
-        plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
-        say(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
-        if val_rows and step == cfg.steps:
-            compare_with_jpeg(val_items, val_rows)
-            source, captions = val_items[0]
-            figure = os.path.join(cfg.out, "explain.png")
-            explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)
-            say(f"{figure}: where the bits of {os.path.basename(source.split(':')[-1])} go and what its caption "
-                f"changed")
+        finish(model, cfg, val_items, val_rows if step == cfg.steps else None, lpips)
     if world > 1:
         dist.destroy_process_group()
+
+
+def prepare_out(cfg, rank):
+    """Never overwrite a run; resume only one that exists."""
+    latest = os.path.join(cfg.out, "latest.pt")
+    if rank == 0 and os.path.exists(latest) and not cfg.resume:
+        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it, "
+                         f"or choose another --out")
+    if cfg.resume and not os.path.exists(latest):
+        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
+    os.makedirs(cfg.out, exist_ok=True)
+
+
+def optimization_step(model, optimizers, loss, clip_grad, world):
+    """The codec's step (gradient clipped) and the quantiles' own step on the aux loss; -> the aux loss."""
+    optimizer, aux_optimizer, scheduler = optimizers
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], clip_grad)
+    optimizer.step()
+    scheduler.step()
+    aux_loss = model.entropy_bottleneck.aux_loss()
+    aux_optimizer.zero_grad(set_to_none=True)
+    aux_loss.backward()
+    if world > 1:                                   # the quantiles are outside DDP: average their gradient here
+        quantiles = model.entropy_bottleneck.quantiles
+        dist.all_reduce(quantiles.grad)
+        quantiles.grad /= world
+    aux_optimizer.step()
+    return aux_loss
+
+
+def finish(model, cfg, val_items, val_rows, lpips):
+    """Rank 0, after the loop: the curves; at the end of a run with held-out images, the JPEG comparison and
+    the picture of where the first one's bits go (explain.py)."""
+    plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
+    print(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
+    if val_rows:
+        compare_with_jpeg(val_items, val_rows)
+        source, captions = val_items[0]
+        figure = os.path.join(cfg.out, "explain.png")
+        explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)
+        print(f"{figure}: where the bits of {os.path.basename(source.split(':')[-1])} go and what its caption "
+              f"changed")
 
 
 def plot_log(log_path, png_path):
@@ -439,38 +465,14 @@ def plot_log(log_path, png_path):
 def parse_args(argv=None):
     """Every TrainConfig field is a flag; without --data, the DEMO preset applies first."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {"data": "demo (built-in photos), coco (--root), or folder (--root + --captions)",
-             "lmbda": "rate-distortion trade-off lambda", "k_p": "LPIPS weight k_P", "k_j": "joint loss weight k_J",
-             "lpips_input": "reference ([0,1] inputs, as the paper) or standard ([-1,1])",
-             "clip_pretrained": "open_clip tag, local weights file, or 'random'",
-             "allow_missing_weights": "train without LPIPS / J when their weights cannot be loaded",
-             "resume": "continue the run in --out from latest.pt", "steps": "total optimizer steps (0: epochs)",
-             "stop_at": "stop at this step with a checkpoint (e.g. a job time limit); continue with --resume",
-             "val_every": "validate with real bitstreams (and checkpoint) every this many steps",
-             "out": "folder for checkpoints, log.jsonl and curves.png",
-             "backbone": "hyperprior (GDN, default) or elic (the paper's model; use --N 192 --M 320)",
-             "root": "coco: folder with train2014/ and annotations/; folder: the images",
-             "captions": "folder data: JSON {file: caption(s)} or JSONL", "val_root": "held-out image folder",
-             "val_captions": "captions of the held-out images (JSON)", "crop": "random crop size for training",
-             "N": "transform channels", "M": "latent channels", "text_adapter": "CLIP text adapter in g_a",
-             "clip_model": "open_clip model name ('tiny': random, for tests)",
-             "mask_padding": "mask padding tokens in the adapter's attention",
-             "alexnet_weights": "local AlexNet weights file for LPIPS", "epochs": "passes over the data (if no --steps)",
-             "batch_size": "images per step and per process", "lr": "Adam learning rate of the codec",
-             "aux_lr": "Adam learning rate of the factorized prior's quantiles", "clip_grad": "gradient norm clip",
-             "seed": "seed of weights, data order, crops and noise", "log_every": "steps between log.jsonl rows",
-             "workers": "data loader processes", "bf16": "bf16 autocast on GPU (default fp32 with TF32 matmuls, as the "
-             "reference; coding always runs in fp32)", "channels_last": "on GPU",
-             "compile": "torch.compile the model",
-             "init_from": "initialise from a checkpoint (ours or a released lambda_*.pth.tar) before training"}
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        text = helps.get(field.name, "") + f" (default {field.default!r}; demo {DEMO[field.name]!r})" \
-            if field.name in DEMO else helps.get(field.name, "") + f" (default {field.default!r})"
-        if field.type is bool or isinstance(field.default, bool):
+    for setting in dataclasses.fields(TrainConfig):
+        flag = "--" + setting.name.replace("_", "-")
+        text = setting.metadata["help"] + f" (default {setting.default!r}" + \
+            (f"; demo {DEMO[setting.name]!r})" if setting.name in DEMO else ")")
+        if isinstance(setting.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=type(field.default), default=None, help=text)
+            parser.add_argument(flag, type=type(setting.default), default=None, help=text)
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     preset = DEMO if given.get("data", "demo") == "demo" else {}

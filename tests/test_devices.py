@@ -9,13 +9,11 @@ import codec
 import metrics
 import taco
 import train
+from helpers import TINY, TINY_ELIC
 from standin import DeviceMismatch, StandInGPU
 from test_train import TINY_RUN
 
 
-TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
-TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
-                 slices=(4, 4, 8, 8, 16))
 
 
 def test_the_stand_in_gpu_catches_what_a_real_gpu_refuses():

@@ -10,11 +10,9 @@ import codec
 import container
 import elic
 import entropy
-import taco
+from helpers import TINY_ELIC, tiny_model
 
 
-TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
-                 slices=(4, 4, 8, 8, 16))
 
 
 def reference_shapes(N=192, M=320, D=512, slices=(16, 16, 32, 64, 192), table_width=40):
@@ -174,19 +172,9 @@ def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, damage):
         codec.load_checkpoint(str(tmp_path / "bad.pth.tar"))
 
 
-def tiny_elic():
-    torch.manual_seed(0)
-    model = codec.build_model(taco.TacoConfig(**TINY_ELIC)).eval()
-    model.attach_text_encoder()
-    for module in model.modules():
-        if isinstance(module, taco.Injector):
-            module.gamma.data.normal_()
-    return model.update()
-
-
 @pytest.mark.parametrize("size", [(64, 64), (70, 100), (20, 36)])
 def test_decompress_equals_the_models_own_reconstruction_exactly(size):
-    model = tiny_elic()
+    model = tiny_model(config=TINY_ELIC)
     x = torch.rand(1, 3, *size)
     data = model.compress(x, "a lighthouse on a cliff")
     padded = F.pad(x, (0, -size[1] % 64, 0, -size[0] % 64), mode="replicate")
@@ -203,7 +191,7 @@ def test_checkerboard_masks_are_complementary_with_anchors_where_row_plus_column
 
 @pytest.mark.parametrize("corruption", ["swapped passes", "positions visited backwards"])
 def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_image(monkeypatch, corruption):
-    model = tiny_elic()
+    model = tiny_model(config=TINY_ELIC)
     x = torch.rand(1, 3, 64, 64)
     data = model.compress(x, "a boat")
     correct = model.decompress(data)

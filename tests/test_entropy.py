@@ -31,18 +31,6 @@ def random_tables(rng, count=12, max_len=40):
     return table, lengths, offsets
 
 
-def draw_from_tables(rng, table, lengths, offsets, indexes):
-    """Values from each row's own regular symbols, and their ideal code length in bits."""
-    values, bits = np.empty(len(indexes), dtype=np.int32), 0.0
-    for k in range(len(table)):
-        where = np.flatnonzero(indexes == k)
-        freqs = np.diff(table[k, :lengths[k]]).astype(np.float64)[:-1]
-        s = rng.choice(len(freqs), size=len(where), p=freqs / freqs.sum())
-        values[where] = s + offsets[k]
-        bits -= np.log2(freqs[s] / 2 ** 16).sum()
-    return values, bits
-
-
 def roundtrip(values, indexes, tables):
     data = encode_symbols(values, indexes, *tables)
     return data, decode_symbols(data, indexes, *tables)
@@ -78,7 +66,7 @@ def test_bits_match_entropy_within_1pct():
     rng = np.random.default_rng(3)
     tables = random_tables(rng)
     indexes = rng.integers(0, len(tables[0]), 200_000).astype(np.int32)
-    values, ideal_bits = draw_from_tables(rng, *tables, indexes)
+    values, ideal_bits = entropy.sample_from_tables(rng, *tables, indexes)
     data, decoded = roundtrip(values, indexes, tables)
     assert np.array_equal(decoded, values)
     assert 8 * len(data) <= ideal_bits * 1.01 + 8 * 8
@@ -91,7 +79,7 @@ def test_gaussian_tables_code_within_1pct_of_entropy():
     gaussian.update()
     tables = gaussian.tables()
     indexes = rng.integers(0, 64, 100_000).astype(np.int32)
-    values, ideal_bits = draw_from_tables(rng, *tables, indexes)
+    values, ideal_bits = entropy.sample_from_tables(rng, *tables, indexes)
     data, decoded = roundtrip(values, indexes, tables)
     assert np.array_equal(decoded, values)
     assert abs(8 * len(data) - ideal_bits) <= 0.01 * ideal_bits + 64

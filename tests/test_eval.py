@@ -12,9 +12,9 @@ import codec
 import eval as evaluation
 import metrics
 import taco
+from helpers import TINY
 
 
-TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
 
 
 def pair(seed=0, size=(2, 3, 96, 112)):

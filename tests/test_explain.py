@@ -4,29 +4,18 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_text
 import codec
 import eval as evaluation
 import explain
 import taco
-from test_devices import TINY, TINY_ELIC
-from test_taco import encoder, natural_image, trained_model  # noqa: F401 (fixtures)
+from helpers import TINY, TINY_ELIC, natural_image, tiny_model
+from test_taco import trained_model  # noqa: F401 (a fixture)
 
-
-
-def model_for(config, gammas=True):
-    torch.manual_seed(0)
-    model = codec.build_model(taco.TacoConfig(**config)).eval()
-    model.attach_text_encoder(clip_text.TextEncoder("tiny", "random"))
-    if gammas:
-        for injector in explain.injectors(model):
-            injector.gamma.data.normal_()
-    return model.update()
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass(config):
-    model, x = model_for(config), natural_image(70, 100)
+    model, x = tiny_model(config=config), natural_image(70, 100)
     result = explain.analyse(model, x, "a red barn")
     with torch.no_grad():
         likelihoods = model(taco.pad_to_64(x), ["a red barn"])["likelihoods"]
@@ -43,7 +32,7 @@ def test_bits_map_total_is_the_file_size_up_to_header_and_coder_overhead(trained
 
 
 def test_attention_shown_is_the_adapters_own_and_follows_the_caption():
-    model, x = model_for(TINY, gammas=False), natural_image(64, 64)
+    model, x = tiny_model(gammas=False, config=TINY), natural_image(64, 64)
     first = explain.analyse(model, x, "a red barn in the snow")
     assert torch.allclose(first["attention"].sum(-1), torch.ones(first["attention"].shape[:2]), atol=1e-5)
     assert first["attention"].shape[:2] == (16, 16)                             # the first Injector: 1/4
@@ -56,13 +45,13 @@ def test_attention_shown_is_the_adapters_own_and_follows_the_caption():
 
 @pytest.mark.parametrize("gammas", [False, True])
 def test_caption_changes_the_bits_map_exactly_when_the_gammas_are_nonzero(gammas):
-    model, x = model_for(TINY, gammas), natural_image(64, 128)
+    model, x = tiny_model(gammas=gammas, config=TINY), natural_image(64, 128)
     with_caption, empty = explain.analyse(model, x, "a red barn"), explain.analyse(model, x, "")
     assert torch.equal(with_caption["bits_y"], empty["bits_y"]) != gammas
 
 
 def test_explain_cli_writes_a_figure_and_never_overwrites(tmp_path, capsys):
-    model = model_for(TINY)
+    model = tiny_model(config=TINY)
     codec.save_checkpoint(str(tmp_path / "tiny.pt"), model)
     Image.fromarray((natural_image(96, 160)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(
         tmp_path / "photo.png")

@@ -13,7 +13,7 @@ import codec
 import eval as evaluation
 import taco
 import train
-from test_devices import TINY, TINY_ELIC
+from helpers import TINY, TINY_ELIC
 from test_eval import folder  # noqa: F401  (a fixture: photos, captions, a tiny checkpoint, local weights)
 from test_train import ROOT, TINY_RUN, free_port
 

@@ -13,13 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_text
 import codec
 import container
 import integer
-import taco
-from test_devices import TINY, TINY_ELIC
-from test_taco import natural_image
+from helpers import TINY, TINY_ELIC, natural_image, tiny_model
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,14 +35,8 @@ def spread_scales(model):
     return model
 
 
-def model_for(config, seed=0):
-    torch.manual_seed(seed)
-    model = codec.build_model(taco.TacoConfig(**config)).eval()
-    model.attach_text_encoder(clip_text.TextEncoder("tiny", "random"))
-    for module in model.modules():
-        if isinstance(module, taco.Injector):
-            module.gamma.data.normal_()
-    return spread_scales(model).update()
+def model_for(config):
+    return spread_scales(tiny_model(config=config))
 
 
 @pytest.mark.parametrize("transposed", [False, True])

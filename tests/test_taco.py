@@ -16,37 +16,10 @@ import taco
 from clip_text import TextEncoder
 from codec import CheckpointError, load_checkpoint, save_checkpoint
 from container import BitstreamError
+from helpers import TINY, natural_image, tiny_model
 from taco import GDN, TACO, TacoConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    torch.manual_seed(0)
-    return TextEncoder("tiny", "random")
-
-
-def tiny_model(encoder, gammas=True, seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = TACO(TacoConfig(**{**TINY, **overrides})).eval()
-    if model.config.text_adapter:
-        model.attach_text_encoder(encoder)
-        if gammas:                                   # as after training: the caption now matters
-            for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
-                injector.gamma.data.normal_()
-    return model.update()
-
-
-def natural_image(H, W, seed=0):
-    """A smooth image with some texture: something like a photo, made here."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, max(H // 16, 2), max(W // 16, 2), generator=g)
-    smooth = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False)
-    return (smooth + 0.05 * torch.randn(1, 3, H, W, generator=g)).clamp(0, 1)
-
-
 def eval_reconstruction(model, x, caption):
     """The model's own forward pass at test time, on the padded image, cropped back."""
     H, W = x.shape[-2:]

@@ -17,6 +17,7 @@ import data
 import metrics
 import taco
 import train
+from helpers import TINY
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +36,7 @@ def tiny_towers():
 
 def tiny_model(encoder):
     torch.manual_seed(0)
-    config = taco.TacoConfig(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
-    return taco.TACO(config).attach_text_encoder(encoder)
+    return taco.TACO(taco.TacoConfig(**TINY)).attach_text_encoder(encoder)
 
 
 def photo_batch(n=4, size=64):

@@ -1,0 +1,34 @@
+"""What several test files share: tiny configs of both backbones, a photo-like image made here, tiny models."""
+import torch
+import torch.nn.functional as F
+
+import clip_text
+import codec
+import taco
+
+# Both backbones at toy widths, with the tiny random CLIP (open_clip's ViT-B-32 tokenizer, 64-wide towers).
+TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
+TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
+                 slices=(4, 4, 8, 8, 16))
+
+
+def natural_image(H, W, seed=0):
+    """A smooth image with some texture: something like a photo, made here."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, max(H // 16, 2), max(W // 16, 2), generator=g)
+    smooth = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False)
+    return (smooth + 0.05 * torch.randn(1, 3, H, W, generator=g)).clamp(0, 1)
+
+
+def tiny_model(encoder=None, gammas=True, seed=0, config=TINY, **overrides):
+    """A coding-ready model (eval mode, tables frozen) with a text encoder; `gammas`: the adapter's gammas drawn
+    at random, as after training (at 0, as initialised, the caption changes nothing)."""
+    torch.manual_seed(seed)
+    model = codec.build_model(taco.TacoConfig(**{**config, **overrides})).eval()
+    if model.config.text_adapter:
+        model.attach_text_encoder(encoder or clip_text.TextEncoder("tiny", "random"))
+        if gammas:
+            for module in model.modules():
+                if isinstance(module, taco.Injector):
+                    module.gamma.data.normal_()
+    return model.update()
