@@ -291,7 +291,7 @@ class TACO(nn.Module):
 
     def cached(self, name, build):
         """build(), computed again only when a weight, buffer or table changed (in place, replaced or moved)."""
-        key = [(name, t.data_ptr(), t._version, t.shape) for name, t in self.state_dict(keep_vars=True).items()]
+        key = [(k, t.data_ptr(), t._version, t.shape) for k, t in self.state_dict(keep_vars=True).items()]
         cache = self.__dict__.setdefault("_cache", {})
         if cache.get(name, (None,))[0] != key:
             cache[name] = (key, build())
