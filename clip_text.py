@@ -9,11 +9,6 @@ import urllib.parse
 import torch
 import torch.nn as nn
 
-# A random CLIP of the ViT-B-32 family, small enough for tests on a laptop (same tokenizer, random weights).
-TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=224, layers=1, width=64, patch_size=32),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
-
-
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (no network, no local file)."""
 
@@ -37,15 +32,12 @@ def hub_offline_unless_reachable(timeout=3.0):
 
 
 def load_clip(name, pretrained):
-    """An open_clip CLIP model: `pretrained` is a tag ("openai"), a local weights file, or "random"."""
+    """An open_clip CLIP model: `name` is open_clip's (or "local-dir:<folder>" with an open_clip_config.json);
+    `pretrained` is a tag ("openai"), a local weights file, or "random"."""
     import open_clip
-    if name == "tiny" and pretrained != "random":
-        raise ValueError('the "tiny" CLIP exists only with random weights (clip_pretrained="random")')
     if pretrained == "random":             # seeded: the same stand-in in every process, for train and compress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            if name == "tiny":
-                return open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
             return open_clip.create_model(name, pretrained=None)
     tag_gelu = open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu")
     if tag_gelu is not None and tag_gelu != bool((open_clip.get_model_config(name) or {}).get("quick_gelu")):
@@ -72,7 +64,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         import open_clip
         clip = clip if clip is not None else load_clip(name, pretrained)
-        self.tokenizer = open_clip.get_tokenizer("ViT-B-32" if name == "tiny" else name)
+        self.tokenizer = open_clip.get_tokenizer(name)
         self.token_embedding, self.transformer = clip.token_embedding, clip.transformer
         self.positional_embedding, self.ln_final = clip.positional_embedding, clip.ln_final
         self.text_projection = clip.text_projection

@@ -32,7 +32,7 @@ class TacoConfig:
     N: int = 128                     # channels of the transforms and of z
     M: int = 192                     # channels of y
     text_adapter: bool = True        # False: the plain mean-scale hyperprior, the baseline to compare with
-    clip_model: str = "ViT-B-32-quickgelu"  # open_clip name ("tiny": random, for tests); OpenAI's CLIP uses QuickGELU
+    clip_model: str = "ViT-B-32-quickgelu"  # open_clip name (OpenAI's CLIP uses QuickGELU) or local-dir:<folder>
     clip_pretrained: str = "openai"  # open_clip weights tag, a local weights file, or "random"
     text_tokens: int = 38            # captions are cut or padded to this many tokens, as in the reference
     text_dim: int = 512              # width of the CLIP text tower's token features

@@ -54,7 +54,7 @@ class TrainConfig:
     M: int = option(192, "latent channels")
     text_adapter: bool = option(True, "CLIP text adapter in g_a")
     clip_model: str = option("ViT-B-32-quickgelu", "open_clip model name (OpenAI's ViT-B/32 needs the -quickgelu "
-                                                   "variant; 'tiny': a small random tower for smoke runs)")
+                                                   "variant), or local-dir:<folder> with an open_clip_config.json")
     clip_pretrained: str = option("openai", "open_clip tag, local weights file, or 'random'")
     mask_padding: bool = option(False, "mask padding tokens in the adapter's attention")
     # loss

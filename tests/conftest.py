@@ -12,6 +12,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import clip_text  # noqa: E402  (importable once the repository root is on the path)
+from helpers import TINY_CLIP  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,4 +27,4 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def encoder():
     """The tiny random CLIP text tower (seeded: the same in every process)."""
-    return clip_text.TextEncoder("tiny", "random")
+    return clip_text.TextEncoder(TINY_CLIP, "random")

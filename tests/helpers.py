@@ -1,4 +1,6 @@
 """What several test files share: tiny configs of both backbones, a photo-like image made here, tiny models."""
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -6,9 +8,12 @@ import clip_text
 import codec
 import taco
 
-# Both backbones at toy widths, with the tiny random CLIP (open_clip's ViT-B-32 tokenizer, 64-wide towers).
-TINY = dict(N=16, M=24, clip_model="tiny", clip_pretrained="random", text_dim=64)
-TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model="tiny", clip_pretrained="random", text_dim=64,
+# A CLIP of the ViT-B-32 family small enough for a laptop (its tokenizer, 64-wide towers, random weights),
+# given to open_clip as a model folder.
+TINY_CLIP = "local-dir:" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_clip")
+# Both backbones at toy widths, with that CLIP.
+TINY = dict(N=16, M=24, clip_model=TINY_CLIP, clip_pretrained="random", text_dim=64)
+TINY_ELIC = dict(N=32, M=40, backbone="elic", clip_model=TINY_CLIP, clip_pretrained="random", text_dim=64,
                  slices=(4, 4, 8, 8, 16))
 
 
@@ -26,7 +31,7 @@ def tiny_model(encoder=None, gammas=True, seed=0, config=TINY, **overrides):
     torch.manual_seed(seed)
     model = codec.build_model(taco.TacoConfig(**{**config, **overrides})).eval()
     if model.config.text_adapter:
-        model.attach_text_encoder(encoder or clip_text.TextEncoder("tiny", "random"))
+        model.attach_text_encoder(encoder or clip_text.TextEncoder(TINY_CLIP, "random"))
         if gammas:
             for module in model.modules():
                 if isinstance(module, taco.Injector):

@@ -9,7 +9,7 @@ import codec
 import metrics
 import taco
 import train
-from helpers import TINY, TINY_ELIC
+from helpers import TINY, TINY_CLIP, TINY_ELIC
 from standin import DeviceMismatch, StandInGPU
 from test_train import TINY_RUN
 
@@ -32,7 +32,7 @@ def test_the_stand_in_gpu_catches_what_a_real_gpu_refuses():
 def test_a_model_on_a_gpu_updates_compresses_the_cpu_bytes_and_decodes_on_either(config):
     torch.manual_seed(0)
     model = codec.build_model(taco.TacoConfig(**config)).eval()
-    model.attach_text_encoder(clip_text.TextEncoder("tiny", "random"))
+    model.attach_text_encoder(clip_text.TextEncoder(TINY_CLIP, "random"))
     x = torch.rand(1, 3, 70, 100)
     cpu_bytes = model.update().compress(x, "a red barn")
     with StandInGPU() as gpu:
@@ -78,7 +78,7 @@ def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_
 
 def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_path, monkeypatch, capsys):
     tiny = clip_text.load_clip
-    monkeypatch.setattr(clip_text, "load_clip", lambda name, pretrained: tiny("tiny", "random"))   # "pretrained"
+    monkeypatch.setattr(clip_text, "load_clip", lambda name, pretrained: tiny(TINY_CLIP, "random"))   # "pretrained"
     args = TINY_RUN + ["--clip-pretrained", "weights.bin", "--no-text-adapter", "--k-j", "0.1", "--k-p", "0",
                        "--steps", "1", "--out", str(tmp_path / "run")]
     train.train(train.parse_args(args))

@@ -10,7 +10,7 @@ import codec
 import container
 import elic
 import entropy
-from helpers import TINY_ELIC, tiny_model
+from helpers import TINY_CLIP, TINY_ELIC, tiny_model
 
 
 
@@ -214,7 +214,7 @@ def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_i
 def test_text_features_match_a_hand_written_clip_text_forward():
     """The reference read HF CLIP's last hidden state: start token, caption, end token, padded to 38 with the
     end token, padding masked in the attention, final LayerNorm. Recomputed here by hand from the weights."""
-    encoder = clip_text.TextEncoder("tiny", "random")
+    encoder = clip_text.TextEncoder(TINY_CLIP, "random")
     captions = ["a red barn in the snow!", "boats"]
     ids, padding = encoder.tokenize(captions)
     eot = encoder.tokenizer.eot_token_id

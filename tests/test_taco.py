@@ -16,7 +16,7 @@ import taco
 from clip_text import TextEncoder
 from codec import CheckpointError, load_checkpoint, save_checkpoint
 from container import BitstreamError
-from helpers import TINY, natural_image, tiny_model
+from helpers import TINY, TINY_CLIP, natural_image, tiny_model
 from taco import GDN, TACO, TacoConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,8 +231,8 @@ def test_text_embedding_matches_open_clips_own_encode_text(encoder):
     """Our 38-token path and open_clip's 77-token encode_text agree for captions that fit."""
     import open_clip
     torch.manual_seed(0)
-    clip = clip_text.load_clip("tiny", "random")
-    ours = TextEncoder("tiny", "random", clip=clip)
+    clip = clip_text.load_clip(TINY_CLIP, "random")
+    ours = TextEncoder(TINY_CLIP, "random", clip=clip)
     captions = ["a red barn in the snow", "two dogs", ""]
     _, _, embedding = ours(captions)
     with torch.no_grad():
@@ -273,7 +273,7 @@ def test_openai_weights_are_never_paired_with_the_wrong_gelu():
 
 def test_caption_cache_reuses_features_and_stays_bounded():
     torch.manual_seed(0)
-    encoder = TextEncoder("tiny", "random", cache_size=3)
+    encoder = TextEncoder(TINY_CLIP, "random", cache_size=3)
     first, _, _ = encoder(["a cat", "a dog"])
     encoder.encode = None                                   # a cache hit must not run the text tower
     again, _, _ = encoder(["a dog", "a cat"])

@@ -17,21 +17,21 @@ import data
 import metrics
 import taco
 import train
-from helpers import TINY
+from helpers import TINY, TINY_CLIP
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN = ["--N", "16", "--M", "24", "--clip-model", "tiny", "--clip-pretrained", "random", "--crop", "64",
+TINY_RUN = ["--N", "16", "--M", "24", "--clip-model", TINY_CLIP, "--clip-pretrained", "random", "--crop", "64",
             "--batch-size", "2", "--log-every", "1"]
 
 
 def tiny_towers():
     """Random-weight stand-ins with the real architectures: tiny CLIP, AlexNet LPIPS."""
     torch.manual_seed(0)
-    clip = clip_text.load_clip("tiny", "random")
+    clip = clip_text.load_clip(TINY_CLIP, "random")
     lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
-    return clip_text.TextEncoder("tiny", "random", clip=clip), clip.visual, lpips
+    return clip_text.TextEncoder(TINY_CLIP, "random", clip=clip), clip.visual, lpips
 
 
 def tiny_model(encoder):
