@@ -64,7 +64,7 @@ class IntegerConv:
             self.weight = self.weight.transpose(0, 1).contiguous()             # back to (Cin, Cout, k, k)
         self.bias = torch.round(bias * powers_of_two(shifts + FRACTION_BITS))
         self.down = powers_of_two(-shifts)                                      # accumulator -> activation
-        self.shifts = shifts
+        self.shifts, self.on_device = shifts, {}
 
     @staticmethod
     def largest_exact_shifts(weight, bias):
@@ -86,7 +86,9 @@ class IntegerConv:
 
     def __call__(self, a):
         """a (B, Cin, H, W) integers -> (B, Cout, H', W') integers, both at 2**FRACTION_BITS."""
-        weight, bias, down = (t.to(a.device) for t in (self.weight, self.bias, self.down))
+        if a.device not in self.on_device:          # copied once per device, not on every call
+            self.on_device[a.device] = tuple(t.to(a.device) for t in (self.weight, self.bias, self.down))
+        weight, bias, down = self.on_device[a.device]
         B, Cin, H, W = a.shape
         k = weight.shape[-2:]
         if self.transposed:
