@@ -20,7 +20,6 @@ import codec
 import entropy
 
 
-
 def best_time(fn, repeat):
     """Fastest of `repeat` runs (the least disturbed by whatever else the machine does)."""
     times = []

@@ -19,7 +19,6 @@ import metrics
 import taco
 
 
-
 def injectors(model):
     """The model's Injectors, in the order g_a runs them (the first sees the finest resolution)."""
     return [m for m in model.g_a.modules() if isinstance(m, taco.Injector)]

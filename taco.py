@@ -26,7 +26,6 @@ from entropy import EntropyBottleneck, GaussianConditional, lower_bound, to_cpu
 from integer import IntegerNetwork
 
 
-
 @dataclass
 class TacoConfig:
     N: int = 128                     # channels of the transforms and of z

@@ -31,7 +31,6 @@ import metrics
 import taco
 
 
-
 def option(default, help):
     """A TrainConfig field and its --flag's help, in one place."""
     return field(default=default, metadata={"help": help})

@@ -14,8 +14,6 @@ from standin import DeviceMismatch, StandInGPU
 from test_train import TINY_RUN
 
 
-
-
 def test_the_stand_in_gpu_catches_what_a_real_gpu_refuses():
     with StandInGPU() as gpu:
         layer = torch.nn.Linear(3, 4).to(gpu.device)

@@ -13,8 +13,6 @@ import entropy
 from helpers import TINY_CLIP, TINY_ELIC, tiny_model
 
 
-
-
 def reference_shapes(N=192, M=320, D=512, slices=(16, 16, 32, 64, 192), table_width=40):
     """Key -> shape of a released TACO state dict, written from the reference's code (models/taco.py,
     modules/transform/{analysis,synthesis}.py, ELIC's res_blk / context / entropy modules) and CompressAI

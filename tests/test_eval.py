@@ -15,8 +15,6 @@ import taco
 from helpers import TINY
 
 
-
-
 def pair(seed=0, size=(2, 3, 96, 112)):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(*size, generator=g)

@@ -12,7 +12,6 @@ from helpers import TINY, TINY_ELIC, natural_image, tiny_model
 from test_taco import trained_model  # noqa: F401 (a fixture)
 
 
-
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass(config):
     model, x = tiny_model(config=config), natural_image(70, 100)
