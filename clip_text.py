@@ -9,6 +9,7 @@ import urllib.parse
 import torch
 import torch.nn as nn
 
+
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (no network, no local file)."""
 

@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 
+
 class BitstreamError(ValueError):
     """A file that this model cannot decode: not ours, truncated, corrupted, or written by another model."""
 

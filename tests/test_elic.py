@@ -93,6 +93,7 @@ GENERATIONS = {   # the factorized prior's matrices, biases and factors as each 
     "zoo": ("_matrices.{}", "_biases.{}", "_factors.{}"),   # the oldest files its model zoo still maps
 }
 
+
 def fake_release(path, shapes=None, prefix="module.", generation="1.2.6", updated=False):
     """A file laid out like the released ones, with random weights (and sane entropy-model values). As the
     reference's train.py writes it: net.state_dict() of the training model, never update()d, so CompressAI's

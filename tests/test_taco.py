@@ -20,6 +20,8 @@ from helpers import TINY, TINY_CLIP, natural_image, tiny_model
 from taco import GDN, TACO, TacoConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def eval_reconstruction(model, x, caption):
     """The model's own forward pass at test time, on the padded image, cropped back."""
     H, W = x.shape[-2:]
