@@ -8,7 +8,7 @@ What changes from taco.py's hyperprior (the text adapter, the entropy coder and 
     (row + column odd) from the hyperprior and the slices before it (channel context), then the non-anchors
     with the decoded anchors as well (local context). Everything the decoder needs for a pass is decoded
     before it, so one stream holds all passes, decoded in several calls (entropy.SymbolDecoder).
-Module names reproduce the reference's state-dict keys, which is how `load_official` loads the released files.
+Module names reproduce the reference's state-dict keys, which is how codec.load_released loads the released files.
 """
 from types import SimpleNamespace
 
@@ -189,14 +189,12 @@ class ElicTACO(taco.TACO):
         """h_s and every context and parameter network in exact integers: their inputs are decoded values,
         so the whole chain must agree on every machine (integer.py)."""
         def convert():
-            integer = lambda modules: [IntegerNetwork(m.fushion if isinstance(m, ChannelContext) else
-                                                      m.fusion if isinstance(m, EntropyParameters) else m)
-                                       if m is not None else None for m in modules]
-            return SimpleNamespace(h_s=IntegerNetwork(self.h_s.increase),
-                                   channel_context=integer(self.channel_context),
-                                   local_context=integer(self.local_context),
-                                   anchor=integer(self.entropy_parameters_anchor),
-                                   nonanchor=integer(self.entropy_parameters_nonanchor))
+            return SimpleNamespace(
+                h_s=IntegerNetwork(self.h_s.increase),
+                channel_context=[IntegerNetwork(m.fushion) if m is not None else None for m in self.channel_context],
+                local_context=[IntegerNetwork(m) for m in self.local_context],
+                anchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_anchor],
+                nonanchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_nonanchor])
         return self.cached("integer_networks", convert)
 
     def checkerboard_passes(self, hyper, code, nets):
@@ -232,8 +230,9 @@ class ElicTACO(taco.TACO):
 
         def code(i, kind, scales, means):
             mask = checkerboard(kind, *y.shape[-2:], device=y.device)
-            symbols.append(quantize(to_cpu(slices[i]), "symbols", to_cpu(means))[:, :, to_cpu(mask)].flatten())
-            indexes.append(self.gaussian_conditional.build_indexes(scales)[:, :, to_cpu(mask)].flatten())
+            where = to_cpu(mask)
+            symbols.append(quantize(to_cpu(slices[i]), "symbols", to_cpu(means))[:, :, where].flatten())
+            indexes.append(self.gaussian_conditional.build_indexes(scales)[:, :, where].flatten())
             return quantize(slices[i].to(means.dtype), "dequantize", means) * mask
         self.checkerboard_passes(hyper, code, nets)
         indexes = torch.cat(indexes)

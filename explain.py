@@ -113,14 +113,14 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
          "|decoded with caption - without|", cmap="magma")
     lines = [f"caption: \"{with_caption['caption'][:60]}\"",
              f"bpp {with_caption['bpp'] - empty['bpp']:+.4f}, PSNR {with_caption['psnr'] - empty['psnr']:+.3f} dB"]
-    if lpips is not None:
+    if not model.config.text_adapter:
+        lines = ["this model has no text adapter:", "the caption changes nothing"]
+    elif lpips is not None:
         device = next(lpips.parameters()).device
         scores = [float(lpips(r["x_hat"].to(device), x.to(device))) for r in (with_caption, empty)]
         lines.append(f"LPIPS {scores[0]:.4f} vs {scores[1]:.4f} ({scores[0] - scores[1]:+.4f})")
     else:
         lines.append("LPIPS: no AlexNet weights here")
-    if not model.config.text_adapter:
-        lines = ["this model has no text adapter:", "the caption changes nothing"]
     if stand_in:
         lines.append(stand_in)
     axes[1, 3].text(0, 0.5, "\n".join(lines), fontsize=9, va="center")
