@@ -18,6 +18,7 @@ import torch
 import clip_text
 import codec
 import entropy
+import rangecoder
 
 
 def best_time(fn, repeat):
@@ -39,11 +40,11 @@ def bench_coder(args):
     # Scales of a trained hyperprior's y are mostly small: log-uniform in [0.11, 20] is a fair stand-in.
     scales = torch.exp(torch.empty(args.symbols).uniform_(np.log(0.11), np.log(20.0)))
     indexes = gaussian.build_indexes(scales).numpy()
-    values, ideal_bits = entropy.sample_from_tables(rng, cdfs, lengths, offsets, indexes)
-    entropy.decode_symbols(entropy.encode_symbols(values[:10], indexes[:10], cdfs, lengths, offsets),
+    values, ideal_bits = rangecoder.sample_from_tables(rng, cdfs, lengths, offsets, indexes)
+    rangecoder.decode_symbols(rangecoder.encode_symbols(values[:10], indexes[:10], cdfs, lengths, offsets),
                            indexes[:10], cdfs, lengths, offsets)                  # compile outside the clock
-    t_enc, data = best_time(lambda: entropy.encode_symbols(values, indexes, cdfs, lengths, offsets), args.repeat)
-    t_dec, out = best_time(lambda: entropy.decode_symbols(data, indexes, cdfs, lengths, offsets), args.repeat)
+    t_enc, data = best_time(lambda: rangecoder.encode_symbols(values, indexes, cdfs, lengths, offsets), args.repeat)
+    t_dec, out = best_time(lambda: rangecoder.decode_symbols(data, indexes, cdfs, lengths, offsets), args.repeat)
     assert np.array_equal(out, values), "round trip failed"
     n = args.symbols
     print(f"coder: {n} symbols, {len(data)} bytes, ideal {ideal_bits / 8:.0f} bytes "

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import container
 import entropy
 import taco
-from entropy import SymbolDecoder, encode_symbols, quantize, to_cpu
+from entropy import quantize, to_cpu
+from rangecoder import SymbolDecoder, encode_symbols
 from integer import IntegerNetwork
 from taco import Extractor, Injector, conv, deconv
 

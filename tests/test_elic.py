@@ -10,6 +10,7 @@ import codec
 import container
 import elic
 import entropy
+import rangecoder
 from helpers import TINY_CLIP, TINY_ELIC, tiny_model
 
 
@@ -146,7 +147,7 @@ def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_pa
     assert torch.allclose(model.gaussian_conditional.scale_table,
                           torch.exp(torch.linspace(np.log(0.11), np.log(256), 64)))
     for module in (model.entropy_bottleneck, model.gaussian_conditional):   # the file's tables were rebuilt
-        entropy.check_cdfs(*module.tables())
+        rangecoder.check_cdfs(*module.tables())
         assert not (module._cdf_length == 7).all()
     features = torch.randn(1, 38, 512)                             # precomputed CLIP token features
     x = torch.rand(1, 3, 40, 72)
@@ -199,7 +200,7 @@ def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_i
         monkeypatch.setattr(elic, "checkerboard", lambda kind, *a, **k: original(
             elic.NONANCHOR if kind == elic.ANCHOR else elic.ANCHOR, *a, **k))
     else:
-        class Backwards(entropy.SymbolDecoder):
+        class Backwards(rangecoder.SymbolDecoder):
             def decode(self, indexes, *tables):
                 return super().decode(indexes[::-1], *tables)[::-1].copy()
         monkeypatch.setattr(elic, "SymbolDecoder", Backwards)

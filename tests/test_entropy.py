@@ -1,4 +1,4 @@
-"""Claims about entropy.py: the coder is lossless and near-optimal, the models' likelihoods are densities."""
+"""Claims about rangecoder.py and entropy.py: the coder is lossless and near-optimal, the models' likelihoods are densities."""
 import os
 import subprocess
 import sys
@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-import entropy
-from entropy import (EntropyBottleneck, GaussianConditional, check_cdfs, decode_symbols, encode_symbols,
-                     pmf_to_quantized_cdf, quantize)
+import rangecoder
+from entropy import EntropyBottleneck, GaussianConditional, quantize
+from rangecoder import check_cdfs, decode_symbols, encode_symbols, pmf_to_quantized_cdf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def test_bits_match_entropy_within_1pct():
     rng = np.random.default_rng(3)
     tables = random_tables(rng)
     indexes = rng.integers(0, len(tables[0]), 200_000).astype(np.int32)
-    values, ideal_bits = entropy.sample_from_tables(rng, *tables, indexes)
+    values, ideal_bits = rangecoder.sample_from_tables(rng, *tables, indexes)
     data, decoded = roundtrip(values, indexes, tables)
     assert np.array_equal(decoded, values)
     assert 8 * len(data) <= ideal_bits * 1.01 + 8 * 8
@@ -79,7 +79,7 @@ def test_gaussian_tables_code_within_1pct_of_entropy():
     gaussian.update()
     tables = gaussian.tables()
     indexes = rng.integers(0, 64, 100_000).astype(np.int32)
-    values, ideal_bits = entropy.sample_from_tables(rng, *tables, indexes)
+    values, ideal_bits = rangecoder.sample_from_tables(rng, *tables, indexes)
     data, decoded = roundtrip(values, indexes, tables)
     assert np.array_equal(decoded, values)
     assert abs(8 * len(data) - ideal_bits) <= 0.01 * ideal_bits + 64
@@ -89,13 +89,13 @@ def test_compiled_coder_writes_the_same_bytes_as_the_readable_python():
     code = textwrap.dedent("""
         import numpy as np, sys
         sys.path.insert(0, %r)
-        import entropy
+        import rangecoder
         rng = np.random.default_rng(5)
-        cdf = entropy.pmf_to_quantized_cdf([0.5, 0.3, 0.15, 0.05], 0.001)[None]
+        cdf = rangecoder.pmf_to_quantized_cdf([0.5, 0.3, 0.15, 0.05], 0.001)[None]
         values = rng.integers(-9, 12, 3000).astype(np.int32)
         indexes = np.zeros(3000, np.int32)
-        data = entropy.encode_symbols(values, indexes, cdf, np.array([6]), np.array([-1]))
-        assert np.array_equal(entropy.decode_symbols(data, indexes, cdf, np.array([6]), np.array([-1])), values)
+        data = rangecoder.encode_symbols(values, indexes, cdf, np.array([6]), np.array([-1]))
+        assert np.array_equal(rangecoder.decode_symbols(data, indexes, cdf, np.array([6]), np.array([-1])), values)
         sys.stdout.write(data.hex())
     """ % ROOT)
     outputs = []
@@ -113,19 +113,19 @@ def test_decoding_garbage_or_truncated_bytes_terminates_without_crashing():
     code = textwrap.dedent("""
         import numpy as np, sys
         sys.path.insert(0, %r)
-        import entropy
+        import rangecoder
         from tests.test_entropy import random_tables
         rng = np.random.default_rng(6)
         tables = random_tables(rng)
         indexes = rng.integers(0, len(tables[0]), 20000).astype(np.int32)
-        good = entropy.encode_symbols(rng.integers(-30, 30, 20000).astype(np.int32), indexes, *tables)
+        good = rangecoder.encode_symbols(rng.integers(-30, 30, 20000).astype(np.int32), indexes, *tables)
         inputs = [rng.bytes(int(rng.integers(0, 3000))) for _ in range(300)]
         inputs += [good[:int(rng.integers(0, len(good)))] for _ in range(100)]
         inputs += [bytes([255]) * 5000, bytes(5000)]
         errors = 0
         for data in inputs:
             try:
-                out = entropy.decode_symbols(data, indexes, *tables)
+                out = rangecoder.decode_symbols(data, indexes, *tables)
                 assert out.shape == indexes.shape
             except ValueError:
                 errors += 1
@@ -262,10 +262,24 @@ def test_decoding_in_several_calls_equals_decoding_at_once():
     indexes = rng.integers(0, len(tables[0]), 5000).astype(np.int32)
     values = rng.integers(-40, 40, 5000).astype(np.int32)
     data = encode_symbols(values, indexes, *tables)
-    decoder = entropy.SymbolDecoder(data)
+    decoder = rangecoder.SymbolDecoder(data)
     cuts = [0, 1, 700, 701, 3000, 5000]
     parts = [decoder.decode(indexes[a:b], *tables) for a, b in zip(cuts, cuts[1:])]
     assert np.array_equal(np.concatenate(parts), values)
+
+
+def test_encoding_in_several_calls_gives_the_bytes_of_one_call():
+    rng = np.random.default_rng(8)
+    tables = random_tables(rng)
+    indexes = rng.integers(0, len(tables[0]), 5000).astype(np.int32)
+    values = rng.integers(-40, 40, 5000).astype(np.int32)          # many escapes as well
+    encoder = rangecoder.SymbolEncoder()
+    cuts = [0, 1, 700, 701, 3000, 5000]
+    for a, b in zip(cuts, cuts[1:]):
+        encoder.encode(values[a:b], indexes[a:b], *tables)
+    data = encoder.finish()
+    assert data == encode_symbols(values, indexes, *tables)
+    assert np.array_equal(decode_symbols(data, indexes, *tables), values)
 
 
 def per_channel_tables(bottleneck):
@@ -280,14 +294,14 @@ def per_channel_tables(bottleneck):
             pmf = bottleneck._likelihood(v)[c, 0]
             below = torch.sigmoid(bottleneck._logits_cumulative(v[:, :, :1] - 0.5)[c, 0, 0])
             above = torch.sigmoid(-bottleneck._logits_cumulative(v[:, :, -1:] + 0.5)[c, 0, 0])
-            cdfs.append(entropy.pmf_to_quantized_cdf(pmf.double().numpy(), float(below + above)))
+            cdfs.append(rangecoder.pmf_to_quantized_cdf(pmf.double().numpy(), float(below + above)))
             offsets.append(-low)
     return cdfs, offsets
 
 
 def test_fast_bottleneck_update_equals_the_per_channel_computation():
     torch.manual_seed(3)
-    bottleneck = entropy.EntropyBottleneck(24)
+    bottleneck = EntropyBottleneck(24)
     with torch.no_grad():
         for p in bottleneck.parameters():
             p.add_(0.3 * torch.randn_like(p))
