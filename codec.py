@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+import container
 import elic
 import taco
 from clip_text import TextEncoder, WeightsUnavailable
@@ -102,28 +103,71 @@ def build_model(config):
 # ----------------------------------------------------------------------------------------------------------
 # Command line: python codec.py compress | decompress
 # ----------------------------------------------------------------------------------------------------------
-GRAY_MODES = {"1": 255, "L": 255, "LA": 255, "I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1}
+GRAY_MODES = {"1": np.uint8, "L": np.uint8, "LA": np.uint8, "I;16": np.uint16, "I;16B": np.uint16,
+              "I;16L": np.uint16, "I": np.uint16, "F": np.float32}
+
+
+def read_pixels(path, max_pixels=None):
+    """-> (1, C, H, W) as stored: uint8, uint16 for 16-bit grayscale, float32 in [0, 1] for float images; C = 1
+    for grayscale (with or without alpha), 3 otherwise (alpha is dropped). Images above Pillow's decompression-
+    bomb limit (or `max_pixels`, when given) are refused with one ValueError."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with Image.open(path) as image:
+            if limit is not None and image.width * image.height > limit:
+                raise ValueError(f"{path} has {image.width}x{image.height} pixels, more than the limit of "
+                                 f"{limit / 1e6:.0f} megapixels (Pillow's guard against decompression bombs); "
+                                 f"raise it with --max-image-pixels if you trust the file")
+            if image.mode in GRAY_MODES:
+                dtype = GRAY_MODES[image.mode]
+                image = image.convert("L") if image.mode in ("1", "LA") else image
+                array = np.asarray(image)
+                array = np.clip(array, 0, 65535).astype(dtype) if dtype == np.uint16 else \
+                    np.clip(array, 0, 1).astype(dtype) if dtype == np.float32 else array
+            else:
+                array = np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: {error}; raise the limit with --max-image-pixels if you trust the file") from error
+    return torch.from_numpy(np.array(array).reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]   # a writable copy
+
+
+def to_unit(x):
+    """Pixels as stored (uint8, uint16, float) -> float32 in [0, 1]."""
+    return x.float() / taco.PEAKS[x.dtype] if x.dtype in taco.PEAKS else x.float()
 
 
 def read_image(path):
-    """-> (1, C, H, W) float in [0, 1]; C = 1 for grayscale (8 or 16 bits, with or without alpha), 3 otherwise.
-    Alpha is dropped; 16-bit values keep their precision (x / 65535)."""
-    from PIL import Image
-    with Image.open(path) as image:
-        if image.mode in GRAY_MODES:
-            peak = GRAY_MODES[image.mode]
-            if image.mode in ("1", "LA"):
-                image = image.convert("L")
-            array = np.clip(np.asarray(image, dtype=np.float32), 0, peak) / peak
-        else:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
+    """-> (1, C, H, W) float32 in [0, 1] (see read_pixels); 16-bit values keep their precision (x / 65535)."""
+    return to_unit(read_pixels(path))
 
 
 def write_image(x, path):
+    """(1, C, H, W) uint8, uint16 (16-bit grayscale PNG) or float in [0, 1] (written as 8 bits) -> an image file."""
     from PIL import Image
-    array = (x[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    if x.dtype not in (torch.uint8, torch.uint16):
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    array = x[0].permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+class Progress:
+    """progress(stage, done, total) for the models' compress / decompress: one tqdm bar per stage, shown only
+    when the image takes more than two seconds."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, stage, done, total):
+        from tqdm import tqdm
+        if self.bar is None or self.bar.desc != stage:
+            self.close()
+            self.bar = tqdm(total=total, desc=stage, unit="band", delay=2, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def write_output(path, force, write):
@@ -140,7 +184,8 @@ def write_output(path, force, write):
 
 
 def command_compress(args):
-    model, _ = load_checkpoint(args.checkpoint)
+    x = read_pixels(args.image, args.max_image_pixels)
+    model, _ = load_checkpoint(args.checkpoint, args.device)
     if model.config.text_adapter:
         if args.caption is None and args.caption_file is None:
             raise ValueError("this model reads a caption: give --caption or --caption-file "
@@ -150,10 +195,10 @@ def command_compress(args):
                 args.caption = f.read().strip()
         clip = args.clip_pretrained or model.config.clip_pretrained
         model.attach_text_encoder(TextEncoder(model.config.clip_model, clip, model.config.text_tokens))
-    x = read_image(args.image)
     output = args.output or os.path.splitext(args.image)[0] + ".taco"
-    start = time.perf_counter()
-    data = model.compress(x, args.caption or "")
+    start, progress = time.perf_counter(), Progress()
+    data = model.compress(x, args.caption or "", memory=args.memory * 2 ** 20, progress=progress)
+    progress.close()
     seconds = time.perf_counter() - start
     write_output(output, args.force, lambda p: open(p, "wb").write(data))
     H, W = x.shape[-2:]
@@ -161,12 +206,14 @@ def command_compress(args):
 
 
 def command_decompress(args):
-    model, _ = load_checkpoint(args.checkpoint)
+    model, _ = load_checkpoint(args.checkpoint, args.device)
     with open(args.file, "rb") as f:
         data = f.read()
     output = args.output or os.path.splitext(args.file)[0] + "_decoded.png"
-    start = time.perf_counter()
-    x_hat = model.decompress(data)
+    start, progress = time.perf_counter(), Progress()
+    x_hat = model.decompress(data, dtype=None, memory=args.memory * 2 ** 20, max_pixels=args.max_pixels,
+                             progress=progress)
+    progress.close()
     seconds = time.perf_counter() - start
     write_output(output, args.force, lambda p: write_image(x_hat, p))
     print(f"{output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}, {seconds:.2f} s")
@@ -183,15 +230,29 @@ def main(argv=None):
     c.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     c.add_argument("--clip-pretrained", help="CLIP weights: a local file or open_clip tag "
                                              "(default: the one the checkpoint was trained with)")
+    c.add_argument("--max-image-pixels", type=int, help="refuse input images above this many pixels (default: "
+                                                        "Pillow's decompression-bomb limit, about 179 million)")
     c.add_argument("-o", "--output", help="output file (default: the image's name with .taco)")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.set_defaults(run=command_compress)
     d = sub.add_parser("decompress", help=".taco file -> PNG image (no caption needed)")
     d.add_argument("file", help="a .taco file")
     d.add_argument("--checkpoint", required=True, help="the checkpoint that wrote the file")
-    d.add_argument("-o", "--output", help="output image (default: <file>_decoded.png)")
+    d.add_argument("--max-pixels", type=int, default=container.MAX_PIXELS,
+                   help=f"refuse files that declare more pixels than this, before decoding anything (default "
+                        f"{container.MAX_PIXELS}, about {container.MAX_PIXELS / 1e6:.0f} megapixels; the format "
+                        f"allows {container.FORMAT_PIXELS})")
+    d.add_argument("-o", "--output", help="output image (default: <file>_decoded.png; 16-bit sources give "
+                                          "16-bit PNGs)")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     d.set_defaults(run=command_decompress)
+    for command in (c, d):
+        command.add_argument("--device", default="cpu", help="where the networks run: cpu, cuda, cuda:1, ... (the "
+                                                             "entropy coder always runs on the CPU)")
+        command.add_argument("--memory", type=int, default=taco.DEFAULT_MEMORY // 2 ** 20,
+                             help="working memory for the networks in MiB: large images run in bands of about this "
+                                  "size, with the same result (default %(default)s); the image and the latents "
+                                  "come on top (about 6-23 bytes per pixel)")
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -16,21 +16,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bands
 import container
 import entropy
 import taco
 from entropy import quantize, to_cpu
-from rangecoder import SymbolDecoder, encode_symbols
-from integer import IntegerNetwork
+from integer import FRACTION_BITS, IntegerNetwork
+from rangecoder import SymbolDecoder, SymbolEncoder
 from taco import Extractor, Injector, conv, deconv
 
 
 ANCHOR, NONANCHOR = "anchor", "non-anchor"
 
 
-def checkerboard(kind, height, width, device=None):
-    """(height, width) bool: anchors where row + column is odd (the reference's layout), the rest otherwise."""
-    rows = torch.arange(height, device=device)[:, None]
+def checkerboard(kind, height, width, device=None, top=0):
+    """(height, width) bool: anchors where row + column is odd (the reference's layout), the rest otherwise;
+    `top`: the first row's index in y, for a band of rows."""
+    rows = torch.arange(top, top + height, device=device)[:, None]
     columns = torch.arange(width, device=device)[None, :]
     odd = (rows + columns) % 2 == 1
     return odd if kind == ANCHOR else ~odd
@@ -51,6 +53,8 @@ def bottleneck_branch(N):
 class ResidualBottleneck(nn.Module):
     """x + branch(x), the branch squeezing to N/2 channels (ELIC)."""
 
+    residual_branches = ("branch",)          # for bands.py: the halo is the branch's
+
     def __init__(self, N):
         super().__init__()
         self.branch = bottleneck_branch(N)
@@ -60,6 +64,8 @@ class ResidualBottleneck(nn.Module):
 
 
 class ResidualUnit(nn.Module):
+    residual_branches = ("conv",)
+
     def __init__(self, N):
         super().__init__()
         self.conv = bottleneck_branch(N)
@@ -70,6 +76,8 @@ class ResidualUnit(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Cheng et al. 2020's simplified attention: x + trunk(x) * sigmoid(mask(x)), no non-local part."""
+
+    residual_branches = ("conv_a", "conv_b")
 
     def __init__(self, N):
         super().__init__()
@@ -94,15 +102,11 @@ class ElicAnalysis(nn.Module):
             *stage(N, N), Extractor(N, D, heads), Injector(N, D, heads),                  # 10-15, 1/8
             conv(N, M), AttentionBlock(M))                                               # 16-17, 1/16
 
+    def spatial_chain(self):
+        return list(self.analysis_transform)
+
     def forward(self, x, text, padding=None):
-        for layer in self.analysis_transform:
-            if isinstance(layer, Injector):
-                x = layer(x, text, padding)
-            elif isinstance(layer, Extractor):
-                text = layer(x, text)
-            else:
-                x = layer(x)
-        return x                                                                # (B, M, H/16, W/16)
+        return taco.run_analysis(self.spatial_chain(), x, text, padding)        # (B, M, H/16, W/16)
 
 
 class ElicSynthesis(nn.Module):
@@ -225,35 +229,87 @@ class ElicTACO(taco.TACO):
         y_hat = self.checkerboard_passes(hyper, code, nets)
         return y_hat, torch.cat(likelihoods, dim=1)
 
-    def encode_y(self, y, hyper, nets):
-        slices = y.split(self.config.slices, dim=1)
-        symbols, indexes = [], []
+    def coding_passes(self, y_hat, z_hat, nets, memory, code, progress=None):
+        """The passes of checkerboard_passes in the same order, each over bands of rows of y, for compress and
+        decompress. code(i, kind, rows, scales, means) codes that pass's symbols in those rows (row by row, each
+        row all channels of the slice, left to right) and writes their values into y_hat (1, M, h, w), from
+        which the contexts read. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed."""
+        h, w = y_hat.shape[-2:]
+        hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
+        for rows in self.latent_bands(bands.bytes_per_output(nets.h_s), h, w, memory):
+            hyper[:, :, rows] = to_grid(self.hyper_rows(nets.h_s, z_hat, rows))
+        starts = [sum(self.config.slices[:i]) for i in range(len(self.config.slices) + 1)]
+        for i in range(len(self.config.slices)):
+            own = slice(starts[i], starts[i + 1])
+            anchors = lambda r, c: y_hat[:, own, r, c] * checkerboard(  # noqa: E731
+                ANCHOR, r.stop - r.start, w, device=y_hat.device, top=r.start)[:, c]
+            for kind in (ANCHOR, NONANCHOR):
+                networks = [nets.h_s] + ([nets.channel_context[i]] if i else []) + \
+                    ([nets.local_context[i]] if kind == NONANCHOR else [])
+                bands_of_rows = self.latent_bands(max(map(bands.bytes_per_output, networks)), h, w, memory)
+                for done, rows in enumerate(bands_of_rows):
+                    features = [from_grid(hyper[:, :, rows])]
+                    if i:
+                        read = lambda r, c: y_hat[:, :starts[i], r, c]            # noqa: E731
+                        features.insert(0, bands.run_block(nets.channel_context[i], read, (h, w),
+                                                           (rows.start, rows.stop), (0, w)))
+                    if kind == NONANCHOR:
+                        features.insert(0, bands.run_block(nets.local_context[i], anchors, (h, w),
+                                                           (rows.start, rows.stop), (0, w)))
+                    parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
+                    scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, w)
+                    code(own, kind, rows, scales, means)
+                    taco.report(progress, "coding", done + 1, len(bands_of_rows))
 
-        def code(i, kind, scales, means):
-            mask = checkerboard(kind, *y.shape[-2:], device=y.device)
-            where = to_cpu(mask)
-            symbols.append(quantize(to_cpu(slices[i]), "symbols", to_cpu(means))[:, :, where].flatten())
-            indexes.append(self.gaussian_conditional.build_indexes(scales)[:, :, where].flatten())
-            return quantize(slices[i].to(means.dtype), "dequantize", means) * mask
-        self.checkerboard_passes(hyper, code, nets)
-        indexes = torch.cat(indexes)
-        data = encode_symbols(torch.cat(symbols).numpy(), indexes.numpy(), *self.gaussian_conditional.tables())
-        return data, container.decisions_crc(indexes)
+    def encode_y(self, y, z_hat, nets, memory, progress=None):
+        encoder, tables, crc = SymbolEncoder(), self.gaussian_conditional.tables(), [0]
+        y = y.double()                      # exact; overwritten with y_hat pass by pass, as the contexts read it
 
-    def decode_y(self, data, hyper, nets, expected_crc):
+        def code(own, kind, rows, scales, means):
+            mask = checkerboard(kind, rows.stop - rows.start, y.shape[-1], device=y.device, top=rows.start)
+            values = y[:, own, rows]                                            # (1, C_i, rows, w)
+            where = in_raster(to_cpu(mask), values.shape)
+            indexes = taco.raster(self.gaussian_conditional.build_indexes(scales))[where]
+            symbols = taco.raster(quantize(to_cpu(values), "symbols", to_cpu(means)))[where]
+            encoder.encode(symbols.numpy(), indexes.numpy(), *tables)
+            crc[0] = container.decisions_crc(indexes, crc[0])
+            y[:, own, rows] = torch.where(mask, quantize(values, "dequantize", means), values)
+        self.coding_passes(y, z_hat, nets, memory, code, progress)
+        return encoder.finish(), crc[0]
+
+    def decode_y(self, data, z_hat, nets, expected_crc, memory, progress=None):
         decoder, tables, crc = SymbolDecoder(data), self.gaussian_conditional.tables(), [0]
+        h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
+        y_hat = torch.zeros(1, self.config.M, h, w, dtype=torch.float64, device=z_hat.device)
 
-        def code(i, kind, scales, means):
-            mask = checkerboard(kind, *hyper.shape[-2:], device=hyper.device)
-            indexes = self.gaussian_conditional.build_indexes(scales)[:, :, to_cpu(mask)]   # (B, C_i, K)
-            crc[0] = container.decisions_crc(indexes.flatten(), crc[0])
-            symbols = torch.from_numpy(decoder.decode(indexes.flatten().numpy(), *tables)).view(indexes.shape)
-            values = torch.zeros_like(scales)
-            values[:, :, mask] = symbols.to(scales) + means[:, :, mask]
-            return values
-        y_hat = self.checkerboard_passes(hyper, code, nets)
+        def code(own, kind, rows, scales, means):
+            mask = checkerboard(kind, rows.stop - rows.start, w, device=y_hat.device, top=rows.start)
+            where = in_raster(to_cpu(mask), scales.shape)
+            indexes = taco.raster(self.gaussian_conditional.build_indexes(scales))[where]
+            crc[0] = container.decisions_crc(indexes, crc[0])
+            values = torch.zeros(taco.raster(scales).shape, dtype=torch.float64)
+            values[where] = torch.from_numpy(decoder.decode(indexes.numpy(), *tables)).double()
+            decoded = taco.raster(values).to(means) + means
+            y_hat[:, own, rows] = torch.where(mask, decoded, y_hat[:, own, rows])
+        self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
         container.check_decisions(crc[0], expected_crc)
         return y_hat
+
+
+def in_raster(mask, shape):
+    """A band's checkerboard (rows, w) as a selection of its raster order (1, rows, C, w) for tensors of `shape`
+    (1, C, rows, w)."""
+    B, C, rows, w = shape
+    return mask[None, :, None, :].expand(B, rows, C, w)
+
+
+def to_grid(values):
+    """Values on the integer networks' grid (float64, |a| <= 2**29 at 2**-16) -> the exact integers, int32."""
+    return torch.round(values * 2.0 ** FRACTION_BITS).to(torch.int32)
+
+
+def from_grid(integers):
+    return integers.double() * 2.0 ** -FRACTION_BITS
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         data = model.compress(x, captions[name])
         encode = time.perf_counter() - start
         start = time.perf_counter()
-        x_hat = model.decompress(data)
+        x_hat = model.decompress(data).to(device)
         decode = time.perf_counter() - start
         padded = taco.pad_to_64(as_rgb(x))
         likelihoods = model(padded, [captions[name]] if model.config.text_adapter else None)["likelihoods"]

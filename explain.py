@@ -42,7 +42,7 @@ def analyse(model, x, caption):
         for injector in injectors(model):
             injector.record_attention, injector.attention = False, None
     data = model.compress(x, caption)
-    x_hat = model.decompress(data)
+    x_hat = model.decompress(data).to(x.device)           # decoded images come back to the host
     bits_y = -torch.log2(likelihoods["y"][0].double()).sum(0).cpu()            # (H'/16, W'/16)
     bits_z = float(-torch.log2(likelihoods["z"].double()).sum())
     result = {"x": x.cpu(), "x_hat": x_hat.cpu(), "bits_y": bits_y, "bits_z": bits_z, "bytes": len(data),

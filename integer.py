@@ -116,8 +116,9 @@ class IntegerLeakyReLU:
         return torch.where(a < 0, torch.floor(a * self.slope * 2.0 ** -SLOPE_BITS), a)
 
 
-def relu(a):
-    return a.clamp_min(0)
+class IntegerReLU:
+    def __call__(self, a):
+        return a.clamp_min(0)
 
 
 class IntegerNetwork:
@@ -131,7 +132,7 @@ class IntegerNetwork:
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
                 self.layers.append(IntegerConv(layer))
             elif isinstance(layer, nn.ReLU):
-                self.layers.append(relu)
+                self.layers.append(IntegerReLU())
             elif isinstance(layer, nn.LeakyReLU):
                 self.layers.append(IntegerLeakyReLU(layer.negative_slope))
             else:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -20,10 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bands
 from clip_text import TextEncoder
 from container import MAX_PIXELS, BitstreamError, check_decisions, decisions_crc, pack, unpack
-from entropy import EntropyBottleneck, GaussianConditional, lower_bound, to_cpu
+from entropy import EntropyBottleneck, GaussianConditional, lower_bound, quantize, to_cpu
 from integer import IntegerNetwork
+from rangecoder import SymbolDecoder, SymbolEncoder
 
 
 @dataclass
@@ -62,6 +65,8 @@ class NonNegative(nn.Module):
 class GDN(nn.Module):
     """y_i = x_i / sqrt(beta_i + sum_j gamma_ij x_j^2); the inverse (IGDN) multiplies instead."""
 
+    per_position = True              # mixes channels, never positions: it adds no halo (bands.py)
+
     def __init__(self, channels, inverse=False, beta_min=1e-6, gamma_init=0.1):
         super().__init__()
         self.inverse = inverse
@@ -97,6 +102,8 @@ class Injector(nn.Module):
     out = LN(image) + gamma * Attn(LN(image), LN(W t), LN(W t)), gamma per channel, initialised to 0
     (the residual starts from the *normalized* image, as in the reference)."""
 
+    per_position = True              # each image position queries the caption alone: no halo (bands.py)
+
     def __init__(self, dim, text_dim, heads):
         super().__init__()
         self.text_feature_dim_proj = nn.Linear(text_dim, dim)
@@ -119,7 +126,13 @@ class Injector(nn.Module):
 
 class Extractor(nn.Module):
     """Image -> text: caption tokens query the projected image tokens, refreshing the text stream.
-    out = LN(t) + Attn(LN(t), LN(W image), LN(W image))."""
+    out = LN(t) + Attn(LN(t), LN(W image), LN(W image)).
+
+    The attention's softmax runs over every image position, so a large image gives its positions block by
+    block: `start`, `attend` for each block, `finish`, with a running maximum and running sums (the online
+    softmax of Milakov and Gimelshein 2018) -- the same sums in another order. `forward` is one block."""
+
+    per_position = True              # x passes through unchanged; the text it returns needs every position
 
     def __init__(self, dim, text_dim, heads):
         super().__init__()
@@ -129,9 +142,40 @@ class Extractor(nn.Module):
         self.cross_attn = nn.MultiheadAttention(text_dim, heads, batch_first=True)
 
     def forward(self, x, text):
-        image = self.image_norm(self.image_feature_dim_proj(to_tokens(x)))      # (B, H*W, D)
+        return self.finish(self.attend(self.start(text), x))
+
+    def heads(self, t):
+        B, L, D = t.shape
+        return t.view(B, L, self.cross_attn.num_heads, -1).transpose(1, 2)     # (B, heads, L, D/heads)
+
+    def start(self, text):
         text = self.text_norm(text)                                             # (B, T, D)
-        return text + self.cross_attn(text, image, image, need_weights=False)[0]
+        w_q = self.cross_attn.in_proj_weight.chunk(3)[0]
+        b_q = self.cross_attn.in_proj_bias.chunk(3)[0]
+        q = self.heads(F.linear(text, w_q, b_q))                                # (B, heads, T, d)
+        B, h, T, d = q.shape
+        running = dict(maximum=q.new_full((B, h, T, 1), -math.inf), total=q.new_zeros(B, h, T, 1),
+                       weighted=q.new_zeros(B, h, T, d))
+        return text, q * d ** -0.5, running
+
+    def attend(self, state, x):
+        """Add the image positions of the block x (B, C, h, w) to the softmax's sums."""
+        text, q, running = state
+        image = self.image_norm(self.image_feature_dim_proj(to_tokens(x)))      # (B, h*w, D)
+        _, w_k, w_v = self.cross_attn.in_proj_weight.chunk(3)
+        _, b_k, b_v = self.cross_attn.in_proj_bias.chunk(3)
+        k, v = self.heads(F.linear(image, w_k, b_k)), self.heads(F.linear(image, w_v, b_v))  # (B, heads, h*w, d)
+        logits = q @ k.transpose(-1, -2)                                        # (B, heads, T, h*w)
+        maximum = torch.maximum(running["maximum"], logits.amax(-1, keepdim=True))
+        rescale, p = torch.exp(running["maximum"] - maximum), torch.exp(logits - maximum)
+        running = dict(maximum=maximum, total=running["total"] * rescale + p.sum(-1, keepdim=True),
+                       weighted=running["weighted"] * rescale + p @ v)
+        return text, q, running
+
+    def finish(self, state):
+        text, _, running = state
+        attended = (running["weighted"] / running["total"]).transpose(1, 2).flatten(2)  # (B, T, D)
+        return text + self.cross_attn.out_proj(attended)
 
 
 class AnalysisTransform(nn.Module):
@@ -149,15 +193,28 @@ class AnalysisTransform(nn.Module):
             self.extract_eighth = Extractor(N, config.text_dim, config.heads)
             self.inject_eighth = Injector(N, config.text_dim, config.heads)
 
+    def spatial_chain(self):
+        """The layers in the order x meets them (what bands.py and run_analysis walk)."""
+        s = self.stages
+        if not self.text_adapter:
+            return [s[0], s[1], s[2], s[3]]
+        return [s[0], s[1], self.inject_quarter, s[2], self.extract_eighth, self.inject_eighth, s[3]]
+
     def forward(self, x, text=None, padding=None):
-        x = self.stages[1](self.stages[0](x))                                   # (B, N, H/4, W/4)
-        if self.text_adapter:
-            x = self.inject_quarter(x, text, padding)
-        x = self.stages[2](x)                                                   # (B, N, H/8, W/8)
-        if self.text_adapter:
-            text = self.extract_eighth(x, text)
-            x = self.inject_eighth(x, text, padding)
-        return self.stages[3](x)                                                # (B, M, H/16, W/16)
+        return run_analysis(self.spatial_chain(), x, text, padding)             # (B, M, H/16, W/16)
+
+
+def run_analysis(layers, x, text, padding, refreshed=None):
+    """x through g_a's layers: Injectors read the text, the Extractor refreshes it from x -- or hands over the
+    text `refreshed` beforehand from every position (how a large image runs in bands: TACO.analysis)."""
+    for layer in layers:
+        if isinstance(layer, Injector):
+            x = layer(x, text, padding)
+        elif isinstance(layer, Extractor):
+            text = layer(x, text) if refreshed is None else refreshed
+        else:
+            x = layer(x)
+    return x
 
 
 def synthesis_transform(N, M):
@@ -174,6 +231,52 @@ def hyper_synthesis(N, M):
     """h_s ends with 2M channels: the scales and the means of y (CompressAI's order)."""
     return nn.Sequential(deconv(N, M), nn.LeakyReLU(), deconv(M, M * 3 // 2), nn.LeakyReLU(),
                          conv(M * 3 // 2, 2 * M, 3, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images in and out of the coder, and large images in bands
+# ----------------------------------------------------------------------------------------------------------
+DEFAULT_MEMORY = 1 << 30       # bytes of working memory the bands may use (codec.py --memory)
+PEAKS = {torch.uint8: 255, torch.uint16: 65535}     # integer pixels -> [0, 1]
+
+
+class Pixels:
+    """The image that g_a reads, (1, C, H, W): floats in [0, 1] or 8- or 16-bit integers. Blocks come out as
+    (1, 3, rows, columns) float32 in [0, 1] on `device`, padded to multiples of 64 by repeating the last row and
+    column (as pad_to_64) and converted block by block: the float image never exists whole."""
+
+    def __init__(self, x, device):
+        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
+            raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
+        self.x, self.device, self.channels = x, device, min(x.shape[1], 3)
+        self.height, self.width = H, W = x.shape[-2:]
+        if H * W > MAX_PIXELS or max(H, W) > 0xFFFF:
+            raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
+        self.padded = (-(-H // 64) * 64, -(-W // 64) * 64)
+        self.bits = 16 if x.dtype == torch.uint16 else 8
+        self.peak = PEAKS.get(x.dtype, 1)
+
+    def read(self, rows, columns):
+        r = torch.arange(rows.start, rows.stop, device=self.x.device).clamp_max(self.height - 1)
+        c = torch.arange(columns.start, columns.stop, device=self.x.device).clamp_max(self.width - 1)
+        block = self.x[:, :self.channels].index_select(2, r).index_select(3, c).to(self.device)
+        block = block.float() / self.peak if self.peak != 1 else block.float()
+        return block.expand(1, 3, *block.shape[-2:])                            # (1, 3, rows, columns)
+
+
+def raster(t):
+    """(B, C, rows, w) -> (B, rows, C, w): y is coded row by row, each row all channels, left to right."""
+    return t.transpose(1, 2)
+
+
+def stage(progress, name):
+    """progress(name, done, total) as a callback of (done, total), or None."""
+    return None if progress is None else lambda done, total: progress(name, done, total)
+
+
+def report(progress, name, done, total):
+    if progress is not None:
+        progress(name, done, total)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,19 +371,37 @@ class TACO(nn.Module):
         scales, means = hyper.chunk(2, dim=1)                                   # 2 x (B, M, h, w)
         return self.gaussian_conditional(y, scales, means)
 
-    def encode_y(self, y, hyper, nets):
-        """-> y's bytes, CRC-32 of the coding decisions (the table index of every symbol, in coding order)."""
-        scales, means = hyper.chunk(2, dim=1)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        return self.gaussian_conditional.compress(y, indexes, means), decisions_crc(indexes)
+    def encode_y(self, y, z_hat, nets, memory, progress=None):
+        """-> y's bytes, CRC-32 of the coding decisions (the table index of every symbol, in coding order).
+        Coding order: row by row of y, each row all channels, left to right -- so that h_s runs over bands
+        of rows and any band size codes the same stream."""
+        encoder, crc, tables = SymbolEncoder(), 0, self.gaussian_conditional.tables()
+        bands_of_rows = self.latent_bands(bands.bytes_per_output(nets.h_s), *y.shape[-2:], memory)
+        for done, rows in enumerate(bands_of_rows):
+            scales, means = self.hyper_rows(nets.h_s, z_hat, rows).chunk(2, dim=1)   # 2 x (1, M, rows, w)
+            indexes = self.gaussian_conditional.build_indexes(scales)
+            symbols = quantize(to_cpu(y[:, :, rows]), "symbols", to_cpu(means))
+            encoder.encode(raster(symbols).numpy(), raster(indexes).numpy(), *tables)
+            crc = decisions_crc(raster(indexes), crc)
+            report(progress, "coding", done + 1, len(bands_of_rows))
+        return encoder.finish(), crc
 
-    def decode_y(self, data, hyper, nets, expected_crc):
-        """-> y_hat, after checking that this machine chose the encoder's tables (decoding with others would
-        give garbage); elic.py can only check at the end, as its later tables depend on decoded values."""
-        scales, means = hyper.chunk(2, dim=1)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        check_decisions(decisions_crc(indexes), expected_crc)
-        return self.gaussian_conditional.decompress(data, indexes, means)
+    def decode_y(self, data, z_hat, nets, expected_crc, memory, progress=None):
+        """-> y_hat (1, M, h, w) in float64, checked at the end against the encoder's decisions: a machine
+        whose tables differed would have decoded garbage."""
+        decoder, crc, tables = SymbolDecoder(data), 0, self.gaussian_conditional.tables()
+        h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
+        y_hat = torch.empty(1, self.config.M, h, w, dtype=torch.float64, device=z_hat.device)
+        bands_of_rows = self.latent_bands(bands.bytes_per_output(nets.h_s), h, w, memory)
+        for done, rows in enumerate(bands_of_rows):
+            scales, means = self.hyper_rows(nets.h_s, z_hat, rows).chunk(2, dim=1)
+            indexes = self.gaussian_conditional.build_indexes(scales)
+            crc = decisions_crc(raster(indexes), crc)
+            symbols = torch.from_numpy(decoder.decode(raster(indexes).numpy(), *tables))
+            y_hat[:, :, rows] = raster(symbols.view(raster(indexes).shape)).to(means) + means
+            report(progress, "coding", done + 1, len(bands_of_rows))
+        check_decisions(crc, expected_crc)
+        return y_hat
 
     def update(self):
         """Freeze the integer coding tables (after training, before coding)."""
@@ -306,49 +427,114 @@ class TACO(nn.Module):
             return h.digest()[:8]
         return self.cached("fingerprint", digest)
 
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
     @torch.no_grad()
     @deterministic_gpu()
-    def compress(self, x, caption=""):
-        """x (1, C, H, W) in [0, 1] (C = 1, 3 or 4; alpha is dropped), a caption (or its CLIP token features
-        (1, T, D)) -> the bytes of a .taco file."""
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
-            raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
-        gray, (H, W) = x.shape[1] == 1, x.shape[-2:]
-        if H * W > MAX_PIXELS or max(H, W) > 0xFFFF:
-            raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
-        x = pad_to_64(x[:, :3].expand(1, 3, H, W).to(next(self.parameters()).device))  # (1, 3, H', W')
+    def compress(self, x, caption="", memory=DEFAULT_MEMORY, progress=None):
+        """x (1, C, H, W): floats in [0, 1] or 8- or 16-bit integers (C = 1, 3 or 4; alpha is dropped), a caption
+        (or its CLIP token features (1, T, D)) -> the bytes of a .taco file. The networks run in bands within
+        about `memory` bytes (bands.py); progress(stage, done, total) hears of each finished band."""
+        image = Pixels(x, self.device)
         text = caption if isinstance(caption, torch.Tensor) else [caption]
-        y = self.g_a(x, *self.read_text(text, x.device))                        # (1, M, H'/16, W'/16)
-        z = self.h_a(y)                                                         # (1, N, H'/64, W'/64)
+        y = self.analysis(image, *self.read_text(text, self.device), memory, progress)   # (1, M, H'/16, W'/16)
+        z = self.banded(self.h_a, y, memory)                                    # (1, N, H'/64, W'/64)
         z_bytes = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape)           # as the decoder will see it
-        nets = self.integer_networks()
-        y_bytes, crc = self.encode_y(y, nets.h_s(z_hat), nets)
-        return pack(self.fingerprint(), H, W, gray, crc, z_bytes, y_bytes)
+        y_bytes, crc = self.encode_y(y, z_hat, self.integer_networks(), memory, progress)
+        H, W = image.height, image.width
+        return pack(self.fingerprint(), H, W, image.channels == 1, image.bits, crc, z_bytes, y_bytes)
 
     @torch.no_grad()
     @deterministic_gpu()
-    def decompress(self, data):
-        """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) in [0, 1]. No caption needed."""
-        y_hat, (H, W, gray) = self.decode_latents(data)
-        x_hat = self.g_s(y_hat.float()).clamp(0, 1)[:, :, :H, :W]              # (1, 3, H, W)
-        return x_hat.mean(1, keepdim=True) if gray else x_hat
+    def decompress(self, data, dtype=torch.float32, memory=DEFAULT_MEMORY, max_pixels=MAX_PIXELS, progress=None):
+        """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) on the CPU: floats in [0, 1], or the integers of
+        `dtype` (torch.uint8, torch.uint16; None: the source's own depth, 8 or 16 bits). No caption needed.
+        g_s runs in bands, each written into the image as it finishes."""
+        y_hat, info = self.decode_latents(data, memory, max_pixels, progress)
+        dtype = dtype or (torch.uint16 if info.bits == 16 else torch.uint8)
+        out = torch.empty(1, 1 if info.gray else 3, info.height, info.width, dtype=dtype)
+        peak = PEAKS.get(dtype)
+
+        def write(rows, columns, x_hat):                     # a block of the padded image: keep what is inside
+            h, w = min(rows.stop, info.height) - rows.start, min(columns.stop, info.width) - columns.start
+            if h <= 0 or w <= 0:
+                return
+            rows, columns = slice(rows.start, rows.start + h), slice(columns.start, columns.start + w)
+            x_hat = x_hat[..., :h, :w].clamp(0, 1)
+            x_hat = x_hat.mean(1, keepdim=True) if info.gray else x_hat
+            out[..., rows, columns] = (x_hat * peak).round().to(dtype).cpu() if peak else x_hat.cpu()
+        read = lambda rows, columns: y_hat[..., rows, columns].float()          # noqa: E731
+        size = bands.output_size(self.g_s, y_hat.shape[-2:])                   # (H', W'): one band is one piece
+        bands.run(self.g_s, read, y_hat.shape[-2:], size, memory, write, unit=16, progress=stage(progress, "g_s"))
+        return out
 
     @torch.no_grad()
     @deterministic_gpu()
-    def decode_latents(self, data):
-        """bytes -> y_hat (1, M, H'/16, W'/16), identical on every machine, and the image's (H, W, grayscale)."""
-        H, W, gray, crc, z_bytes, y_bytes = unpack(data, self.fingerprint())
-        Hp, Wp = -(-H // 64) * 64, -(-W // 64) * 64
-        nets = self.integer_networks()
+    def decode_latents(self, data, memory=DEFAULT_MEMORY, max_pixels=MAX_PIXELS, progress=None):
+        """bytes -> y_hat (1, M, H'/16, W'/16), identical on every machine, and the image's height, width,
+        grayscale and bit depth. A declared size above max_pixels is refused before anything is allocated."""
+        info = unpack(data, self.fingerprint(), max_pixels)
+        Hp, Wp = -(-info.height // 64) * 64, -(-info.width // 64) * 64
         try:
-            z_hat = self.entropy_bottleneck.decompress(z_bytes, (1, self.config.N, Hp // 64, Wp // 64))
-            y_hat = self.decode_y(y_bytes, nets.h_s(z_hat), nets, crc)         # (1, M, H'/16, W'/16)
+            z_hat = self.entropy_bottleneck.decompress(info.z_bytes, (1, self.config.N, Hp // 64, Wp // 64))
+            y_hat = self.decode_y(info.y_bytes, z_hat, self.integer_networks(), info.decisions, memory, progress)
         except ValueError as error:
             if isinstance(error, BitstreamError):
                 raise
             raise BitstreamError(f"the file's checksum is intact, yet decoding failed ({error}): this machine's "
                                  f"arithmetic differs from the encoder's, or the file is forged") from error
-        return y_hat, (H, W, gray)
+        return y_hat, info
 
+    # ------------------------------------------------------------------------------------------------------
+    # Large images: every network runs in bands (bands.py); only the latents y and z are whole.
+    # ------------------------------------------------------------------------------------------------------
+    def analysis(self, image, text, padding, memory, progress):
+        """g_a over blocks of y; one block is the one-piece g_a. With a text adapter and several blocks, the
+        Extractor first sees every position (one sweep over the 1/8 features, online softmax), then the blocks
+        run with the refreshed text: the same y as in one piece."""
+        layers = self.g_a.spatial_chain()
+        size = image.padded
+        y_size = bands.output_size(layers, size)
+        if len(bands.blocks(*y_size, memory // bands.bytes_per_output(layers))) == 1:
+            return self.g_a(image.read(slice(0, size[0]), slice(0, size[1])), text, padding)
+        extractor = next((layer for layer in layers if isinstance(layer, Extractor)), None)
+        refreshed = None
+        if extractor is not None:
+            front = layers[:layers.index(extractor)]
+            state = [extractor.start(text)]
+
+            def attend(rows, columns, features):
+                state[0] = extractor.attend(state[0], features)
+            bands.run(front, image.read, size, bands.output_size(front, size), memory, attend,
+                      compute=lambda x: run_analysis(front, x, text, padding), progress=stage(progress, "text"))
+            refreshed = extractor.finish(state[0])
+        y = torch.empty(1, self.config.M, *y_size, device=self.device)
+        bands.run(layers, image.read, size, y_size, memory, bands.into(y),
+                  compute=lambda x: run_analysis(layers, x, text, padding, refreshed),
+                  progress=stage(progress, "g_a"))
+        return y
+
+    def banded(self, network, x, memory, into=None):
+        """network(x) for a whole x, computed over blocks of the output (into `into` when given)."""
+        out_size = bands.output_size(network, x.shape[-2:])
+        read = lambda rows, columns: x[..., rows, columns]                      # noqa: E731
+        if into is None:
+            channels = bands.run_block(network, read, x.shape[-2:], (0, 1), (0, 1)).shape[1]
+            into = x.new_empty(x.shape[0], channels, *out_size)
+        bands.run(network, read, x.shape[-2:], out_size, memory, bands.into(into))
+        return into
+
+    def latent_bands(self, bytes_per_position, height, width, memory):
+        """Bands of whole rows of y (the coding order is row by row), sized for the work per position of y."""
+        rows = max(1, int(memory // bytes_per_position // width))
+        return [slice(r, min(r + rows, height)) for r in range(0, height, rows)]
+
+    def hyper_rows(self, h_s, z_hat, rows):
+        """h_s(z_hat) for the rows `rows` of y only, all columns: (1, 2M, rows, w)."""
+        read = lambda r, c: z_hat[..., r, c]                                    # noqa: E731
+        w = bands.output_size(h_s, z_hat.shape[-2:])[1]
+        return bands.run_block(h_s, read, z_hat.shape[-2:], (rows.start, rows.stop), (0, w))
 

@@ -1,0 +1,202 @@
+"""Bands: a network over a large image piece by piece, exactly as in one piece.
+
+Why. g_a and g_s hold 128-320 channels at half and quarter resolution: run in one piece, a 24-megapixel photo
+needs ~13 GB. Only the latents (y and z, 1/256 of the pixels each) and the 8-bit image need to be whole; every
+network runs over blocks of its output -- bands of rows, cut into columns when a row alone is too wide.
+
+Exact halos. An output element of a convolution depends on a fixed window of its input. Traced back through
+the layers, the windows give for a block of output positions the block of input that it needs: its halo.
+Per dimension, for output positions [lo, hi):
+    Conv2d (kernel k, stride s, padding p)       input [lo*s - p, (hi - 1)*s - p + k)
+    ConvTranspose2d (k, s, p): o = i*s - p + t   input [ceil((lo + p - k + 1) / s), floor((hi - 1 + p) / s) + 1)
+    per-position layers                          [lo, hi): activations, GDN (it mixes channels, not positions),
+                                                 the Injector (each position queries the caption alone), the
+                                                 Extractor (x passes through it unchanged)
+    x + f(x) (residual and attention blocks)     the union of f's window and [lo, hi)
+    a chain of layers                            the rules applied from the last layer back to the first
+Running the network on that input block and keeping the wanted outputs gives what the whole input gives when
+  - the block starts at a multiple of the network's total stride, so that its stride grids are the whole's, and
+  - a window that leaves the input is cut at the input's edge, where the layers pad exactly as in one piece.
+Every kept output then sees exactly the inputs it sees in one piece: the block's own cut edges, padded with
+zeros where the whole has values, lie outside the window of every kept output. In exact arithmetic (the
+integer networks) bands equal the whole bit for bit; in float32 they agree to rounding, as a matrix product of
+another size may sum in another order.
+
+The one global operation is the Extractor's attention, whose softmax runs over every position: taco.py feeds
+it all positions block by block (an online softmax) before the bands that need its result.
+"""
+import math
+from fractions import Fraction
+
+import torch.nn as nn
+
+from integer import IntegerConv, IntegerLeakyReLU, IntegerNetwork, IntegerReLU
+
+PER_POSITION = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Identity, IntegerReLU, IntegerLeakyReLU)
+WORKING_COPIES = 4       # a layer's input, output and up to two temporaries (GDN's x*x and norm) live at once
+
+
+def convolution(layer, dim):
+    """(kernel, stride, padding, transposed) of a Conv2d, ConvTranspose2d or IntegerConv along `dim`; else None."""
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+        return (layer.kernel_size[dim], layer.stride[dim], layer.padding[dim],
+                isinstance(layer, nn.ConvTranspose2d))
+    if isinstance(layer, IntegerConv):
+        return layer.weight.shape[2 + dim], layer.stride[dim], layer.padding[dim], layer.transposed
+    return None
+
+
+def chain(layer):
+    """The layers that x passes through in order, or None for a layer that is not a chain. A module that wraps a
+    single module (ELIC's `reduction`, `increase`, ...) is that module; modules with several parts say their
+    order with `spatial_chain()`."""
+    if isinstance(layer, (list, nn.Sequential)):
+        return list(layer)
+    if isinstance(layer, IntegerNetwork):
+        return layer.layers
+    if hasattr(layer, "spatial_chain"):
+        return layer.spatial_chain()
+    if isinstance(layer, nn.Module) and not isinstance(layer, PER_POSITION) and \
+            not getattr(layer, "per_position", False) and not hasattr(layer, "residual_branches") and \
+            convolution(layer, 0) is None and len(children := list(layer.children())) == 1:
+        return children
+    return None
+
+
+def window(layer, lo, hi, dim):
+    """Output positions [lo, hi) of `layer` along `dim` -> the input positions [lo', hi') they depend on
+    (not cut at the input's edges)."""
+    if (conv := convolution(layer, dim)) is not None:
+        k, s, p, transposed = conv
+        if transposed:
+            return -(-(lo + p - k + 1) // s), (hi - 1 + p) // s + 1
+        return lo * s - p, (hi - 1) * s - p + k
+    if (parts := chain(layer)) is not None:
+        for part in reversed(parts):
+            lo, hi = window(part, lo, hi, dim)
+        return lo, hi
+    if isinstance(layer, PER_POSITION) or getattr(layer, "per_position", False):
+        return lo, hi
+    if hasattr(layer, "residual_branches"):                     # x + f(x, ...): the union of the windows
+        spans = [window(getattr(layer, name), lo, hi, dim) for name in layer.residual_branches]
+        return min([lo] + [a for a, _ in spans]), max([hi] + [b for _, b in spans])
+    raise TypeError(f"no halo rule for {type(layer).__name__}: it cannot run in bands")
+
+
+def grid(layer, dim):
+    """(scale, alignment) along `dim`: output positions per input position (a Fraction), and the multiple at
+    which an input block must start so that every strided layer inside sees its own grid."""
+    if (conv := convolution(layer, dim)) is not None:
+        _, s, _, transposed = conv
+        return (Fraction(s), 1) if transposed else (Fraction(1, s), s)
+    if (parts := chain(layer)) is not None:
+        scale, alignment = Fraction(1), 1
+        for part in parts:
+            part_scale, part_alignment = grid(part, dim)
+            # the part's input starts at start * scale, which must be a multiple of part_alignment
+            alignment = math.lcm(alignment, (Fraction(part_alignment) / scale).numerator)
+            scale *= part_scale
+        return scale, alignment
+    if hasattr(layer, "residual_branches"):
+        alignment = 1
+        for name in layer.residual_branches:
+            branch_scale, branch_alignment = grid(getattr(layer, name), dim)
+            assert branch_scale == 1, "a residual branch keeps the resolution"
+            alignment = math.lcm(alignment, branch_alignment)
+        return Fraction(1), alignment
+    window(layer, 0, 1, dim)                                    # raises for a layer without a rule
+    return Fraction(1), 1
+
+
+def input_block(layer, lo, hi, size, dim):
+    """-> (start, stop, offset): run `layer` on input positions [start, stop) of an input of `size`, and output
+    position `lo` is at `offset` in the result."""
+    first, last = window(layer, lo, hi, dim)
+    scale, alignment = grid(layer, dim)
+    start = max(first, 0) // alignment * alignment
+    return start, min(last, size), lo - int(start * scale)
+
+
+def run_block(layer, read, size, rows, columns, compute=None):
+    """Output block rows x columns ((start, stop) each) of layer(whole input), from its input block alone.
+    read(rows, columns) gives the input block (..., rows, columns) for two slices inside `size` (height,
+    width); compute(input) runs the network (default: layer itself, which also gives the geometry)."""
+    (r0, r1), (c0, c1) = rows, columns
+    rs, re, ro = input_block(layer, r0, r1, size[0], 0)
+    cs, ce, co = input_block(layer, c0, c1, size[1], 1)
+    out = (compute or layer)(read(slice(rs, re), slice(cs, ce)))
+    return out[..., ro:ro + r1 - r0, co:co + c1 - c0]
+
+
+def output_size(layer, size):
+    """(height, width) of layer's output for an input of `size`, from the layers' own size formulas."""
+    return tuple(output_length(layer, n, dim) for dim, n in enumerate(size))
+
+
+def output_length(layer, n, dim):
+    if (conv := convolution(layer, dim)) is not None:
+        k, s, p, transposed = conv
+        return (n - 1) * s - 2 * p + k + layer.output_padding[dim] if transposed else (n + 2 * p - k) // s + 1
+    for part in chain(layer) or []:
+        n = output_length(part, n, dim)
+    return n
+
+
+def run(layer, read, size, out_size, memory, write, compute=None, unit=1, progress=None):
+    """layer(whole input) over blocks of its output of about `memory` bytes of work each (bytes_per_output):
+    write(rows, columns, block) receives each block as it finishes, progress(done, total) hears of it."""
+    tiles = blocks(*out_size, int(memory // bytes_per_output(layer)), unit)
+    for done, (rows, columns) in enumerate(tiles):
+        write(slice(*rows), slice(*columns), run_block(layer, read, size, rows, columns, compute))
+        if progress is not None:
+            progress(done + 1, len(tiles))
+
+
+def into(out):
+    """A `write` for run(): blocks go into the tensor `out`."""
+    def write(rows, columns, block):
+        out[..., rows, columns] = block
+    return write
+
+
+def blocks(height, width, area, unit=1):
+    """Cover an output of height x width with blocks of at most `area` positions (at least one unit x unit):
+    bands of whole rows while a band of `unit` rows fits, square-ish tiles otherwise; raster order."""
+    area = max(int(area), unit * unit)
+    if width * unit <= area:
+        tile_h, tile_w = max(unit, area // width // unit * unit), width
+    else:
+        tile_h = tile_w = max(unit, math.isqrt(area) // unit * unit)
+    return [((r, min(r + tile_h, height)), (c, min(c + tile_w, width)))
+            for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
+
+
+def bytes_per_output(layer, value_bytes=4):
+    """Working memory per output position of `layer`, from its widest layer: the values held per output position
+    (channels x positions per output position) times WORKING_COPIES; an integer layer also unfolds its input
+    (channels x kernel area, in float64)."""
+    widest, final_scale = 0.0, grid(layer, 0)[0]
+
+    def visit(part, scale):                  # scale: positions of part's input per input position
+        nonlocal widest
+        if (conv := convolution(part, 0)) is not None:
+            k, s, _, transposed = conv
+            out_scale = scale * (s if transposed else Fraction(1, s))
+            density = float((out_scale / final_scale) ** 2)                 # part's outputs per final output
+            if isinstance(part, IntegerConv):                             # float64, and unfolded columns
+                cout, cin = part.weight.shape[:2][::-1] if transposed else part.weight.shape[:2]
+                unfolded = (cout if transposed else cin) * k * k
+                widest = max(widest, density * 8 * max(unfolded, cout * WORKING_COPIES))
+            else:
+                cout = part.out_channels
+                widest = max(widest, density * cout * value_bytes * WORKING_COPIES)
+            return out_scale
+        if (parts := chain(part)) is not None:
+            for p in parts:
+                scale = visit(p, scale)
+            return scale
+        for name in getattr(part, "residual_branches", ()):
+            visit(getattr(part, name), scale)
+        return scale
+    visit(layer, Fraction(1))
+    return max(widest, 1.0)
