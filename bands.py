@@ -160,13 +160,12 @@ def into(out):
 
 
 def blocks(height, width, area, unit=1):
-    """Cover an output of height x width with blocks of at most `area` positions (at least one unit x unit):
-    bands of whole rows while a band of `unit` rows fits, square-ish tiles otherwise; raster order."""
+    """Cover an output of height x width with blocks of at most `area` positions (at least unit x unit), in
+    raster order: bands of whole rows while a square of `area` is wider than the image, square-ish tiles
+    otherwise (the halo is recomputed around every block, and a square has the least edge for its area)."""
     area = max(int(area), unit * unit)
-    if width * unit <= area:
-        tile_h, tile_w = max(unit, area // width // unit * unit), width
-    else:
-        tile_h = tile_w = max(unit, math.isqrt(area) // unit * unit)
+    tile_w = min(width, max(unit, math.isqrt(area) // unit * unit))
+    tile_h = max(unit, area // tile_w // unit * unit)
     return [((r, min(r + tile_h, height)), (c, min(c + tile_w, width)))
             for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
 

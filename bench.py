@@ -6,6 +6,8 @@
     python bench.py integer --checkpoint runs/demo/best.pt   # integer vs float entropy parameters
     python bench.py release      # load a released-size checkpoint (tables rebuilt) and code its first image
     python bench.py train        # training images/s and peak memory (demo and default configs)
+    python bench.py bands        # peak memory and time per megapixel at two image sizes: the growth per pixel
+    python bench.py bands --sizes 10000x10000     # a 100-megapixel image
 """
 import argparse
 import multiprocessing
@@ -245,6 +247,76 @@ def bench_train(args):
                   f"{speed:6.2f} images/s, {memory} {peak:.0f} MiB")
 
 
+def photo_like(height, width, seed=0):
+    """A uint8 image with smooth structure and grain, made band by band (never a float image whole)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 64 + 2, width // 64 + 2, 3)).astype(np.float32)
+    x = np.empty((height, width, 3), dtype=np.uint8)
+    columns = np.arange(width) / 64
+    for r0 in range(0, height, 256):
+        rows = np.arange(r0, min(r0 + 256, height)) / 64
+        top, left = rows.astype(int), columns.astype(int)
+        fy, fx = (rows - top)[:, None, None], (columns - left)[None, :, None]
+        band = (coarse[top][:, left] * (1 - fy) * (1 - fx) + coarse[top + 1][:, left] * fy * (1 - fx)
+                + coarse[top][:, left + 1] * (1 - fy) * fx + coarse[top + 1][:, left + 1] * fy * fx)
+        band += rng.normal(0, 6, band.shape).astype(np.float32)
+        x[r0:r0 + len(rows)] = np.clip(band, 0, 255)
+    return torch.from_numpy(x).permute(2, 0, 1)[None]
+
+
+def bands_case(backbone, N, M, height, width, memory, step, path, queue):
+    """One step (compress or decompress) in a fresh process: its peak RSS over the loaded model's, and its time."""
+    import taco
+    torch.manual_seed(0)
+    config = taco.TacoConfig(N=N, M=M, text_adapter=backbone == "elic", clip_pretrained="random", backbone=backbone)
+    model = codec.build_model(config).eval().update()
+    features = torch.zeros(1, config.text_tokens, config.text_dim)      # the caption's features (no text tower)
+    if step == "compress":
+        x = photo_like(height, width)
+        before = peak_mib()
+        start = time.perf_counter()
+        data = model.compress(x, features if config.text_adapter else "", memory=memory)
+        seconds = time.perf_counter() - start
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+        before = peak_mib()
+        start = time.perf_counter()
+        model.decompress(data, dtype=torch.uint8, memory=memory, max_pixels=1 << 28)
+        seconds = time.perf_counter() - start
+    queue.put((seconds, before, peak_mib()))
+
+
+def bench_bands(args):
+    import os
+    import tempfile
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    print(f"bands: {args.backbone} N={args.N} M={args.M}, --memory {args.memory} MiB, CPU "
+          f"({torch.get_num_threads()} threads), random weights, photo-like uint8 images; each step in its own "
+          f"process; peak RSS of the whole process")
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "image.taco")
+        for width, height in sizes:
+            for step in ("compress", "decompress"):
+                seconds, before, peak = in_child(bands_case, args.backbone, args.N, args.M, height, width,
+                                                 args.memory * 2 ** 20, step, path)
+                results[width, height, step] = seconds, peak
+                print(f"  {width}x{height} ({width * height / 1e6:.1f} MP) {step:10s} {seconds:7.1f} s "
+                      f"({seconds / (width * height / 1e6):.2f} s/MP), peak RSS {peak:6.0f} MiB "
+                      f"(before the step {before:.0f} MiB)")
+    if len(sizes) >= 2:
+        (w0, h0), (w1, h1) = sizes[0], sizes[-1]
+        for step in ("compress", "decompress"):
+            (t0, p0), (t1, p1) = results[w0, h0, step], results[w1, h1, step]
+            slope = (p1 - p0) * 2 ** 20 / (w1 * h1 - w0 * h0)
+            ratio = (t1 / (w1 * h1)) / (t0 / (w0 * h0))
+            print(f"  {step:10s} peak RSS grows {slope:5.1f} bytes per extra pixel; time per megapixel "
+                  f"{ratio:.2f}x from {w0 * h0 / 1e6:.0f} to {w1 * h1 / 1e6:.0f} MP")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -277,6 +349,15 @@ def main():
     training.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                           help="bf16 autocast on GPU (train.py --bf16); default fp32 with TF32 matmuls, as train.py")
     training.set_defaults(run=bench_train)
+    banded = sub.add_parser("bands", help="peak memory and time per megapixel at two image sizes")
+    banded.add_argument("--sizes", nargs="+", default=["1632x1224", "4896x3264"],
+                        help="WIDTHxHEIGHT, smallest first (default 2 MP and 16 MP)")
+    banded.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
+    banded.add_argument("-N", type=int, default=128, help="transform channels")
+    banded.add_argument("-M", type=int, default=192, help="latent channels")
+    banded.add_argument("--memory", type=int, default=1024, help="the bands' working memory in MiB (codec.py "
+                                                                  "--memory)")
+    banded.set_defaults(run=bench_bands)
     args = parser.parse_args()
     args.run(args)
 

@@ -88,6 +88,9 @@ def load_weights(model, state, path, rebuilt=()):
     for problem, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
         if keys:
             raise CheckpointError(f"{path} does not fit this model: {len(keys)} {problem} key(s), first {keys[0]}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path} is damaged: {broken[0]} holds NaN or infinite values")
     model.load_state_dict(state, strict=not rebuilt)          # the keys were checked above
 
 
@@ -122,14 +125,14 @@ def read_pixels(path, max_pixels=None):
             if image.mode in GRAY_MODES:
                 dtype = GRAY_MODES[image.mode]
                 image = image.convert("L") if image.mode in ("1", "LA") else image
-                array = np.asarray(image)
+                array = np.array(image)                              # one writable copy, then Pillow's goes
                 array = np.clip(array, 0, 65535).astype(dtype) if dtype == np.uint16 else \
                     np.clip(array, 0, 1).astype(dtype) if dtype == np.float32 else array
             else:
-                array = np.asarray(image.convert("RGB"))
+                array = np.array(image if image.mode == "RGB" else image.convert("RGB"))
     except Image.DecompressionBombError as error:
         raise ValueError(f"{path}: {error}; raise the limit with --max-image-pixels if you trust the file") from error
-    return torch.from_numpy(np.array(array).reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]   # a writable copy
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
 
 
 def to_unit(x):

@@ -167,6 +167,8 @@ class EntropyParameters(nn.Module):
 class ElicTACO(taco.TACO):
     """TACO as released: ELIC transforms, text adapter, checkerboard + channel-context entropy model."""
 
+    latent_dtype = torch.float64     # encode_y overwrites y with y_hat in place: the contexts read it exactly
+
     def __init__(self, config):
         if not config.text_adapter:
             raise ValueError("the ELIC backbone is the paper's TACO and always has its text adapter")
@@ -263,7 +265,7 @@ class ElicTACO(taco.TACO):
 
     def encode_y(self, y, z_hat, nets, memory, progress=None):
         encoder, tables, crc = SymbolEncoder(), self.gaussian_conditional.tables(), [0]
-        y = y.double()                      # exact; overwritten with y_hat pass by pass, as the contexts read it
+        y = y.double()                      # a no-op from compress (latent_dtype); overwritten pass by pass
 
         def code(own, kind, rows, scales, means):
             mask = checkerboard(kind, rows.stop - rows.start, y.shape[-1], device=y.device, top=rows.start)

@@ -54,6 +54,8 @@ class IntegerConv:
         self.stride, self.padding = conv.stride, conv.padding
         self.output_padding = conv.output_padding if self.transposed else (0, 0)
         weight = conv.weight.detach().to("cpu", torch.float64)                # exact: float32 -> float64
+        if not torch.isfinite(weight).all() or (conv.bias is not None and not torch.isfinite(conv.bias).all()):
+            raise ValueError("a network that chooses coding tables has NaN or infinite weights")
         out_channels = weight.shape[1] if self.transposed else weight.shape[0]
         bias = torch.zeros(out_channels, dtype=torch.float64) if conv.bias is None else \
             conv.bias.detach().to("cpu", torch.float64)

@@ -304,6 +304,8 @@ class TACO(nn.Module):
     `text` is a list of captions (needs a text encoder, see `attach_text_encoder`) or precomputed
     (features (B, T, D), padding (B, T)) from one."""
 
+    latent_dtype = torch.float32     # how compress holds y whole (elic.py: float64, overwritten by y_hat)
+
     def __init__(self, config=None):
         super().__init__()
         self.config = config = config or TacoConfig()
@@ -499,7 +501,7 @@ class TACO(nn.Module):
         size = image.padded
         y_size = bands.output_size(layers, size)
         if len(bands.blocks(*y_size, memory // bands.bytes_per_output(layers))) == 1:
-            return self.g_a(image.read(slice(0, size[0]), slice(0, size[1])), text, padding)
+            return self.g_a(image.read(slice(0, size[0]), slice(0, size[1])), text, padding).to(self.latent_dtype)
         extractor = next((layer for layer in layers if isinstance(layer, Extractor)), None)
         refreshed = None
         if extractor is not None:
@@ -511,7 +513,7 @@ class TACO(nn.Module):
             bands.run(front, image.read, size, bands.output_size(front, size), memory, attend,
                       compute=lambda x: run_analysis(front, x, text, padding), progress=stage(progress, "text"))
             refreshed = extractor.finish(state[0])
-        y = torch.empty(1, self.config.M, *y_size, device=self.device)
+        y = torch.empty(1, self.config.M, *y_size, dtype=self.latent_dtype, device=self.device)
         bands.run(layers, image.read, size, y_size, memory, bands.into(y),
                   compute=lambda x: run_analysis(layers, x, text, padding, refreshed),
                   progress=stage(progress, "g_a"))
@@ -520,7 +522,7 @@ class TACO(nn.Module):
     def banded(self, network, x, memory, into=None):
         """network(x) for a whole x, computed over blocks of the output (into `into` when given)."""
         out_size = bands.output_size(network, x.shape[-2:])
-        read = lambda rows, columns: x[..., rows, columns]                      # noqa: E731
+        read = lambda rows, columns: x[..., rows, columns].float()              # noqa: E731
         if into is None:
             channels = bands.run_block(network, read, x.shape[-2:], (0, 1), (0, 1)).shape[1]
             into = x.new_empty(x.shape[0], channels, *out_size)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import clip_text
 import codec
@@ -334,3 +335,16 @@ def test_hyper_synthesis_gives_scales_then_means_and_old_checkpoints_are_convert
     torch.save(old, tmp_path / "old.pt")
     loaded, _ = load_checkpoint(str(tmp_path / "old.pt"))
     assert loaded.attach_text_encoder(encoder).compress(x, "a cat") == model.compress(x, "a cat")
+
+
+def test_a_checkpoint_with_a_nan_weight_names_the_key(tmp_path, encoder, capsys):
+    model = tiny_model(encoder)
+    with torch.no_grad():
+        model.h_s[0].weight[0, 0, 0, 0] = float("nan")
+    save_checkpoint(str(tmp_path / "nan.pt"), model)
+    with pytest.raises(CheckpointError, match="h_s.0.weight holds NaN or infinite values"):
+        codec.load_checkpoint(str(tmp_path / "nan.pt"))
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert codec.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "nan.pt"),
+                       "--caption", "a"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

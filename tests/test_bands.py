@@ -1,0 +1,172 @@
+"""Claims about bands.py and the banded coding path: halos are exact, any band size decodes the same latents,
+large declared sizes are refused before anything is allocated."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import bands
+import codec
+import container
+import taco
+from helpers import TINY, TINY_ELIC, natural_image, tiny_model
+
+
+def dependency_rows(network, x, lo, hi, dim):
+    """The input positions that output positions [lo, hi) along `dim` really depend on, found by autograd
+    (an independent computation): where the gradient of their sum is non-zero."""
+    x = x.clone().requires_grad_(True)
+    out = network(x)
+    index = [slice(None)] * 4
+    index[2 + dim] = slice(lo, hi)
+    out[tuple(index)].sum().backward()
+    touched = x.grad.abs().sum(dim=(0, 1, 3 - dim)) != 0
+    where = torch.nonzero(touched).flatten()
+    return int(where.min()), int(where.max()) + 1
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(2, 3, 5, 2, 2), nn.Conv2d(2, 3, 3, 1, 1), nn.Conv2d(2, 3, 4, 2, 0),
+                                   nn.ConvTranspose2d(2, 3, 5, 2, 2, output_padding=1),
+                                   nn.ConvTranspose2d(2, 3, 3, 1, 1), nn.ConvTranspose2d(2, 3, 4, 2, 1)])
+def test_the_window_of_a_convolution_is_what_autograd_finds(layer):
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 40, 40)
+    n_out = layer(x).shape[-2]
+    for lo, hi in [(3, 7), (10, 11), (n_out - 4, n_out - 1)]:
+        first, last = bands.window(layer, lo, hi, 0)
+        assert dependency_rows(layer, x, lo, hi, 0) == (max(first, 0), min(last, 40))
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
+def test_the_halo_of_each_transform_covers_every_real_dependency(config):
+    model = tiny_model(config=config)
+    torch.manual_seed(1)
+    text = model.read_text(["a boat"], "cpu")
+    g_a = model.g_a.spatial_chain()
+    refreshed = text[0]         # the Extractor's text is global: the bands take it from a sweep over all positions
+    cases = [(lambda x: taco.run_analysis(g_a, x, *text, refreshed), g_a, torch.rand(1, 3, 256, 192)),
+             (model.g_s, model.g_s, torch.randn(1, model.config.M, 12, 10)),
+             (model.h_s, model.h_s, torch.randn(1, model.config.N, 6, 5))]
+    for compute, layout, x in cases:
+        n = compute(x).shape[-2]
+        for lo, hi in [(1, 3), (n // 2, n // 2 + 1)]:
+            first, last = bands.window(layout, lo, hi, 0)
+            needed = dependency_rows(compute, x, lo, hi, 0)
+            assert max(first, 0) <= needed[0] and needed[1] <= min(last, x.shape[-2])
+
+
+def test_a_layer_without_a_halo_rule_is_refused():
+    with pytest.raises(TypeError, match="no halo rule for MaxPool2d"):
+        bands.window(nn.MaxPool2d(2), 0, 4, 0)
+
+
+def test_the_extractors_running_softmax_equals_multihead_attention_over_all_positions():
+    torch.manual_seed(0)
+    extractor = taco.Extractor(16, 32, 4).eval()
+    x, text = torch.randn(2, 16, 6, 7), torch.randn(2, 5, 32)
+    image = extractor.image_norm(extractor.image_feature_dim_proj(taco.to_tokens(x)))
+    t = extractor.text_norm(text)
+    reference = t + extractor.cross_attn(t, image, image, need_weights=False)[0]
+    state = extractor.start(text)
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        state = extractor.attend(state, x[:, :, rows])
+    assert torch.allclose(extractor.finish(state), reference, atol=1e-5)
+    assert torch.allclose(extractor(x, text), reference, atol=1e-5)
+
+
+def test_blocks_cut_wide_images_into_columns_and_cover_everything_once():
+    for height, width, area in [(50, 70, 10 ** 6), (50, 70, 700), (50, 70, 300), (33, 1000, 512)]:
+        covered = np.zeros((height, width), dtype=int)
+        tiles = bands.blocks(height, width, area)
+        for (r0, r1), (c0, c1) in tiles:
+            covered[r0:r1, c0:c1] += 1
+            assert (r1 - r0) * (c1 - c0) <= max(area, 1)
+        assert (covered == 1).all()
+    assert any(c != (0, 1000) for _, c in bands.blocks(33, 1000, 512))        # a row alone is too wide
+
+
+IMAGES = [("rgb", (150, 230)), ("gray", (70, 100)), ("odd", (17, 333))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
+@pytest.mark.parametrize("kind,size", IMAGES, ids=[k for k, _ in IMAGES])
+def test_any_band_size_decodes_the_same_latents_and_pixels(config, kind, size):
+    model = tiny_model(config=config)
+    x = natural_image(*size)
+    x = x.mean(1, keepdim=True) if kind == "gray" else x
+    x = (x * 255).round().to(torch.uint8)
+    whole = model.compress(x, "a boat on a lake")
+    y_whole, _ = model.decode_latents(whole)
+    x_whole = model.decompress(whole)
+    assert x_whole.shape == (1, x.shape[1], *size)
+    for memory in (3e4, 2e5, 2e6):
+        banded = model.compress(x, "a boat on a lake", memory=memory)
+        assert abs(len(banded) - len(whole)) <= 0.001 * len(whole)
+        y_banded, _ = model.decode_latents(whole, memory=memory)
+        assert torch.equal(y_banded, y_whole)                   # the integer path is exact in bands too
+        assert (model.decompress(whole, memory=memory) - x_whole).abs().max() <= 1 / 255
+    pixels = model.decompress(whole, dtype=torch.uint8, memory=3e4)
+    assert ((pixels.float() - (x_whole * 255).round()).abs() <= 1).all()
+
+
+def test_the_banded_encoders_y_equals_the_one_piece_y():
+    model = tiny_model(config=TINY)
+    x = natural_image(150, 230)
+    text = model.read_text(["a cat on a mat"], "cpu")
+    with torch.no_grad():
+        whole = model.g_a(taco.pad_to_64(x), *text)
+        banded = model.analysis(taco.Pixels(x, "cpu"), *text, 3e5, None)
+    assert len(bands.blocks(*whole.shape[-2:], 3e5 // bands.bytes_per_output(model.g_a.spatial_chain()))) > 4
+    assert torch.allclose(banded, whole, atol=1e-5)
+
+
+def test_a_forged_size_is_refused_before_anything_is_allocated():
+    model = tiny_model(config=TINY, text_adapter=False)
+    data = model.compress(natural_image(64, 64), "")
+    fields = list(container.HEADER.unpack_from(data))
+    fields[3], fields[4] = 16384, 16384                         # 268 megapixels, the format's maximum
+    body = container.HEADER.pack(*fields) + data[container.HEADER.size:-container.CHECKSUM.size]
+    forged = body + container.CHECKSUM.pack(__import__("zlib").crc32(body))
+    with pytest.raises(container.BitstreamError, match="268 megapixels, more than the limit of 134"):
+        model.decompress(forged)
+    with pytest.raises(container.BitstreamError, match="more than the limit of 0"):
+        model.decompress(data, max_pixels=100)
+
+
+def test_progress_hears_every_band_and_the_library_is_quiet_by_default(capsys):
+    model = tiny_model(config=TINY)
+    heard = []
+    data = model.compress(natural_image(130, 200), "a", memory=1e5, progress=lambda *a: heard.append(a))
+    model.decompress(data, memory=1e5, progress=lambda *a: heard.append(a))
+    stages = {name for name, _, _ in heard}
+    assert {"text", "g_a", "coding", "g_s"} <= stages
+    assert all(done <= total for _, done, total in heard)
+    model.decompress(data, memory=1e5)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_sixteen_bit_grayscale_comes_back_as_sixteen_bits(tmp_path):
+    model = tiny_model(config=TINY, text_adapter=False)
+    ramp = (natural_image(64, 96).mean(1, keepdim=True) * 65535).round().to(torch.uint16)
+    data = model.compress(ramp, "")
+    decoded = model.decompress(data, dtype=None)
+    assert decoded.dtype == torch.uint16 and decoded.shape == ramp.shape
+    eight = model.decompress(data, dtype=torch.float32)
+    assert (decoded.float() / 65535 - eight).abs().max() <= 0.5 / 65535 + 1e-7
+    path = str(tmp_path / "out.png")
+    codec.write_image(decoded, path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I;16") or image.mode == "I"
+
+
+def test_the_cli_refuses_an_image_above_the_pixel_limit_and_writes_nothing(tmp_path, capsys):
+    model = tiny_model(config=TINY, text_adapter=False)
+    codec.save_checkpoint(str(tmp_path / "model.pt"), model)
+    Image.fromarray(np.zeros((100, 120, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    code = codec.main(["compress", str(tmp_path / "big.png"), "--checkpoint", str(tmp_path / "model.pt"),
+                       "--max-image-pixels", "5000"])
+    assert code == 1
+    assert "raise it with --max-image-pixels" in capsys.readouterr().err
+    assert not (tmp_path / "big.taco").exists()
