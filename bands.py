@@ -25,6 +25,8 @@ another size may sum in another order.
 The one global operation is the Extractor's attention, whose softmax runs over every position: taco.py feeds
 it all positions block by block (an online softmax) before the bands that need its result.
 """
+import ctypes
+import ctypes.util
 import math
 from fractions import Fraction
 
@@ -143,13 +145,34 @@ def output_length(layer, n, dim):
 
 
 def run(layer, read, size, out_size, memory, write, compute=None, unit=1, progress=None):
-    """layer(whole input) over blocks of its output of about `memory` bytes of work each (bytes_per_output):
+    """layer(whole input) over blocks of its output, each within about `memory` bytes of work (its halo included):
     write(rows, columns, block) receives each block as it finishes, progress(done, total) hears of it."""
-    tiles = blocks(*out_size, int(memory // bytes_per_output(layer)), unit)
+    tiles = blocks(*out_size, memory / bytes_per_output(layer), unit, (halo(layer, 0), halo(layer, 1)))
     for done, (rows, columns) in enumerate(tiles):
         write(slice(*rows), slice(*columns), run_block(layer, read, size, rows, columns, compute))
+        release_memory()
         if progress is not None:
             progress(done + 1, len(tiles))
+
+
+def halo(layer, dim):
+    """How many more output positions a block computes than it keeps (both sides together, away from the edges):
+    the block's input window, seen at the output's resolution."""
+    scale, alignment = grid(layer, dim)
+    start = 1 << 20                                             # far from the edges, a multiple of any stride
+    first, last = window(layer, start, start + alignment, dim)
+    return max(0, math.ceil((last - first) * scale) - alignment)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def release_memory():
+    """Hand the freed buffers of a finished band back to the system. glibc keeps freed blocks below its (self-
+    raising) mmap threshold in the heap, fragmented, so a process's footprint would creep up with the number of
+    bands; malloc_trim returns them. A no-op where the C library has no malloc_trim (macOS, Windows)."""
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
 
 
 def into(out):
@@ -159,13 +182,13 @@ def into(out):
     return write
 
 
-def blocks(height, width, area, unit=1):
-    """Cover an output of height x width with blocks of at most `area` positions (at least unit x unit), in
-    raster order: bands of whole rows while a square of `area` is wider than the image, square-ish tiles
-    otherwise (the halo is recomputed around every block, and a square has the least edge for its area)."""
-    area = max(int(area), unit * unit)
-    tile_w = min(width, max(unit, math.isqrt(area) // unit * unit))
-    tile_h = max(unit, area // tile_w // unit * unit)
+def blocks(height, width, area, unit=1, extra=(0, 0)):
+    """Cover an output of height x width with blocks of at most `area` positions counting `extra` (the halo's
+    rows, columns) around each, in raster order: bands of whole rows while a square of `area` is wider than the
+    image, square-ish tiles otherwise (a square has the least halo for its area). Blocks are at least unit x unit."""
+    round_down = lambda n: max(unit, int(n) // unit * unit)                     # noqa: E731
+    tile_w = min(width, round_down(math.sqrt(max(area, 1)) - extra[1]))
+    tile_h = round_down(area / (tile_w + extra[1]) - extra[0])
     return [((r, min(r + tile_h, height)), (c, min(c + tile_w, width)))
             for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
 
@@ -184,11 +207,11 @@ def bytes_per_output(layer, value_bytes=4):
             density = float((out_scale / final_scale) ** 2)                 # part's outputs per final output
             if isinstance(part, IntegerConv):                             # float64, and unfolded columns
                 cout, cin = part.weight.shape[:2][::-1] if transposed else part.weight.shape[:2]
-                unfolded = (cout if transposed else cin) * k * k
-                widest = max(widest, density * 8 * max(unfolded, cout * WORKING_COPIES))
+                # columns: cin*k*k per output position, or (transposed) cout*k*k per input position
+                unfolded = cout * k * k / s ** 2 if transposed else cin * k * k
+                widest = max(widest, density * 8 * (unfolded + cout * WORKING_COPIES))
             else:
-                cout = part.out_channels
-                widest = max(widest, density * cout * value_bytes * WORKING_COPIES)
+                widest = max(widest, density * part.out_channels * value_bytes * WORKING_COPIES)
             return out_scale
         if (parts := chain(part)) is not None:
             for p in parts:

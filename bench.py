@@ -21,6 +21,7 @@ import clip_text
 import codec
 import entropy
 import rangecoder
+import taco
 
 
 def best_time(fn, repeat):
@@ -71,7 +72,6 @@ def peak_mib():
 
 
 def codec_case(backbone, N, M, text_adapter, height, width, repeat, device, queue):
-    import taco
     torch.manual_seed(0)
     config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random", backbone=backbone)
     model = codec.build_model(config).eval().update().to(device)
@@ -149,7 +149,6 @@ def integer_case(checkpoint, backbone, repeat, queue):
     """Integer vs float entropy parameters on photos: real file sizes, compress / decompress times."""
     import skimage.data
 
-    import taco
     if checkpoint:
         model, _ = codec.load_checkpoint(checkpoint)
         label = checkpoint
@@ -195,7 +194,6 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
     import torchvision
 
     import metrics
-    import taco
     import train
     torch.manual_seed(0)
     clip = clip_text.load_clip("ViT-B-32-quickgelu", "random")
@@ -264,49 +262,46 @@ def photo_like(height, width, seed=0):
     return torch.from_numpy(x).permute(2, 0, 1)[None]
 
 
-def bands_case(backbone, N, M, height, width, memory, step, path, queue):
-    """One step (compress or decompress) in a fresh process: its peak RSS over the loaded model's, and its time."""
-    import taco
+def bands_case(backbone, N, M, memory, step, png, taco_file, queue):
+    """One step of the user's path in a fresh process (codec.py compress: PNG -> .taco, or decompress: .taco ->
+    PNG): its time, and the peak RSS of the whole process and of the process with the model loaded."""
     torch.manual_seed(0)
     config = taco.TacoConfig(N=N, M=M, text_adapter=backbone == "elic", clip_pretrained="random", backbone=backbone)
     model = codec.build_model(config).eval().update()
     features = torch.zeros(1, config.text_tokens, config.text_dim)      # the caption's features (no text tower)
+    before = peak_mib()
+    start = time.perf_counter()
     if step == "compress":
-        x = photo_like(height, width)
-        before = peak_mib()
-        start = time.perf_counter()
-        data = model.compress(x, features if config.text_adapter else "", memory=memory)
-        seconds = time.perf_counter() - start
-        with open(path, "wb") as f:
+        data = model.compress(codec.read_pixels(png), features if config.text_adapter else "", memory=memory)
+        with open(taco_file, "wb") as f:
             f.write(data)
     else:
-        with open(path, "rb") as f:
+        with open(taco_file, "rb") as f:
             data = f.read()
-        before = peak_mib()
-        start = time.perf_counter()
-        model.decompress(data, dtype=torch.uint8, memory=memory, max_pixels=1 << 28)
-        seconds = time.perf_counter() - start
-    queue.put((seconds, before, peak_mib()))
+        codec.write_image(model.decompress(data, dtype=None, memory=memory, max_pixels=1 << 28), png + ".out.png")
+    queue.put((time.perf_counter() - start, before, peak_mib()))
 
 
 def bench_bands(args):
     import os
     import tempfile
+    from PIL import Image
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     print(f"bands: {args.backbone} N={args.N} M={args.M}, --memory {args.memory} MiB, CPU "
-          f"({torch.get_num_threads()} threads), random weights, photo-like uint8 images; each step in its own "
-          f"process; peak RSS of the whole process")
+          f"({torch.get_num_threads()} threads), random weights, photo-like PNGs through codec.read_pixels / "
+          f"write_image; each step in a fresh process; peak RSS of the whole process")
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "image.taco")
         for width, height in sizes:
+            png, taco_file = os.path.join(folder, f"{width}x{height}.png"), os.path.join(folder, "image.taco")
+            Image.fromarray(photo_like(height, width)[0].permute(1, 2, 0).numpy()).save(png, compress_level=1)
             for step in ("compress", "decompress"):
-                seconds, before, peak = in_child(bands_case, args.backbone, args.N, args.M, height, width,
-                                                 args.memory * 2 ** 20, step, path)
+                seconds, before, peak = in_child(bands_case, args.backbone, args.N, args.M, args.memory * 2 ** 20,
+                                                 step, png, taco_file)
                 results[width, height, step] = seconds, peak
                 print(f"  {width}x{height} ({width * height / 1e6:.1f} MP) {step:10s} {seconds:7.1f} s "
                       f"({seconds / (width * height / 1e6):.2f} s/MP), peak RSS {peak:6.0f} MiB "
-                      f"(before the step {before:.0f} MiB)")
+                      f"(model loaded: {before:.0f} MiB)")
     if len(sizes) >= 2:
         (w0, h0), (w1, h1) = sizes[0], sizes[-1]
         for step in ("compress", "decompress"):
@@ -355,8 +350,8 @@ def main():
     banded.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
     banded.add_argument("-N", type=int, default=128, help="transform channels")
     banded.add_argument("-M", type=int, default=192, help="latent channels")
-    banded.add_argument("--memory", type=int, default=1024, help="the bands' working memory in MiB (codec.py "
-                                                                  "--memory)")
+    banded.add_argument("--memory", type=int, default=taco.DEFAULT_MEMORY // 2 ** 20,
+                        help="the bands' working memory in MiB (codec.py --memory)")
     banded.set_defaults(run=bench_bands)
     args = parser.parse_args()
     args.run(args)

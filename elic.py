@@ -238,7 +238,7 @@ class ElicTACO(taco.TACO):
         which the contexts read. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed."""
         h, w = y_hat.shape[-2:]
         hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
-        for rows in self.latent_bands(bands.bytes_per_output(nets.h_s), h, w, memory):
+        for rows in self.latent_bands(nets.h_s, h, w, memory):
             hyper[:, :, rows] = to_grid(self.hyper_rows(nets.h_s, z_hat, rows))
         starts = [sum(self.config.slices[:i]) for i in range(len(self.config.slices) + 1)]
         for i in range(len(self.config.slices)):
@@ -248,7 +248,8 @@ class ElicTACO(taco.TACO):
             for kind in (ANCHOR, NONANCHOR):
                 networks = [nets.h_s] + ([nets.channel_context[i]] if i else []) + \
                     ([nets.local_context[i]] if kind == NONANCHOR else [])
-                bands_of_rows = self.latent_bands(max(map(bands.bytes_per_output, networks)), h, w, memory)
+                widest = max(networks, key=bands.bytes_per_output)
+                bands_of_rows = self.latent_bands(widest, h, w, memory)
                 for done, rows in enumerate(bands_of_rows):
                     features = [from_grid(hyper[:, :, rows])]
                     if i:
@@ -261,6 +262,7 @@ class ElicTACO(taco.TACO):
                     parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
                     scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, w)
                     code(own, kind, rows, scales, means)
+                    bands.release_memory()
                     taco.report(progress, "coding", done + 1, len(bands_of_rows))
 
     def encode_y(self, y, z_hat, nets, memory, progress=None):

@@ -236,7 +236,7 @@ def hyper_synthesis(N, M):
 # ----------------------------------------------------------------------------------------------------------
 # Images in and out of the coder, and large images in bands
 # ----------------------------------------------------------------------------------------------------------
-DEFAULT_MEMORY = 1 << 30       # bytes of working memory the bands may use (codec.py --memory)
+DEFAULT_MEMORY = 1 << 29       # bytes of working memory the bands may use (codec.py --memory)
 PEAKS = {torch.uint8: 255, torch.uint16: 65535}     # integer pixels -> [0, 1]
 
 
@@ -378,13 +378,14 @@ class TACO(nn.Module):
         Coding order: row by row of y, each row all channels, left to right -- so that h_s runs over bands
         of rows and any band size codes the same stream."""
         encoder, crc, tables = SymbolEncoder(), 0, self.gaussian_conditional.tables()
-        bands_of_rows = self.latent_bands(bands.bytes_per_output(nets.h_s), *y.shape[-2:], memory)
+        bands_of_rows = self.latent_bands(nets.h_s, *y.shape[-2:], memory)
         for done, rows in enumerate(bands_of_rows):
             scales, means = self.hyper_rows(nets.h_s, z_hat, rows).chunk(2, dim=1)   # 2 x (1, M, rows, w)
             indexes = self.gaussian_conditional.build_indexes(scales)
             symbols = quantize(to_cpu(y[:, :, rows]), "symbols", to_cpu(means))
             encoder.encode(raster(symbols).numpy(), raster(indexes).numpy(), *tables)
             crc = decisions_crc(raster(indexes), crc)
+            bands.release_memory()
             report(progress, "coding", done + 1, len(bands_of_rows))
         return encoder.finish(), crc
 
@@ -394,13 +395,14 @@ class TACO(nn.Module):
         decoder, crc, tables = SymbolDecoder(data), 0, self.gaussian_conditional.tables()
         h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
         y_hat = torch.empty(1, self.config.M, h, w, dtype=torch.float64, device=z_hat.device)
-        bands_of_rows = self.latent_bands(bands.bytes_per_output(nets.h_s), h, w, memory)
+        bands_of_rows = self.latent_bands(nets.h_s, h, w, memory)
         for done, rows in enumerate(bands_of_rows):
             scales, means = self.hyper_rows(nets.h_s, z_hat, rows).chunk(2, dim=1)
             indexes = self.gaussian_conditional.build_indexes(scales)
             crc = decisions_crc(raster(indexes), crc)
             symbols = torch.from_numpy(decoder.decode(raster(indexes).numpy(), *tables))
             y_hat[:, :, rows] = raster(symbols.view(raster(indexes).shape)).to(means) + means
+            bands.release_memory()
             report(progress, "coding", done + 1, len(bands_of_rows))
         check_decisions(crc, expected_crc)
         return y_hat
@@ -500,7 +502,8 @@ class TACO(nn.Module):
         layers = self.g_a.spatial_chain()
         size = image.padded
         y_size = bands.output_size(layers, size)
-        if len(bands.blocks(*y_size, memory // bands.bytes_per_output(layers))) == 1:
+        extra = bands.halo(layers, 0), bands.halo(layers, 1)
+        if len(bands.blocks(*y_size, memory / bands.bytes_per_output(layers), 1, extra)) == 1:
             return self.g_a(image.read(slice(0, size[0]), slice(0, size[1])), text, padding).to(self.latent_dtype)
         extractor = next((layer for layer in layers if isinstance(layer, Extractor)), None)
         refreshed = None
@@ -529,9 +532,12 @@ class TACO(nn.Module):
         bands.run(network, read, x.shape[-2:], out_size, memory, bands.into(into))
         return into
 
-    def latent_bands(self, bytes_per_position, height, width, memory):
-        """Bands of whole rows of y (the coding order is row by row), sized for the work per position of y."""
-        rows = max(1, int(memory // bytes_per_position // width))
+    def latent_bands(self, network, height, width, memory):
+        """Bands of whole rows of y (the coding order is row by row), each within about `memory` bytes: the work
+        per position of `network` (h_s, or the widest context network), its halo included, plus about 64 bytes
+        per channel for what the coder handles (y, symbols, indexes, scales and means in float64, copies)."""
+        per_position = bands.bytes_per_output(network) + 64 * self.config.M
+        rows = max(1, int(memory / per_position / (width + bands.halo(network, 1)) - bands.halo(network, 0)))
         return [slice(r, min(r + rows, height)) for r in range(0, height, rows)]
 
     def hyper_rows(self, h_s, z_hat, rows):

@@ -101,7 +101,7 @@ def test_any_band_size_decodes_the_same_latents_and_pixels(config, kind, size):
     y_whole, _ = model.decode_latents(whole)
     x_whole = model.decompress(whole)
     assert x_whole.shape == (1, x.shape[1], *size)
-    for memory in (3e4, 2e5, 2e6):
+    for memory in ((3e4, 2e5, 2e6) if config is TINY else (4e5, 4e6)):
         banded = model.compress(x, "a boat on a lake", memory=memory)
         assert abs(len(banded) - len(whole)) <= 0.001 * len(whole)
         y_banded, _ = model.decode_latents(whole, memory=memory)
