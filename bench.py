@@ -58,11 +58,18 @@ def bench_coder(args):
 
 def in_child(target, *args):
     """Run target(*args, queue) in a fresh process, so that its peak memory is its own; return its result."""
+    import queue as queues
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1)
+            break
+        except queues.Empty:
+            if not process.is_alive():
+                raise SystemExit(f"the measured process failed (exit status {process.exitcode})")
     process.join()
     return result
 
@@ -272,7 +279,7 @@ def bands_case(backbone, N, M, memory, step, png, taco_file, queue):
     before = peak_mib()
     start = time.perf_counter()
     if step == "compress":
-        data = model.compress(codec.read_pixels(png), features if config.text_adapter else "", memory=memory)
+        data = model.compress(codec.read_pixels(png, 1 << 28), features if config.text_adapter else "", memory=memory)
         with open(taco_file, "wb") as f:
             f.write(data)
     else:

@@ -103,12 +103,13 @@ class TextEncoder(nn.Module):
 
     def forward(self, captions):
         """list of str -> features (B, T, D), padding (B, T), embedding (B, E)."""
-        missing = sorted({c for c in captions if c not in self.cache})
-        if missing:
-            ids, padding = self.tokenize(missing)
+        for caption in sorted({c for c in captions if c not in self.cache}):
+            # one caption at a time: in a batch, matrix products of another size may round the last bit
+            # differently, and the cached features would depend on which batch first met the caption (a run
+            # resumed from a checkpoint, with an empty cache, would then drift from an uninterrupted one)
+            ids, padding = self.tokenize([caption])
             features, embedding = self.encode(ids.to(self.ln_final.weight.device), padding)
-            for i, caption in enumerate(missing):
-                self.cache[caption] = (features[i], padding[i], embedding[i])
+            self.cache[caption] = (features[0], padding[0], embedding[0])
         rows = [self.cache[c] for c in captions]
         for caption in captions:                        # least recently used captions leave first
             self.cache.move_to_end(caption)

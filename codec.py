@@ -113,11 +113,14 @@ GRAY_MODES = {"1": np.uint8, "L": np.uint8, "LA": np.uint8, "I;16": np.uint16, "
 def read_pixels(path, max_pixels=None):
     """-> (1, C, H, W) as stored: uint8, uint16 for 16-bit grayscale, float32 in [0, 1] for float images; C = 1
     for grayscale (with or without alpha), 3 otherwise (alpha is dropped). Images above Pillow's decompression-
-    bomb limit (or `max_pixels`, when given) are refused with one ValueError."""
+    bomb limit (twice Image.MAX_IMAGE_PIXELS, where Pillow itself raises), or above `max_pixels` when given, are
+    refused with one ValueError."""
+    import warnings
     from PIL import Image
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = 2 * Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)       # the limit is checked here
             if limit is not None and image.width * image.height > limit:
                 raise ValueError(f"{path} has {image.width}x{image.height} pixels, more than the limit of "
                                  f"{limit / 1e6:.0f} megapixels (Pillow's guard against decompression bombs); "

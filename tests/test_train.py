@@ -102,12 +102,14 @@ def run_train(args, tmp_path, name):
     return codec.load_checkpoint(str(tmp_path / name / "latest.pt"))
 
 
-def test_resume_after_interruption_continues_exactly(tmp_path, capsys):
-    common = ["--steps", "6", "--val-every", "100"]
+@pytest.mark.parametrize("steps,stop", [(6, 3), (8, 4), (12, 7)])
+def test_resume_after_interruption_continues_exactly(tmp_path, capsys, steps, stop):
+    """At any step, across epochs (6 images, 2 per step) and with validation mid-run."""
+    common = ["--steps", str(steps), "--val-every", "4"]
     straight, _ = run_train(common, tmp_path, "straight")
-    run_train(common + ["--stop-at", "3"], tmp_path, "interrupted")
+    run_train(common + ["--stop-at", str(stop)], tmp_path, "interrupted")
     resumed, checkpoint = run_train(common + ["--resume"], tmp_path, "interrupted")
-    assert checkpoint["step"] == 6
+    assert checkpoint["step"] == steps
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
