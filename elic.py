@@ -202,7 +202,7 @@ class ElicTACO(taco.TACO):
                 local_context=[IntegerNetwork(m) for m in self.local_context],
                 anchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_anchor],
                 nonanchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_nonanchor])
-        return self.cached("integer_networks", convert)
+        return self.for_these_weights("integer_networks", convert)
 
     def checkerboard_passes(self, hyper, code, nets):
         """Both checkerboard passes of every slice, in coding order. `code(i, pass, scales, means)` returns

@@ -365,7 +365,7 @@ class TACO(nn.Module):
 
     def integer_networks(self):
         """Converted from the float weights by exact operations, once per set of weights."""
-        return self.cached("integer_networks", lambda: SimpleNamespace(h_s=IntegerNetwork(self.h_s)))
+        return self.for_these_weights("integer_networks", lambda: SimpleNamespace(h_s=IntegerNetwork(self.h_s)))
 
     # How y is modelled and coded given the hyperprior's output; elic.py overrides these three.
     def y_model(self, y, hyper, nets):
@@ -413,23 +413,24 @@ class TACO(nn.Module):
         self.gaussian_conditional.update()
         return self
 
-    def cached(self, name, build):
-        """build(), computed again only when a weight, buffer or table changed (in place, replaced or moved)."""
-        key = [(k, t.data_ptr(), t._version, t.shape) for k, t in self.state_dict(keep_vars=True).items()]
+    def for_these_weights(self, name, build):
+        """build(), computed again whenever a weight, buffer or table differs from when it was built. Keyed by
+        the fingerprint, a hash of their bytes: no way of changing them (in place, through .data, by a fused
+        optimizer, on another device) goes unseen, so a file can never be written with stale integer networks."""
+        key = self.fingerprint()
         cache = self.__dict__.setdefault("_cache", {})
         if cache.get(name, (None,))[0] != key:
             cache[name] = (key, build())
         return cache[name][1]
 
     def fingerprint(self):
-        """8 bytes that identify the config and every weight and table: files name the model that wrote them."""
-        def digest():
-            h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
-            for name, tensor in sorted(self.state_dict().items()):
-                h.update(name.encode())
-                h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            return h.digest()[:8]
-        return self.cached("fingerprint", digest)
+        """8 bytes that identify the config and every weight and table: files name the model that wrote them.
+        Hashed afresh on every call (a few milliseconds per 10 MB of weights)."""
+        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.digest()[:8]
 
     @property
     def device(self):
