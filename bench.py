@@ -294,7 +294,7 @@ def bench_bands(args):
     import tempfile
     from PIL import Image
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
-    print(f"bands: {args.backbone} N={args.N} M={args.M}, --memory {args.memory} MiB, CPU "
+    print(f"bands: {args.backbone} N={args.N} M={args.M}, --memory {args.memory or 'default'} (MiB), CPU "
           f"({torch.get_num_threads()} threads), random weights, photo-like PNGs through codec.read_pixels / "
           f"write_image; each step in a fresh process; peak RSS of the whole process")
     results = {}
@@ -303,7 +303,8 @@ def bench_bands(args):
             png, taco_file = os.path.join(folder, f"{width}x{height}.png"), os.path.join(folder, "image.taco")
             Image.fromarray(photo_like(height, width)[0].permute(1, 2, 0).numpy()).save(png, compress_level=1)
             for step in ("compress", "decompress"):
-                seconds, before, peak = in_child(bands_case, args.backbone, args.N, args.M, args.memory * 2 ** 20,
+                seconds, before, peak = in_child(bands_case, args.backbone, args.N, args.M,
+                                                 args.memory and args.memory * 2 ** 20,
                                                  step, png, taco_file)
                 results[width, height, step] = seconds, peak
                 print(f"  {width}x{height} ({width * height / 1e6:.1f} MP) {step:10s} {seconds:7.1f} s "
@@ -357,8 +358,8 @@ def main():
     banded.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
     banded.add_argument("-N", type=int, default=128, help="transform channels")
     banded.add_argument("-M", type=int, default=192, help="latent channels")
-    banded.add_argument("--memory", type=int, default=taco.DEFAULT_MEMORY // 2 ** 20,
-                        help="the bands' working memory in MiB (codec.py --memory)")
+    banded.add_argument("--memory", type=int, help="the bands' working memory in MiB (codec.py --memory; default: "
+                                                    "the model's)")
     banded.set_defaults(run=bench_bands)
     args = parser.parse_args()
     args.run(args)

@@ -203,7 +203,8 @@ def command_compress(args):
         model.attach_text_encoder(TextEncoder(model.config.clip_model, clip, model.config.text_tokens))
     output = args.output or os.path.splitext(args.image)[0] + ".taco"
     start, progress = time.perf_counter(), Progress()
-    data = model.compress(x, args.caption or "", memory=args.memory * 2 ** 20, progress=progress)
+    data = model.compress(x, args.caption or "", memory=args.memory and args.memory * 2 ** 20,
+                          progress=progress)
     progress.close()
     seconds = time.perf_counter() - start
     write_output(output, args.force, lambda p: open(p, "wb").write(data))
@@ -217,8 +218,8 @@ def command_decompress(args):
         data = f.read()
     output = args.output or os.path.splitext(args.file)[0] + "_decoded.png"
     start, progress = time.perf_counter(), Progress()
-    x_hat = model.decompress(data, dtype=None, memory=args.memory * 2 ** 20, max_pixels=args.max_pixels,
-                             progress=progress)
+    x_hat = model.decompress(data, dtype=None, memory=args.memory and args.memory * 2 ** 20,
+                             max_pixels=args.max_pixels, progress=progress)
     progress.close()
     seconds = time.perf_counter() - start
     write_output(output, args.force, lambda p: write_image(x_hat, p))
@@ -255,10 +256,11 @@ def main(argv=None):
     for command in (c, d):
         command.add_argument("--device", default="cpu", help="where the networks run: cpu, cuda, cuda:1, ... (the "
                                                              "entropy coder always runs on the CPU)")
-        command.add_argument("--memory", type=int, default=taco.DEFAULT_MEMORY // 2 ** 20,
-                             help="working memory for the networks in MiB: large images run in bands of about this "
-                                  "size, with the same result (default %(default)s); the image and the latents "
-                                  "come on top (about 6-23 bytes per pixel)")
+        command.add_argument("--memory", type=int,
+                             help=f"working memory for the networks in MiB: large images run in bands of about this "
+                                  f"size, with the same result (default {taco.DEFAULT_MEMORY // 2 ** 20} for the "
+                                  f"hyperprior, {elic.ElicTACO.default_memory // 2 ** 20} for ELIC); the image and "
+                                  f"the latents come on top (about 9-23 bytes per pixel)")
     args = parser.parse_args(argv)
     try:
         args.run(args)

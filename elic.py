@@ -168,6 +168,7 @@ class ElicTACO(taco.TACO):
     """TACO as released: ELIC transforms, text adapter, checkerboard + channel-context entropy model."""
 
     latent_dtype = torch.float64     # encode_y overwrites y with y_hat in place: the contexts read it exactly
+    default_memory = 4 * taco.DEFAULT_MEMORY   # its transforms' halos are 16 rows of y (hyperprior: 3)
 
     def __init__(self, config):
         if not config.text_adapter:

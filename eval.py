@@ -74,6 +74,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
     for name in tqdm(images, desc="images", leave=False):
         x = codec.read_image(os.path.join(folder, name)).to(device)
         H, W = x.shape[-2:]
+        metrics.check_one_piece(H, W, name)
         start = time.perf_counter()
         data = model.compress(x, captions[name])
         encode = time.perf_counter() - start

@@ -30,6 +30,7 @@ def analyse(model, x, caption):
     integer entropy parameters, as coded) and one real compress/decompress."""
     model.eval()
     H, W = x.shape[-2:]
+    metrics.check_one_piece(H, W, "the image to explain")
     x = x[:, :3].expand(1, 3, H, W).to(next(model.parameters()).device)
     padded = taco.pad_to_64(x)                                                  # (1, 3, H', W')
     adapter = model.config.text_adapter

@@ -15,6 +15,17 @@ import torch.nn.functional as F
 import clip_text
 import taco
 
+# The per-image figures (the forward pass's likelihoods, MS-SSIM, LPIPS, explain.png) run in one piece, unlike
+# compress and decompress: above this size they refuse rather than exhaust the memory.
+ONE_PIECE_PIXELS = 1 << 24           # about 16.8 megapixels (4096 x 4096)
+
+
+def check_one_piece(H, W, what):
+    if H * W > ONE_PIECE_PIXELS:
+        raise ValueError(f"{what}: {W}x{H} pixels, more than the {ONE_PIECE_PIXELS / 1e6:.1f} megapixels that "
+                         f"per-image metrics and figures handle in one piece; downsample it first (codec.py "
+                         f"compresses any size in bands)")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Metrics on (B, 3, H, W) tensors in [0, 1]

@@ -236,7 +236,7 @@ def hyper_synthesis(N, M):
 # ----------------------------------------------------------------------------------------------------------
 # Images in and out of the coder, and large images in bands
 # ----------------------------------------------------------------------------------------------------------
-DEFAULT_MEMORY = 1 << 29       # bytes of working memory the bands may use (codec.py --memory)
+DEFAULT_MEMORY = 1 << 29       # bytes of working memory the hyperprior's bands may use (codec.py --memory)
 PEAKS = {torch.uint8: 255, torch.uint16: 65535}     # integer pixels -> [0, 1]
 
 
@@ -305,6 +305,7 @@ class TACO(nn.Module):
     (features (B, T, D), padding (B, T)) from one."""
 
     latent_dtype = torch.float32     # how compress holds y whole (elic.py: float64, overwritten by y_hat)
+    default_memory = DEFAULT_MEMORY  # the bands' budget when none is given (elic.py: 4x, for its wider halos)
 
     def __init__(self, config=None):
         super().__init__()
@@ -438,10 +439,12 @@ class TACO(nn.Module):
 
     @torch.no_grad()
     @deterministic_gpu()
-    def compress(self, x, caption="", memory=DEFAULT_MEMORY, progress=None):
+    def compress(self, x, caption="", memory=None, progress=None):
         """x (1, C, H, W): floats in [0, 1] or 8- or 16-bit integers (C = 1, 3 or 4; alpha is dropped), a caption
         (or its CLIP token features (1, T, D)) -> the bytes of a .taco file. The networks run in bands within
-        about `memory` bytes (bands.py); progress(stage, done, total) hears of each finished band."""
+        about `memory` bytes (bands.py; default: default_memory); progress(stage, done, total) hears of each
+        finished band."""
+        memory = memory or self.default_memory
         image = Pixels(x, self.device)
         text = caption if isinstance(caption, torch.Tensor) else [caption]
         y = self.analysis(image, *self.read_text(text, self.device), memory, progress)   # (1, M, H'/16, W'/16)
@@ -454,10 +457,11 @@ class TACO(nn.Module):
 
     @torch.no_grad()
     @deterministic_gpu()
-    def decompress(self, data, dtype=torch.float32, memory=DEFAULT_MEMORY, max_pixels=MAX_PIXELS, progress=None):
+    def decompress(self, data, dtype=torch.float32, memory=None, max_pixels=MAX_PIXELS, progress=None):
         """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) on the CPU: floats in [0, 1], or the integers of
         `dtype` (torch.uint8, torch.uint16; None: the source's own depth, 8 or 16 bits). No caption needed.
         g_s runs in bands, each written into the image as it finishes."""
+        memory = memory or self.default_memory
         y_hat, info = self.decode_latents(data, memory, max_pixels, progress)
         dtype = dtype or (torch.uint16 if info.bits == 16 else torch.uint8)
         out = torch.empty(1, 1 if info.gray else 3, info.height, info.width, dtype=dtype)
@@ -478,10 +482,10 @@ class TACO(nn.Module):
 
     @torch.no_grad()
     @deterministic_gpu()
-    def decode_latents(self, data, memory=DEFAULT_MEMORY, max_pixels=MAX_PIXELS, progress=None):
+    def decode_latents(self, data, memory=None, max_pixels=MAX_PIXELS, progress=None):
         """bytes -> y_hat (1, M, H'/16, W'/16), identical on every machine, and the image's height, width,
         grayscale and bit depth. A declared size above max_pixels is refused before anything is allocated."""
-        info = unpack(data, self.fingerprint(), max_pixels)
+        info, memory = unpack(data, self.fingerprint(), max_pixels), memory or self.default_memory
         Hp, Wp = -(-info.height // 64) * 64, -(-info.width // 64) * 64
         try:
             z_hat = self.entropy_bottleneck.decompress(info.z_bytes, (1, self.config.N, Hp // 64, Wp // 64))

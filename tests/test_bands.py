@@ -170,3 +170,13 @@ def test_the_cli_refuses_an_image_above_the_pixel_limit_and_writes_nothing(tmp_p
     assert code == 1
     assert "raise it with --max-image-pixels" in capsys.readouterr().err
     assert not (tmp_path / "big.taco").exists()
+
+
+def test_per_image_figures_refuse_sizes_they_would_hold_in_one_piece():
+    import explain
+    import metrics
+    model = tiny_model(config=TINY, text_adapter=False)
+    huge = torch.zeros(1, 3, 1, 1).expand(1, 3, 4097, 4097)                # a view: nothing allocated
+    with pytest.raises(ValueError, match="downsample it first"):
+        explain.analyse(model, huge, "")
+    metrics.check_one_piece(4096, 4096, "the largest one-piece image")     # 16.8 MP is still fine
