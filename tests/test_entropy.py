@@ -1,4 +1,5 @@
-"""Claims about rangecoder.py and entropy.py: the coder is lossless and near-optimal, the models' likelihoods are densities."""
+"""Claims about rangecoder.py and entropy.py: the coder is lossless and near-optimal, the models' likelihoods
+are densities."""
 import os
 import subprocess
 import sys

@@ -13,7 +13,6 @@ from PIL import Image
 import clip_text
 import codec
 import container
-import taco
 from clip_text import TextEncoder
 from codec import CheckpointError, load_checkpoint, save_checkpoint
 from container import BitstreamError
