@@ -193,7 +193,7 @@ class ElicTACO(taco.TACO):
         return SimpleNamespace(h_s=self.h_s, channel_context=self.channel_context, local_context=self.local_context,
                                anchor=self.entropy_parameters_anchor, nonanchor=self.entropy_parameters_nonanchor)
 
-    def integer_networks(self):
+    def integer_networks(self, fingerprint=None):
         """h_s and every context and parameter network in exact integers: their inputs are decoded values,
         so the whole chain must agree on every machine (integer.py)."""
         def convert():
@@ -203,7 +203,7 @@ class ElicTACO(taco.TACO):
                 local_context=[IntegerNetwork(m) for m in self.local_context],
                 anchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_anchor],
                 nonanchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_nonanchor])
-        return self.for_these_weights("integer_networks", convert)
+        return self.for_these_weights("integer_networks", convert, fingerprint)
 
     def checkerboard_passes(self, hyper, code, nets):
         """Both checkerboard passes of every slice, in coding order. `code(i, pass, scales, means)` returns

@@ -364,9 +364,10 @@ class TACO(nn.Module):
     def float_networks(self):
         return SimpleNamespace(h_s=self.h_s)
 
-    def integer_networks(self):
+    def integer_networks(self, fingerprint=None):
         """Converted from the float weights by exact operations, once per set of weights."""
-        return self.for_these_weights("integer_networks", lambda: SimpleNamespace(h_s=IntegerNetwork(self.h_s)))
+        return self.for_these_weights("integer_networks", lambda: SimpleNamespace(h_s=IntegerNetwork(self.h_s)),
+                                      fingerprint)
 
     # How y is modelled and coded given the hyperprior's output; elic.py overrides these three.
     def y_model(self, y, hyper, nets):
@@ -414,11 +415,12 @@ class TACO(nn.Module):
         self.gaussian_conditional.update()
         return self
 
-    def for_these_weights(self, name, build):
+    def for_these_weights(self, name, build, fingerprint=None):
         """build(), computed again whenever a weight, buffer or table differs from when it was built. Keyed by
         the fingerprint, a hash of their bytes: no way of changing them (in place, through .data, by a fused
-        optimizer, on another device) goes unseen, so a file can never be written with stale integer networks."""
-        key = self.fingerprint()
+        optimizer, on another device) goes unseen, so a file can never be written with stale integer networks.
+        A caller that has just hashed the weights passes that `fingerprint` (hashing costs a pass over them)."""
+        key = fingerprint or self.fingerprint()
         cache = self.__dict__.setdefault("_cache", {})
         if cache.get(name, (None,))[0] != key:
             cache[name] = (key, build())
@@ -448,12 +450,15 @@ class TACO(nn.Module):
         image = Pixels(x, self.device)
         text = caption if isinstance(caption, torch.Tensor) else [caption]
         y = self.analysis(image, *self.read_text(text, self.device), memory, progress)   # (1, M, H'/16, W'/16)
-        z = self.banded(self.h_a, y, memory)                                    # (1, N, H'/64, W'/64)
+        z = torch.empty(1, self.config.N, *bands.output_size(self.h_a, y.shape[-2:]), device=self.device)
+        read = lambda rows, columns: y[..., rows, columns].float()              # noqa: E731
+        bands.run(self.h_a, read, y.shape[-2:], z.shape[-2:], memory, bands.into(z))   # z: (1, N, H'/64, W'/64)
         z_bytes = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape)           # as the decoder will see it
-        y_bytes, crc = self.encode_y(y, z_hat, self.integer_networks(), memory, progress)
+        fingerprint = self.fingerprint()
+        y_bytes, crc = self.encode_y(y, z_hat, self.integer_networks(fingerprint), memory, progress)
         H, W = image.height, image.width
-        return pack(self.fingerprint(), H, W, image.channels == 1, image.bits, crc, z_bytes, y_bytes)
+        return pack(fingerprint, H, W, image.channels == 1, image.bits, crc, z_bytes, y_bytes)
 
     @torch.no_grad()
     @deterministic_gpu()
@@ -485,11 +490,13 @@ class TACO(nn.Module):
     def decode_latents(self, data, memory=None, max_pixels=MAX_PIXELS, progress=None):
         """bytes -> y_hat (1, M, H'/16, W'/16), identical on every machine, and the image's height, width,
         grayscale and bit depth. A declared size above max_pixels is refused before anything is allocated."""
-        info, memory = unpack(data, self.fingerprint(), max_pixels), memory or self.default_memory
+        fingerprint, memory = self.fingerprint(), memory or self.default_memory
+        info = unpack(data, fingerprint, max_pixels)
         Hp, Wp = -(-info.height // 64) * 64, -(-info.width // 64) * 64
         try:
             z_hat = self.entropy_bottleneck.decompress(info.z_bytes, (1, self.config.N, Hp // 64, Wp // 64))
-            y_hat = self.decode_y(info.y_bytes, z_hat, self.integer_networks(), info.decisions, memory, progress)
+            y_hat = self.decode_y(info.y_bytes, z_hat, self.integer_networks(fingerprint), info.decisions, memory,
+                                  progress)
         except ValueError as error:
             if isinstance(error, BitstreamError):
                 raise
@@ -526,16 +533,6 @@ class TACO(nn.Module):
                   compute=lambda x: run_analysis(layers, x, text, padding, refreshed),
                   progress=stage(progress, "g_a"))
         return y
-
-    def banded(self, network, x, memory, into=None):
-        """network(x) for a whole x, computed over blocks of the output (into `into` when given)."""
-        out_size = bands.output_size(network, x.shape[-2:])
-        read = lambda rows, columns: x[..., rows, columns].float()              # noqa: E731
-        if into is None:
-            channels = bands.run_block(network, read, x.shape[-2:], (0, 1), (0, 1)).shape[1]
-            into = x.new_empty(x.shape[0], channels, *out_size)
-        bands.run(network, read, x.shape[-2:], out_size, memory, bands.into(into))
-        return into
 
     def latent_bands(self, network, height, width, memory):
         """Bands of whole rows of y (the coding order is row by row), each within about `memory` bytes: the work
