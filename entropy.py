@@ -3,7 +3,6 @@ compression with a scale hyperprior" (ICLR). `EntropyBottleneck` is its non-para
 z), `GaussianConditional` its discretized Gaussian (for y, with means as in Minnen et al. 2018). Each freezes
 integer CDF tables with `update()` after training and codes with them through the range coder (rangecoder.py).
 """
-import copy
 import math
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rangecoder import decode_symbols, encode_symbols, pmf_to_quantized_cdf
+import tables
+from rangecoder import decode_symbols, encode_symbols
 
 TABLE_BUFFERS = ("_quantized_cdf", "_cdf_length", "_offset")   # sized by update(), so any size loads
 
@@ -158,22 +158,13 @@ class EntropyBottleneck(_CodingTables):
 
     @torch.no_grad()
     def update(self):
-        """Freeze integer CDF tables, one per channel, over [q_low, q_high] around the median. The density is
-        evaluated once for all channels, each on its own grid (padded to the longest), on a CPU copy."""
-        density = copy.deepcopy(self).cpu()
-        medians = density.quantiles[:, 0, 1]                                # (C,)
-        lows = torch.ceil(medians - density.quantiles[:, 0, 0]).clamp_min(0).long()
-        highs = torch.ceil(density.quantiles[:, 0, 2] - medians).clamp_min(0).long()
-        steps = torch.arange(int((lows + highs).max()) + 1)[None, :] - lows[:, None]      # (C, L)
-        v = (medians[:, None] + steps.to(medians.dtype))[:, None, :]        # (C, 1, L), v = median + k
-        pmf = density._likelihood(v)[:, 0]                                  # (C, L)
-        lower = density._logits_cumulative(v[:, :, :1] - 0.5)[:, 0, 0]      # below each channel's first bin
-        last = (medians + highs.to(medians.dtype)).view(-1, 1, 1)
-        upper = density._logits_cumulative(last + 0.5)[:, 0, 0]             # above each channel's last bin
-        tails = torch.sigmoid(lower) + torch.sigmoid(-upper)
-        cdfs = [pmf_to_quantized_cdf(pmf[c, :lows[c] + highs[c] + 1].double().numpy(), float(tails[c]))
-                for c in range(len(medians))]
-        self._set_tables(cdfs, (-lows).tolist())
+        """Freeze integer CDF tables, one per channel, over [q_low, q_high] around the median. Computed in
+        float64 from exactly rounded operations (tables.py), so every machine builds the same integers."""
+        weights = lambda name, n: [to_cpu(getattr(self, f"_{name}{i}")).double().numpy() for i in range(n)]
+        cdfs, offsets = tables.factorized_cdfs(weights("matrix", self.layers), weights("bias", self.layers),
+                                               weights("factor", self.layers - 1),
+                                               to_cpu(self.quantiles)[:, 0].double().numpy())
+        self._set_tables(cdfs, offsets)
 
     def compress(self, z):
         """z (B, C, H, W) -> bytes. Values are rounded around the channel medians."""
@@ -205,7 +196,7 @@ class GaussianConditional(_CodingTables):
     def __init__(self, scale_table=None, scale_bound=0.11, likelihood_bound=1e-9, tail_mass=1e-9):
         super().__init__()
         if scale_table is None:
-            scale_table = torch.exp(torch.linspace(math.log(0.11), math.log(256), 64))
+            scale_table = torch.from_numpy(tables.scale_table(0.11, 256, 64))   # the same on every CPU
         self.register_buffer("scale_table", torch.as_tensor(scale_table, dtype=torch.float32))
         self.scale_bound, self.likelihood_bound, self.tail_mass = scale_bound, likelihood_bound, tail_mass
 
@@ -231,16 +222,9 @@ class GaussianConditional(_CodingTables):
 
     @torch.no_grad()
     def update(self):
-        """Freeze one integer CDF per table scale, covering +-(tail bound * scale)."""
-        tail_bound = -torch.special.ndtri(torch.tensor(self.tail_mass / 2, dtype=torch.float64))
-        cdfs, offsets = [], []
-        for s in to_cpu(self.scale_table).double():
-            half = int(torch.ceil(s * tail_bound))
-            v = torch.arange(-half, half + 1, dtype=torch.float64)
-            pmf = _standard_normal_cdf((0.5 - v.abs()) / s) - _standard_normal_cdf((-0.5 - v.abs()) / s)
-            tail = 2 * _standard_normal_cdf(torch.tensor(-half - 0.5, dtype=torch.float64) / s)
-            cdfs.append(pmf_to_quantized_cdf(pmf.numpy(), float(tail)))
-            offsets.append(-half)
+        """Freeze one integer CDF per table scale, covering +-(tail bound * scale); built the same on every
+        machine (tables.py)."""
+        cdfs, offsets = tables.gaussian_cdfs(to_cpu(self.scale_table).double().numpy(), self.tail_mass)
         self._set_tables(cdfs, offsets)
 
     def build_indexes(self, scales):

@@ -1,11 +1,11 @@
-"""Bits <-> integers: a range coder over integer CDF tables, and the tables themselves.
+"""Bits <-> integers: a range coder over integer CDF tables (built by tables.py).
 
 Read me first -- the traps this file is built around:
   1. Encoder and decoder must make *bit-identical* decisions. Every quantity the coder sees is an integer
      (CDF tables with 16-bit precision, integer state), and the tables are frozen by `update()` after
      training (entropy.py): recomputing them from floats on the decoder side could drift by one unit and
      derail decoding.
-  2. Every symbol needs a non-zero frequency, or it cannot be coded. `pmf_to_quantized_cdf` guarantees it.
+  2. Every symbol needs a non-zero frequency, or it cannot be coded. `tables.pmf_to_quantized_cdf` guarantees it.
   3. Tables cover a finite range. The last symbol of each table is an *escape*: values outside the range
      are coded as the escape followed by their exact value in bypass (uniform) bits, so any int32 survives.
   4. A range coder's low end can overflow ("carry") after bytes were already written. We keep the carry in
@@ -283,35 +283,3 @@ def sample_from_tables(rng, cdfs, cdf_lengths, offsets, indexes):
         values[where] = s + offsets[k]
         bits -= np.log2(freqs[s] / (1 << PRECISION)).sum()
     return values, bits
-
-
-def pmf_to_quantized_cdf(pmf, tail_mass, precision=PRECISION):
-    """Turn a float pmf plus the mass of its tails into an int32 CDF of length len(pmf) + 2.
-
-    The tail mass becomes the escape symbol. Every symbol gets a frequency >= 1 and the total is exactly
-    2**precision. Rounding leaves an excess (or a shortfall); it is settled one unit at a time where a unit
-    costs the fewest bits: taking one from frequency f of a symbol with probability p costs p*log2(f/(f-1)) bits
-    per coded symbol on average, giving one gains p*log2((f+1)/f). (Taking whole symbols down to frequency 1
-    would cost far more at wide scales, where thousands of tail symbols each claim their minimum unit.)
-    """
-    pmf = np.append(np.clip(np.asarray(pmf, dtype=np.float64), 0, None), max(float(tail_mass), 0.0))
-    total = 1 << precision
-    if len(pmf) > total or not np.isfinite(pmf).all() or pmf.sum() <= 0:
-        raise ValueError("pmf must be finite, non-zero, and shorter than 2**precision")
-    p = pmf / pmf.sum()
-    freqs = np.maximum(1, np.round(p * total)).astype(np.int64)
-    excess = int(freqs.sum()) - total
-    while excess != 0:      # each round moves one unit on each of the cheapest half: close to one at a time
-        if excess > 0:
-            cost = np.full(len(p), np.inf)
-            can = freqs > 1
-            cost[can] = p[can] * np.log2(freqs[can] / (freqs[can] - 1))
-            n = max(1, min(excess, int(can.sum())) // 2)
-            freqs[np.argsort(cost, kind="stable")[:n]] -= 1
-            excess -= n
-        else:
-            gain = p * np.log2((freqs + 1) / freqs)
-            n = max(1, min(-excess, len(p)) // 2)
-            freqs[np.argsort(-gain, kind="stable")[:n]] += 1
-            excess += n
-    return np.concatenate([[0], np.cumsum(freqs)]).astype(np.int32)

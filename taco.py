@@ -299,6 +299,9 @@ def deterministic_gpu():
             setattr(owner, name, value)
 
 
+ENCODER_ONLY = ("g_a.", "h_a.")     # state-dict prefixes of what only the encoder runs: not in the fingerprint
+
+
 class TACO(nn.Module):
     """forward(x, text) for training; compress(x, caption) -> bytes and decompress(bytes) -> x_hat for coding.
     `text` is a list of captions (needs a text encoder, see `attach_text_encoder`) or precomputed
@@ -427,12 +430,15 @@ class TACO(nn.Module):
         return cache[name][1]
 
     def fingerprint(self):
-        """8 bytes that identify the config and every weight and table: files name the model that wrote them.
-        Hashed afresh on every call (a few milliseconds per 10 MB of weights)."""
+        """8 bytes that identify what a decoder needs: the config and every weight and table except those of the
+        encoder-only transforms (g_a with its text adapter, h_a), so files name the decoder that reads them. The
+        tables are the same integers on every machine (tables.py), and so is this hash. Hashed afresh on every
+        call (a few milliseconds per 10 MB of weights)."""
         h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            if not name.startswith(ENCODER_ONLY):
+                h.update(name.encode())
+                h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.digest()[:8]
 
     @property

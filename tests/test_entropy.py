@@ -1,5 +1,6 @@
 """Claims about rangecoder.py and entropy.py: the coder is lossless and near-optimal, the models' likelihoods
 are densities."""
+import copy
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from scipy.stats import norm
 
 import rangecoder
 from entropy import EntropyBottleneck, GaussianConditional, quantize
-from rangecoder import check_cdfs, decode_symbols, encode_symbols, pmf_to_quantized_cdf
+from rangecoder import check_cdfs, decode_symbols, encode_symbols
+from tables import pmf_to_quantized_cdf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,9 +92,9 @@ def test_compiled_coder_writes_the_same_bytes_as_the_readable_python():
     code = textwrap.dedent("""
         import numpy as np, sys
         sys.path.insert(0, %r)
-        import rangecoder
+        import rangecoder, tables
         rng = np.random.default_rng(5)
-        cdf = rangecoder.pmf_to_quantized_cdf([0.5, 0.3, 0.15, 0.05], 0.001)[None]
+        cdf = tables.pmf_to_quantized_cdf([0.5, 0.3, 0.15, 0.05], 0.001)[None]
         values = rng.integers(-9, 12, 3000).astype(np.int32)
         indexes = np.zeros(3000, np.int32)
         data = rangecoder.encode_symbols(values, indexes, cdf, np.array([6]), np.array([-1]))
@@ -284,18 +286,20 @@ def test_encoding_in_several_calls_gives_the_bytes_of_one_call():
 
 
 def per_channel_tables(bottleneck):
-    """The factorized prior's tables computed the slow, obvious way: each channel alone, on its own grid."""
+    """The factorized prior's tables computed the slow, obvious way: each channel alone, on its own grid, with
+    torch's float64 functions (the last bits differ from tables.py's, far too little to move a frequency)."""
+    bottleneck = copy.deepcopy(bottleneck).double()
     q = bottleneck.quantiles.detach()
     cdfs, offsets = [], []
     with torch.no_grad():
         for c in range(q.shape[0]):
             median = q[c, 0, 1]
             low, high = int(torch.ceil(median - q[c, 0, 0]).clamp_min(0)), int(torch.ceil(q[c, 0, 2] - median).clamp_min(0))
-            v = (median + torch.arange(-low, high + 1).float()).view(1, 1, -1).expand(q.shape[0], 1, -1)
+            v = (median + torch.arange(-low, high + 1).double()).view(1, 1, -1).expand(q.shape[0], 1, -1)
             pmf = bottleneck._likelihood(v)[c, 0]
             below = torch.sigmoid(bottleneck._logits_cumulative(v[:, :, :1] - 0.5)[c, 0, 0])
             above = torch.sigmoid(-bottleneck._logits_cumulative(v[:, :, -1:] + 0.5)[c, 0, 0])
-            cdfs.append(rangecoder.pmf_to_quantized_cdf(pmf.double().numpy(), float(below + above)))
+            cdfs.append(pmf_to_quantized_cdf(pmf.double().numpy(), float(below + above)))
             offsets.append(-low)
     return cdfs, offsets
 
