@@ -176,9 +176,9 @@ def release_memory():
 
 
 def into(out):
-    """A `write` for run(): blocks go into the tensor `out`."""
+    """A `write` for run(): blocks go into the tensor `out` (which may live on another device)."""
     def write(rows, columns, block):
-        out[..., rows, columns] = block
+        out[..., rows, columns] = block.to(out.device)
     return write
 
 

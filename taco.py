@@ -299,6 +299,15 @@ def deterministic_gpu():
             setattr(owner, name, value)
 
 
+def has_float64(device):
+    """False on devices without float64 (Apple's MPS refuses to create it)."""
+    try:
+        torch.zeros(1, dtype=torch.float64, device=device)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
 ENCODER_ONLY = ("g_a.", "h_a.")     # state-dict prefixes of what only the encoder runs: not in the fingerprint
 
 
@@ -358,7 +367,8 @@ class TACO(nn.Module):
         y = self.g_a(x, *self.read_text(text, x.device))                        # (B, M, H/16, W/16)
         z = self.h_a(y)                                                         # (B, N, H/64, W/64)
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
-        nets = self.float_networks() if self.training else self.integer_networks()
+        exact = not self.training and has_float64(x.device)      # no float64 (MPS): the float estimate
+        nets = self.integer_networks() if exact else self.float_networks()
         y_hat, y_likelihoods = self.y_model(y, nets.h_s(z_hat), nets)
         return {"x_hat": self.g_s(y_hat.to(x.dtype)), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
@@ -445,6 +455,12 @@ class TACO(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
+    @property
+    def latent_device(self):
+        """Where the latents and the integer networks live: the model's device, or the CPU on a device without
+        float64 (Apple's MPS), since the integer arithmetic needs float64's exact integers."""
+        return self.device if has_float64(self.device) else torch.device("cpu")
+
     @torch.no_grad()
     @deterministic_gpu()
     def compress(self, x, caption="", memory=None, progress=None):
@@ -457,10 +473,10 @@ class TACO(nn.Module):
         text = caption if isinstance(caption, torch.Tensor) else [caption]
         y = self.analysis(image, *self.read_text(text, self.device), memory, progress)   # (1, M, H'/16, W'/16)
         z = torch.empty(1, self.config.N, *bands.output_size(self.h_a, y.shape[-2:]), device=self.device)
-        read = lambda rows, columns: y[..., rows, columns].float()              # noqa: E731
+        read = lambda rows, columns: y[..., rows, columns].float().to(self.device)       # noqa: E731
         bands.run(self.h_a, read, y.shape[-2:], z.shape[-2:], memory, bands.into(z))   # z: (1, N, H'/64, W'/64)
         z_bytes = self.entropy_bottleneck.compress(z)
-        z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape)           # as the decoder will see it
+        z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape).to(self.latent_device)   # as decoded
         fingerprint = self.fingerprint()
         y_bytes, crc = self.encode_y(y, z_hat, self.integer_networks(fingerprint), memory, progress)
         H, W = image.height, image.width
@@ -486,7 +502,7 @@ class TACO(nn.Module):
             x_hat = x_hat[..., :h, :w].clamp(0, 1)
             x_hat = x_hat.mean(1, keepdim=True) if info.gray else x_hat
             out[..., rows, columns] = (x_hat * peak).round().to(dtype).cpu() if peak else x_hat.cpu()
-        read = lambda rows, columns: y_hat[..., rows, columns].float()          # noqa: E731
+        read = lambda rows, columns: y_hat[..., rows, columns].float().to(self.device)   # noqa: E731
         size = bands.output_size(self.g_s, y_hat.shape[-2:])                   # (H', W'): one band is one piece
         bands.run(self.g_s, read, y_hat.shape[-2:], size, memory, write, unit=16, progress=stage(progress, "g_s"))
         return out
@@ -501,6 +517,7 @@ class TACO(nn.Module):
         Hp, Wp = -(-info.height // 64) * 64, -(-info.width // 64) * 64
         try:
             z_hat = self.entropy_bottleneck.decompress(info.z_bytes, (1, self.config.N, Hp // 64, Wp // 64))
+            z_hat = z_hat.to(self.latent_device)
             y_hat = self.decode_y(info.y_bytes, z_hat, self.integer_networks(fingerprint), info.decisions, memory,
                                   progress)
         except ValueError as error:
@@ -522,7 +539,8 @@ class TACO(nn.Module):
         y_size = bands.output_size(layers, size)
         extra = bands.halo(layers, 0), bands.halo(layers, 1)
         if len(bands.blocks(*y_size, memory / bands.bytes_per_output(layers), 1, extra)) == 1:
-            return self.g_a(image.read(slice(0, size[0]), slice(0, size[1])), text, padding).to(self.latent_dtype)
+            y = self.g_a(image.read(slice(0, size[0]), slice(0, size[1])), text, padding)
+            return y.to(self.latent_device).to(self.latent_dtype)
         extractor = next((layer for layer in layers if isinstance(layer, Extractor)), None)
         refreshed = None
         if extractor is not None:
@@ -534,7 +552,7 @@ class TACO(nn.Module):
             bands.run(front, image.read, size, bands.output_size(front, size), memory, attend,
                       compute=lambda x: run_analysis(front, x, text, padding), progress=stage(progress, "text"))
             refreshed = extractor.finish(state[0])
-        y = torch.empty(1, self.config.M, *y_size, dtype=self.latent_dtype, device=self.device)
+        y = torch.empty(1, self.config.M, *y_size, dtype=self.latent_dtype, device=self.latent_device)
         bands.run(layers, image.read, size, y_size, memory, bands.into(y),
                   compute=lambda x: run_analysis(layers, x, text, padding, refreshed),
                   progress=stage(progress, "g_a"))

@@ -6,6 +6,8 @@ Code that is device-correct runs unchanged under it; code that mixes devices fai
     with StandInGPU() as gpu:
         model.to(gpu.device)
         ...
+
+StandInGPU(float64=False) also refuses float64 on the device, as Apple's MPS does.
 """
 import weakref
 
@@ -25,9 +27,10 @@ class DeviceMismatch(RuntimeError):
 class StandInGPU(TorchFunctionMode):
     device = torch.device("cuda", 0)
 
-    def __init__(self):
+    def __init__(self, float64=True):
         super().__init__()
         self.refs = {}                            # id -> weak reference of the tensors "on the GPU"
+        self.float64 = float64
 
     def is_gpu(self, value):
         ref = self.refs.get(id(value))
@@ -50,6 +53,14 @@ class StandInGPU(TorchFunctionMode):
         return isinstance(value, torch.device) and value.type == "cuda"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = self.dispatch(func, args, kwargs)
+        if not self.float64 and any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and self.is_gpu(t)
+                                    for t in tree_flatten(result)[0]):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support "
+                            "float64. Please use float32 instead.")
+        return result
+
+    def dispatch(self, func, args, kwargs):
         kwargs = dict(kwargs or {})
         owner, name = getattr(func, "__self__", None), getattr(func, "__name__", "")
         if owner is torch.Tensor.device and name == "__get__":

@@ -84,3 +84,24 @@ def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_pa
     assert "loss terms: rate, MSE, joint image-text" in capsys.readouterr().out
     rows = [line for line in open(tmp_path / "run" / "log.jsonl") if '"joint"' in line]
     assert rows
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
+def test_a_device_without_float64_codes_with_the_integer_networks_on_the_cpu(config):
+    """Apple's MPS has no float64: the latents and the integer networks stay on the CPU there, the transforms
+    run on the device, and the bytes are those of a CPU."""
+    torch.manual_seed(0)
+    model = codec.build_model(taco.TacoConfig(**config)).eval()
+    model.attach_text_encoder(clip_text.TextEncoder(TINY_CLIP, "random"))
+    x = torch.rand(1, 3, 70, 100)
+    cpu_bytes = model.update().compress(x, "a red barn")
+    on_cpu = model.decompress(cpu_bytes)
+    with StandInGPU(float64=False) as gpu:
+        with pytest.raises(TypeError, match="float64"):
+            torch.zeros(1, dtype=torch.float64, device=gpu.device)
+        model.to(gpu.device)
+        assert model.latent_device.type == "cpu"
+        assert model.compress(x, "a red barn") == cpu_bytes
+        assert model.compress(x, "a red barn", memory=2e5) == cpu_bytes
+        assert (model.decompress(cpu_bytes, memory=2e5) - on_cpu).abs().max() < 1e-6
+        model(x[..., :64, :64].to(gpu.device), ["a red barn"])                    # eval forward: the float estimate
