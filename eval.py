@@ -202,7 +202,8 @@ def main(argv=None):
                         "original, decoded, error, where the bits go, what the caption changed, and where the "
                         "text adapter looks (explain.py)")
     parser.add_argument("--caption", default="", help="--explain: the image's caption")
-    parser.add_argument("-o", "--output", default="explain.png", help="--explain: the figure's file (PNG)")
+    parser.add_argument("-o", "--output", default="explain.png",
+                        help="--explain: the figure's file; its extension picks the format (.png, .jpg, .pdf, .svg)")
     parser.add_argument("--force", action="store_true", help="--explain: overwrite an existing figure")
     parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used)")
     parser.add_argument("--allow-missing-captions", action="store_true", help="code images without a caption "
@@ -304,6 +305,10 @@ def explain_one(args):
     """eval.py --explain: the figure of explain.py for one image and the first checkpoint."""
     if os.path.exists(args.output) and not args.force:
         raise SystemExit(f"error: {args.output} exists; pass --force to overwrite it")
+    try:
+        explain.check_output(args.output)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
     if not os.path.isfile(args.explain):
         raise SystemExit(f"error: no such image: {args.explain}")
     try:

@@ -5,9 +5,13 @@ decoder never sees it.
     python eval.py --explain photo.png --caption "a red barn in the snow" --checkpoint runs/demo/best.pt
 
 Rows of the figure: (1) original, decoded, error, bits map; (2) the same image coded with an empty caption and
-the differences it makes; (3) for the caption's most attended words, the first Injector's attention.
+the differences it makes; (3) for the caption's most attended words, the first Injector's attention. An image
+wider than 4:1 or taller than 1:2 is shown through its costliest window of that shape, so the figure stays
+readable and bounded (at most 1280 x 2200 pixels as PNG). Any format matplotlib writes (PNG, JPEG, PDF, SVG, ...);
+the file appears only once complete.
 """
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -70,6 +74,50 @@ def upsample(map_, factor, H, W):
     return big[:H, :W].numpy()
 
 
+WIDEST, TALLEST = 4, 2          # width:height and height:width shown whole; beyond, a window of that shape
+
+
+def window(bits):
+    """bits (H, W) per pixel -> the rows and columns the figure shows: all of them, or for an extreme aspect
+    ratio the WIDEST:1 (1:TALLEST) window that holds the most bits (a 64 x 4000 strip drawn whole is a line)."""
+    H, W = bits.shape
+    spans = [slice(0, H), slice(0, W)]
+    for axis, n in ((1, WIDEST * H), (0, TALLEST * W)):
+        if bits.shape[axis] > n:
+            sums = np.concatenate([[0], np.cumsum(bits.sum(1 - axis), dtype=np.float64)])
+            start = int(np.argmax(sums[n:] - sums[:-n]))
+            spans[axis] = slice(start, start + n)
+    return tuple(spans)
+
+
+def check_output(path):
+    """Refuse a figure format matplotlib cannot write, before anything is computed or touched."""
+    from matplotlib.figure import Figure
+    kind = os.path.splitext(path)[1][1:].lower()
+    supported = Figure().canvas.get_supported_filetypes()
+    if kind not in supported:
+        raise ValueError(f"{path}: matplotlib cannot write '.{kind}' figures; name the file with one of "
+                         f"{', '.join('.' + k for k in sorted(supported))}")
+    return kind
+
+
+def save(fig, path):
+    """Write the figure to a temporary file beside `path`, then move it into place: a failure leaves no
+    partial file and whatever `path` held before. PNGs get 256 colours (a figure: a few hundred kB smaller)."""
+    kind = check_output(path)
+    handle, temporary = tempfile.mkstemp(suffix="." + kind, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        fig.savefig(temporary, dpi=80, format=kind)
+        if kind == "png":
+            with Image.open(temporary) as drawn:
+                drawn.convert("RGB").quantize(256).save(temporary, format="PNG", optimize=True)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def show(fig, ax, picture, title, **style):
     drawn = ax.imshow(picture, **style)
     ax.set_title(title, fontsize=9)
@@ -87,9 +135,16 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     x, H, W = with_caption["x"], *with_caption["x"].shape[-2:]
-    image = lambda t: t[0].permute(1, 2, 0).clamp(0, 1).numpy()
-    rows = 3 if "attention" in with_caption else 2
-    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.6 * rows * H / W + 1.2), squeeze=False)
+    bits = upsample(with_caption["bits_y"], 16, H, W) / 256                   # a y element covers 16x16 pixels
+    rows, columns = window(bits)
+    h, w = rows.stop - rows.start, columns.stop - columns.start
+    image = lambda t: t[0, :, rows, columns].permute(1, 2, 0).clamp(0, 1).numpy()     # noqa: E731
+    plane = lambda a: a[rows, columns]                                                 # noqa: E731
+    grid = 3 if "attention" in with_caption else 2
+    fig, axes = plt.subplots(grid, 4, figsize=(16, grid * (4 * h / w + 0.7) + 0.8), squeeze=False)
+    if (h, w) != (H, W):
+        fig.suptitle(f"rows {rows.start}-{rows.stop}, columns {columns.start}-{columns.stop} of the {H}x{W} image "
+                     f"(the window with the most bits); the figures in the titles are for the whole image")
     for ax in axes.flat:
         ax.axis("off")
 
@@ -98,19 +153,19 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
     show(fig, axes[0, 0], image(x), "original")
     show(fig, axes[0, 1], image(with_caption["x_hat"]),
          f"decoded: {with_caption['bpp']:.3f} bpp (file), {with_caption['psnr']:.2f} dB")
-    show(fig, axes[0, 2], (with_caption["x_hat"] - x).abs().mean(1)[0].numpy(), "|error|, mean over RGB",
+    show(fig, axes[0, 2], plane((with_caption["x_hat"] - x).abs().mean(1)[0].numpy()), "|error|, mean over RGB",
          cmap="magma")
-    show(fig, axes[0, 3], upsample(with_caption["bits_y"], 16, H, W) / 256,   # a y element covers 16x16 pixels
+    show(fig, axes[0, 3], plane(bits),
          f"bits per pixel of y: {with_caption['bits_y'].sum() / (H * W):.3f} bpp; "
          f"z {with_caption['bits_z'] / (H * W):.3f} bpp\n"
          f"file = these + header {header_bits()} bits + coder and tables {overhead:+.0f} bits", cmap="viridis")
 
-    delta_bits = upsample(with_caption["bits_y"] - empty["bits_y"], 16, H, W) / 256
+    delta_bits = plane(upsample(with_caption["bits_y"] - empty["bits_y"], 16, H, W) / 256)
     limit = max(float(np.abs(delta_bits).max()), 1e-9)
     show(fig, axes[1, 0], image(empty["x_hat"]), f"empty caption: {empty['bpp']:.3f} bpp, {empty['psnr']:.2f} dB")
     show(fig, axes[1, 1], delta_bits, "bits per pixel: with caption - without", cmap="coolwarm", vmin=-limit,
          vmax=limit)
-    show(fig, axes[1, 2], (with_caption["x_hat"] - empty["x_hat"]).abs().mean(1)[0].numpy(),
+    show(fig, axes[1, 2], plane((with_caption["x_hat"] - empty["x_hat"]).abs().mean(1)[0].numpy()),
          "|decoded with caption - without|", cmap="magma")
     lines = [f"caption: \"{with_caption['caption'][:60]}\"",
              f"bpp {with_caption['bpp'] - empty['bpp']:+.4f}, PSNR {with_caption['psnr'] - empty['psnr']:+.3f} dB"]
@@ -126,23 +181,24 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
         lines.append(stand_in)
     axes[1, 3].text(0, 0.5, "\n".join(lines), fontsize=9, va="center")
 
-    if rows == 3:
+    if grid == 3:
         for ax, (word, share, attention) in zip(axes[2], word_attention(with_caption)):
             ax.imshow(image(x))
-            ax.imshow(upsample(attention, 4, H, W), cmap="inferno", alpha=0.6)
+            ax.imshow(plane(upsample(attention, 4, H, W)), cmap="inferno", alpha=0.6)
             ax.set_title(f"'{word}': {100 * share:.1f}% of the attention", fontsize=9)
         axes[2, 3].text(0, 0.5, "first Injector (1/4 resolution):\nwhere image queries look at each word,\n"
                         "weights averaged over heads\n(they sum to 1 over the caption's tokens,\n"
                         "padding included as in the reference)", fontsize=9, va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    with Image.open(path) as drawn:                  # 256 colours: a figure, a few hundred kB smaller
-        drawn.convert("RGB").quantize(256).save(path, optimize=True)
+    try:
+        save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def explain(model, x, caption, path, lpips=None):
     """Code `x` with its caption and with an empty one; write the figure to `path`; return both analyses."""
+    check_output(path)
     with_caption, empty = analyse(model, x, caption), analyse(model, x, "")
     stand_in = None
     if model.config.text_adapter and model.config.clip_pretrained == "random":

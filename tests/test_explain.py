@@ -64,3 +64,49 @@ def test_explain_cli_writes_a_figure_and_never_overwrites(tmp_path, capsys):
     with pytest.raises(SystemExit, match="exists"):
         evaluation.main(args)
     assert (tmp_path / "explain.png").read_bytes() == before
+
+
+def save_photo(path, H, W):
+    Image.fromarray((natural_image(H, W)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(path)
+
+
+@pytest.mark.parametrize("size", [(64, 4000), (8000, 64)], ids=["wide", "tall"])
+def test_extreme_aspect_ratios_give_a_bounded_readable_figure_of_the_costliest_window(tmp_path, size):
+    model = tiny_model(config=TINY)
+    x = natural_image(*size)
+    explain.explain(model, x, "a long strip", str(tmp_path / "fig.png"))
+    with Image.open(tmp_path / "fig.png") as figure:
+        width, height = figure.size
+    assert width <= 1280 and 300 <= height <= 2200
+    H, W = size
+    bits = torch.rand(H, W).numpy()
+    bits[100:116] = bits[:, 3000:3016] = 50.0                         # a costly band of rows / of columns
+    rows, columns = explain.window(bits)
+    assert (rows.stop - rows.start, columns.stop - columns.start) == ((H, 4 * H) if W > H else (2 * W, W))
+    assert (columns.start <= 3000 and columns.stop >= 3016) if W > H else (rows.start <= 100 and rows.stop >= 116)
+
+
+def test_other_formats_are_written_whole_and_unknown_ones_refused_before_anything_is_touched(tmp_path,
+                                                                                             monkeypatch):
+    model = tiny_model(config=TINY)
+    codec.save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    save_photo(tmp_path / "photo.png", 64, 96)
+    base = ["--checkpoint", str(tmp_path / "tiny.pt"), "--explain", str(tmp_path / "photo.png"), "--force", "-o"]
+    for name, magic in (("fig.pdf", b"%PDF"), ("fig.jpg", b"\xff\xd8"), ("fig.svg", b"<?xml")):
+        evaluation.main(base + [str(tmp_path / name)])
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    (tmp_path / "fig.xyz").write_bytes(b"the user's file")
+    with pytest.raises(SystemExit, match="cannot write '.xyz'"):
+        evaluation.main(base + [str(tmp_path / "fig.xyz")])
+    assert (tmp_path / "fig.xyz").read_bytes() == b"the user's file"
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    import matplotlib.figure
+    old = (tmp_path / "fig.pdf").read_bytes()
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        evaluation.main(base + [str(tmp_path / "fig.pdf")])
+    assert (tmp_path / "fig.pdf").read_bytes() == old                  # --force, and still the old figure
+    assert sorted(p.name for p in tmp_path.iterdir()) == before        # no partial or temporary file left
