@@ -148,7 +148,8 @@ def caption_pairs(items):
 
 
 def read_captions(path):
-    """JSON {file: caption or [captions]} or JSONL lines {"file": ..., "caption" or "captions": ...}."""
+    """JSON {file: caption or [captions]}, JSONL lines {"file": ..., "caption" or "captions": ...}, or a COCO
+    caption annotation file (captions_val2014.json: {"images": [...], "annotations": [...]})."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: caption file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -159,6 +160,18 @@ def read_captions(path):
             table = {r["file"]: r.get("captions", r.get("caption")) for r in rows}
         else:
             table = json.loads(text)
-    except (ValueError, KeyError) as error:
+            if isinstance(table, dict) and "annotations" in table and "images" in table:
+                table = coco_captions(table)
+    except (ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"error: {path} is not a caption file ({error})")
     return {k: [v] if isinstance(v, str) else list(v) for k, v in table.items()}
+
+
+def coco_captions(meta):
+    """COCO's annotation layout -> {file name: its captions, by increasing annotation id}: where one caption is
+    wanted, the first -- the one with the lowest id -- a choice that does not depend on the file's order."""
+    names = {image["id"]: image["file_name"] for image in meta["images"]}
+    table = {}
+    for annotation in sorted(meta["annotations"], key=lambda a: a["id"]):
+        table.setdefault(names[annotation["image_id"]], []).append(annotation["caption"].strip())
+    return table

@@ -3,6 +3,12 @@ the caption ablation, results.json / results.csv / rd.png.
 
     python eval.py --checkpoint runs/demo/best.pt --images kodak/ --captions kodak_captions.json
     python eval.py --checkpoint runs/demo/best.pt --explain photo.png --caption "..." -o explain.png
+    torchrun --nproc_per_node 4 eval.py --checkpoint lambda_*.pth.tar --images val2014/ \
+        --image-list mscoco_30k_list.json --captions captions_val2014.json --baselines "" --out coco30k
+
+Every finished image is written at once to --out (results.py): --resume continues a run killed at any moment,
+and torchrun shares the images among processes (one GPU each, or CPU processes); rank 0 computes the set
+metrics over all of them.
 """
 import argparse
 import dataclasses
@@ -21,6 +27,7 @@ import container
 import data
 import explain
 import metrics
+import results
 import taco
 
 
@@ -40,10 +47,28 @@ METRIC_KEYS = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpip
                "fid", "encode_s", "decode_s")
 
 
-def list_images(folder):
+def list_images(folder, image_list=None):
+    """Every image in `folder`, sorted; or those `image_list` names, in its order: a JSON list (such as the
+    reference's materials/mscoco_30k_list.json) or one name per line."""
     if not os.path.isdir(folder):
         raise SystemExit(f"error: image folder not found: {folder}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+    if image_list is None:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+    elif not os.path.isfile(image_list):
+        raise SystemExit(f"error: image list not found: {image_list}")
+    else:
+        with open(image_list, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            names = json.loads(text)
+        except ValueError:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise SystemExit(f"error: {image_list} is not a list of image names (a JSON list, or one per line)")
+        names = list(dict.fromkeys(names))                                  # each image once, in list order
+        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+        if missing:
+            raise SystemExit(f"error: {len(missing)} image(s) of {image_list} are not in {folder}, e.g. {missing[0]}")
     if not names:
         raise SystemExit(f"error: no images in {folder}")
     return names
@@ -68,10 +93,10 @@ def as_rgb(x):
 
 @torch.no_grad()
 def evaluate(model, images, captions, lpips_models, clip, inception, folder, save_dir=None):
-    """Real compress/decompress of every image -> per-image rows."""
-    from tqdm import tqdm
-    rows, device = [], next(model.parameters()).device
-    for name in tqdm(images, desc="images", leave=False):
+    """Real compress/decompress of every image -> (row of per-image metrics, features for the set metrics), one
+    image at a time."""
+    device = next(model.parameters()).device
+    for name in images:
         x = codec.read_image(os.path.join(folder, name)).to(device)
         H, W = x.shape[-2:]
         metrics.check_one_piece(H, W, name)
@@ -90,17 +115,19 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
                "encode_s": encode, "decode_s": decode}
         for convention, lpips in lpips_models.items():
             row[f"lpips_{convention}"] = float(lpips(x_hat, x))
+        features = {}
         if inception is not None:
-            row["_inception"] = tuple(metrics.inception_features(inception, t)[0].cpu() for t in (x, x_hat))
+            for side, t in (("inception_x", x), ("inception_x_hat", x_hat)):
+                features[side] = metrics.inception_features(inception, t)[0].cpu().numpy()
         if clip is not None:
             e_hat = clip.encode_image(metrics.clip_preprocess(x_hat))
             similarity = F.cosine_similarity(e_hat, caption_embedding(clip, captions[name]))
             row["clip_score"] = float(100 * similarity.clamp_min(0))
-            row["_embeddings"] = (clip.encode_image(metrics.clip_preprocess(x))[0].cpu(), e_hat[0].cpu())
+            features["clip_x"] = clip.encode_image(metrics.clip_preprocess(x))[0].cpu().numpy()
+            features["clip_x_hat"] = e_hat[0].cpu().numpy()
         if save_dir:
             codec.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
-        rows.append(row)
-    return rows
+        yield row, features
 
 
 def caption_embedding(clip, caption):
@@ -109,15 +136,15 @@ def caption_embedding(clip, caption):
     return clip.encode_text(tokens.to(next(clip.parameters()).device))
 
 
-def summarize(rows):
+def summarize(rows, store):
+    """Means of the per-image metrics, and the set metrics (CMMD, FID) from the rows' stored features."""
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    if "_embeddings" in rows[0] and len(rows) > 1:
-        originals, reconstructions = (torch.stack(t) for t in zip(*(r["_embeddings"] for r in rows)))
-        mean["cmmd"] = metrics.cmmd(originals, reconstructions)
-    if "_inception" in rows[0] and len(rows) > 1:
-        originals, reconstructions = (torch.stack(t) for t in zip(*(r["_inception"] for r in rows)))
-        mean["fid"] = metrics.fid(originals, reconstructions)
+    for metric, name in (("cmmd", "clip"), ("fid", "inception")):
+        if f"{name}_x" in rows[0]["features"]["sizes"] and len(rows) > 1:
+            features = [store.features(r) for r in rows]
+            sides = [torch.from_numpy(np.stack([f[f"{name}_{side}"] for f in features])) for side in ("x", "x_hat")]
+            mean[metric] = getattr(metrics, metric)(*sides)
     return mean
 
 
@@ -198,14 +225,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoints (rate points)")
     parser.add_argument("--images", help="folder of images (Kodak, CLIC, COCO val, ...)")
+    parser.add_argument("--image-list", help="evaluate only the images this file names, in its order: a JSON list "
+                        "(the reference's materials/mscoco_30k_list.json) or one name per line")
     parser.add_argument("--explain", metavar="IMAGE", help="instead: one figure for one image (with --caption): "
                         "original, decoded, error, where the bits go, what the caption changed, and where the "
                         "text adapter looks (explain.py)")
     parser.add_argument("--caption", default="", help="--explain: the image's caption")
     parser.add_argument("-o", "--output", default="explain.png",
                         help="--explain: the figure's file; its extension picks the format (.png, .jpg, .pdf, .svg)")
-    parser.add_argument("--force", action="store_true", help="--explain: overwrite an existing figure")
-    parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used)")
+    parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used), or a COCO "
+                        "caption annotation file such as captions_val2014.json (per image, the caption with the "
+                        "lowest annotation id)")
     parser.add_argument("--allow-missing-captions", action="store_true", help="code images without a caption "
                         "with the empty caption instead of stopping")
     parser.add_argument("--ablation", action="store_true", help="also run with empty and with shuffled captions")
@@ -218,7 +248,11 @@ def main(argv=None):
                         "images to mean anything: thousands, as COCO-30k)")
     parser.add_argument("--save-reconstructions", action="store_true", help="write decoded PNGs (e.g. for "
                         "TF-Inception FID with an external tool) under --out/<checkpoint name>/")
-    parser.add_argument("--out", default="results", help="folder for results.json, results.csv, rd.png")
+    parser.add_argument("--out", default="results", help="folder for the rows as they finish, results.json, "
+                        "results.csv, rd.png")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same settings)")
+    parser.add_argument("--force", action="store_true", help="replace the run in --out (--explain: overwrite an "
+                        "existing figure)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the networks run (entropy coding is always on the CPU)")
     args = parser.parse_args(argv)
@@ -227,11 +261,37 @@ def main(argv=None):
     if not args.images:
         parser.error("--images is required (or --explain IMAGE)")
 
-    images = list_images(args.images)
-    os.makedirs(args.out, exist_ok=True)
+    images = list_images(args.images, args.image_list)
+    rank, world, barrier = setup_ranks(args)
+    store = results.ResultStore(args.out, run_settings(args, images), rank, args.resume, args.force, barrier)
+    share = images[rank::world]                                            # this process's images
+    from tqdm import tqdm
+    total = len(args.checkpoint) * (3 if args.ablation else 1) * len(share)
+    done = len([k for k in store.done if k[2] in set(share)])
+    with tqdm(total=total, initial=done, desc=f"rows of rank {rank}" if world > 1 else "rows") as bar:
+        for path in args.checkpoint:
+            evaluate_checkpoint(path, args, images, share, store, bar)
+    barrier()
+    if rank == 0:
+        write_report(args, images, store)
+
+
+def write_report(args, images, store):
+    """Rank 0, once every row is in: per checkpoint and caption mode, the means and set metrics over all images
+    (in the images' order, whichever process coded them), the Pillow baselines, BD-rate, results.*, rd.png."""
+    order = {name: i for i, name in enumerate(images)}
+    groups = {}
+    for row in store.rows():
+        groups.setdefault((row["checkpoint"], row["captions"]), []).append(row)
     report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
     for path in args.checkpoint:
-        entry = evaluate_checkpoint(path, args, images)
+        model, _ = codec.load_checkpoint(path)
+        entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}
+        for run in ("given", "empty", "shuffled"):
+            rows = sorted(groups.get((path, run), []), key=lambda r: order[r["image"]])
+            if rows:
+                entry[run] = {"mean": summarize(rows, store), "per_image": [
+                    {k: v for k, v in r.items() if k not in ("checkpoint", "captions", "features")} for r in rows]}
         report["checkpoints"][path] = entry
         label = "TACO (ours)" if entry["config"]["text_adapter"] else "hyperprior (ours)"
         mean = entry["given"]["mean"]
@@ -254,9 +314,10 @@ def main(argv=None):
     print(f"wrote {args.out}/results.json, results.csv, rd.png")
 
 
-def evaluate_checkpoint(path, args, images):
-    """One checkpoint on the folder: its complexity, then every image coded for real, with the given captions
-    (and, with --ablation, empty and shuffled ones)."""
+def evaluate_checkpoint(path, args, images, share, store, bar):
+    """One checkpoint: every image of this process's `share` not yet in the store coded for real, with the given
+    captions (and, with --ablation, empty and shuffled ones: each image takes another's caption from all
+    `images`), each row stored as it finishes; then a summary line."""
     try:
         model, _ = codec.load_checkpoint(path, args.device)
     except codec.CheckpointError as error:
@@ -276,13 +337,41 @@ def evaluate_checkpoint(path, args, images):
     runs = {"given": captions}
     if args.ablation and text_model:
         runs.update(empty={n: "" for n in images}, shuffled=shuffled(captions))
-    entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}
+    elif args.ablation:
+        bar.total -= 2 * len(share)                                         # no caption to ablate
     for run, caps in runs.items():
-        rows = evaluate(model, images, caps, lpips, clip, inception, args.images,
-                        save_dir if run == "given" else None)
-        entry[run] = {"mean": summarize(rows), "per_image": [{k: v for k, v in r.items()
-                                                              if not k.startswith("_")} for r in rows]}
-    return entry
+        todo = [n for n in share if (path, run, n) not in store.done]
+        for row, features in evaluate(model, todo, caps, lpips, clip, inception, args.images,
+                                      save_dir if run == "given" else None):
+            store.add(dict(row, checkpoint=path, captions=run), features)
+            bar.update(1)
+    mine = [r for r in store.rows() if r["checkpoint"] == path and r["captions"] == "given" and r["image"] in share]
+    bar.write(f"{path}: {len(mine)} images{' (this process)' if len(share) < len(images) else ''}: "
+              f"{np.mean([r['bpp'] for r in mine]):.4f} bpp, {np.mean([r['psnr'] for r in mine]):.2f} dB")
+
+
+def setup_ranks(args):
+    """-> rank, world size, barrier. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process evaluates
+    every world-th image; gloo suffices (the processes only wait for one another), so CPU processes shard too.
+    Each process takes the GPU of its local rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, lambda: None
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))   # rank 0 waits for the slowest
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
+
+
+def run_settings(args, images):
+    """What the rows depend on: --resume refuses to continue a run with any of these changed."""
+    return {"--checkpoint": args.checkpoint, "--images": os.path.abspath(args.images),
+            "images selected (--image-list)": results.digest(images),
+            "--captions": args.captions and os.path.abspath(args.captions),
+            "--allow-missing-captions": args.allow_missing_captions, "--ablation": args.ablation,
+            "--clip-pretrained": args.clip_pretrained, "--alexnet-weights": args.alexnet_weights,
+            "--inception-weights": args.inception_weights}
 
 
 def bjontegaard(curves_by_label, baselines):

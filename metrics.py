@@ -221,30 +221,48 @@ def bd_psnr(curve_a, curve_b):
     return float((integral(fit_b) - integral(fit_a)) / (high - low))
 
 
-def cmmd(a, b, sigma=10.0, scale=1000.0):
+def cmmd(a, b, sigma=10.0, scale=1000.0, block=2048):
     """CMMD (Jayasumana et al. 2024) as its reference code computes it (google-research cmmd/distance.py):
     MMD^2 with a Gaussian kernel between two sets of L2-normalized CLIP image embeddings, by the biased
-    (minimum-variance) estimator that keeps each kernel matrix's diagonal, times 1000."""
+    (minimum-variance) estimator that keeps each kernel matrix's diagonal, times 1000. The kernel matrices are
+    summed block by block (block x block entries at a time): 30k images per side need no 30k x 30k matrix."""
     a, b = F.normalize(a.double(), dim=-1), F.normalize(b.double(), dim=-1)
-    kernel_mean = lambda u, v: torch.exp(-torch.cdist(u, v) ** 2 / (2 * sigma ** 2)).mean()
+
+    def kernel_mean(u, v):
+        total = 0.0
+        for i in range(0, len(u), block):
+            for j in range(0, len(v), block):
+                total += float(torch.exp(-torch.cdist(u[i:i + block], v[j:j + block]) ** 2 / (2 * sigma ** 2)).sum())
+        return total / (len(u) * len(v))
     return float(scale * (kernel_mean(a, a) + kernel_mean(b, b) - 2 * kernel_mean(a, b)))
 
 
-def fid(a, b):
+def fid(a, b, block=4096):
     """Frechet distance between Gaussians fitted to two feature sets (N, D) (Heusel et al. 2017):
     ||mu_a - mu_b||^2 + tr C_a + tr C_b - 2 tr (C_a C_b)^(1/2). With C = F F^T, the last trace is the sum of
-    the singular values of F_a^T F_b: no matrix square root, and small when there are few samples."""
-    a, b = a.double().numpy(), b.double().numpy()
-    fa, fb = _covariance_factor(a), _covariance_factor(b)
+    the singular values of F_a^T F_b: no matrix square root, and small when there are few samples. Means and
+    covariances are accumulated over blocks of rows in float64 (nothing larger than the features is held)."""
+    fa, fb = _covariance_factor(a, block), _covariance_factor(b, block)
     trace_root = np.linalg.svd(fa.T @ fb, compute_uv=False).sum()
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (fa ** 2).sum() + (fb ** 2).sum() - 2 * trace_root)
+    difference = _mean(a, block) - _mean(b, block)
+    return float((difference ** 2).sum() + (fa ** 2).sum() + (fb ** 2).sum() - 2 * trace_root)
 
 
-def _covariance_factor(x):
-    """F with F F^T = cov(x): the scaled, centered samples (D, N) when N <= D, else from an eigendecomposition."""
+def _mean(x, block):
+    return sum(np.asarray(x[i:i + block], dtype=np.float64).sum(0) for i in range(0, len(x), block)) / len(x)
+
+
+def _covariance_factor(x, block):
+    """F with F F^T = cov(x): the scaled, centered samples (D, N) when N <= D, else from an eigendecomposition
+    of the covariance, summed over blocks of centered rows."""
+    mean = _mean(x, block)
     if len(x) <= x.shape[1]:
-        return ((x - x.mean(0)) / np.sqrt(len(x) - 1)).T
-    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+        return ((np.asarray(x, dtype=np.float64) - mean) / np.sqrt(len(x) - 1)).T
+    covariance = np.zeros((x.shape[1], x.shape[1]))
+    for i in range(0, len(x), block):
+        centered = np.asarray(x[i:i + block], dtype=np.float64) - mean
+        covariance += centered.T @ centered
+    values, vectors = np.linalg.eigh(covariance / (len(x) - 1))
     return vectors * np.sqrt(np.clip(values, 0, None))
 
 

@@ -87,6 +87,7 @@ def test_cmmd_matches_the_reference_codes_biased_estimator():
     k_xy = np.mean(np.exp(-gamma * (-2 * x @ y.T + sq_x[:, None] + sq_y[None, :])))
     k_yy = np.mean(np.exp(-gamma * (-2 * y @ y.T + sq_y[:, None] + sq_y[None, :])))
     assert np.isclose(metrics.cmmd(a, b), 1000 * (k_xx + k_yy - 2 * k_xy), rtol=1e-6)
+    assert np.isclose(metrics.cmmd(a, b, block=2), 1000 * (k_xx + k_yy - 2 * k_xy), rtol=1e-6)   # in blocks
     assert metrics.cmmd(a, a) == pytest.approx(0, abs=1e-9)
 
 
@@ -112,6 +113,7 @@ def test_fid_matches_the_frechet_formula_computed_by_eigenvalues(samples):
     trace_root = np.sqrt(np.clip(np.linalg.eigvals(ca @ cb).real, 0, None)).sum()   # tr((Ca Cb)^1/2)
     expected = ((an.mean(0) - bn.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * trace_root
     assert np.isclose(metrics.fid(a, b), expected, rtol=1e-6, atol=1e-9)
+    assert np.isclose(metrics.fid(a, b, block=7), expected, rtol=1e-6, atol=1e-9)             # in blocks
     assert abs(metrics.fid(a, a)) < 1e-6
 
 

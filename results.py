@@ -1,0 +1,108 @@
+"""Evaluation results that survive a crash, for eval.py at the scale of MS-COCO 30k.
+
+Each finished (checkpoint, caption mode, image) is one JSON line, appended the moment it is finished; the features
+the set metrics need (CLIP and Inception embeddings of the original and the decoded image) are appended first to a
+binary file beside it, and the line records where. A run killed at any moment loses only the image in flight (a
+half-written last line is dropped); `--resume` skips every finished row. Several processes (torchrun ranks)
+write their own pair of files, rows-<rank>.jsonl and features-<rank>.f32; every rank reads all of them, so a run
+may be resumed with another number of processes.
+"""
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+
+SETTINGS = "settings.json"
+
+
+def key(row):
+    return row["checkpoint"], row["captions"], row["image"]
+
+
+def digest(names):
+    """A short hash of a list of image names: the settings record which images a run covers."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """The rows of one run in `folder`. A fresh run refuses a folder that holds rows or results (unless `force`,
+    which removes the rows); `resume` continues it and refuses settings that differ from the interrupted run's."""
+
+    def __init__(self, folder, settings, rank=0, resume=False, force=False, barrier=lambda: None):
+        self.folder = folder
+        if rank == 0:
+            self.prepare(settings, resume, force)
+        barrier()                                         # rank 0 has checked, cleaned and written the settings
+        self.rows_path = os.path.join(folder, f"rows-{rank}.jsonl")
+        self.features_path = os.path.join(folder, f"features-{rank}.f32")
+        self.drop_partial_line()
+        self.done = {key(row) for row in self.rows()}
+
+    def prepare(self, settings, resume, force):
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, SETTINGS)
+        if resume:
+            if not os.path.isfile(path):
+                raise SystemExit(f"error: nothing to resume in {self.folder} (no {SETTINGS})")
+            with open(path) as f:
+                earlier = json.load(f)
+            for name, value in settings.items():
+                if earlier.get(name) != value:
+                    raise SystemExit(f"error: {self.folder} was evaluated with {name} = {earlier.get(name)!r}, "
+                                     f"not {value!r}: --resume needs the interrupted run's settings")
+            return
+        earlier = self.files("rows-*.jsonl") + self.files("results.json")   # a run that got nowhere: no loss
+        if earlier and not force:
+            raise SystemExit(f"error: {self.folder} holds an earlier evaluation; pass --resume to continue it or "
+                             f"--force to start again")
+        for old in self.files("rows-*.jsonl") + self.files("features-*.f32"):
+            os.remove(old)
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def files(self, pattern):
+        return sorted(glob.glob(os.path.join(self.folder, pattern)))
+
+    def drop_partial_line(self):
+        """A process killed while writing leaves at most one unfinished last line: cut it off."""
+        if not os.path.isfile(self.rows_path):
+            return
+        with open(self.rows_path, "rb+") as f:
+            content = f.read()
+            f.truncate(content.rfind(b"\n") + 1)
+
+    def add(self, row, features):
+        """Append one finished row; `features` {name: 1-d array} go to the binary file first."""
+        with open(self.features_path, "ab") as f:
+            offset = f.tell()
+            for value in features.values():
+                f.write(np.asarray(value, dtype=np.float32).tobytes())
+        row = dict(row, features={"file": os.path.basename(self.features_path), "offset": offset,
+                                  "sizes": {name: int(np.size(value)) for name, value in features.items()}})
+        with open(self.rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done.add(key(row))
+
+    def rows(self):
+        """Every finished row of every rank (a half-written last line of another rank's file is skipped)."""
+        found = []
+        for path in self.files("rows-*.jsonl"):
+            with open(path) as f:
+                for line in f:
+                    if line.endswith("\n"):
+                        found.append(json.loads(line))
+        return found
+
+    def features(self, row):
+        """{name: float32 array} of one row, read from the binary file."""
+        where = row["features"]
+        values, offset = {}, where["offset"]
+        with open(os.path.join(self.folder, where["file"]), "rb") as f:
+            for name, size in where["sizes"].items():
+                f.seek(offset)
+                values[name] = np.frombuffer(f.read(4 * size), dtype=np.float32)
+                offset += 4 * size
+        return values

@@ -1,0 +1,118 @@
+"""Claims about eval.py at the paper's scale (results.py): the image list and COCO's annotation file are read as
+they are published; rows are stored as they finish, so a run killed with SIGKILL and resumed ends with the results
+of an uninterrupted run; torchrun's processes share the images and give the results of one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import eval as evaluation
+from test_eval import folder  # noqa: F401 (a fixture: three photos, captions, a tiny checkpoint)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMINGS = ("encode_s", "decode_s")
+
+
+def test_an_image_list_selects_and_orders_the_images_and_names_what_is_missing(folder, tmp_path):  # noqa: F811
+    images = str(folder / "images")
+    (tmp_path / "list.json").write_text(json.dumps(["rocket.png", "coffee.png", "rocket.png"]))
+    assert evaluation.list_images(images, str(tmp_path / "list.json")) == ["rocket.png", "coffee.png"]
+    (tmp_path / "list.txt").write_text("cat.png\n\ncoffee.png\n")
+    assert evaluation.list_images(images, str(tmp_path / "list.txt")) == ["cat.png", "coffee.png"]
+    (tmp_path / "bad.json").write_text(json.dumps(["cat.png", "COCO_val2014_000000000042.jpg"]))
+    with pytest.raises(SystemExit, match="1 image.*not in .*COCO_val2014_000000000042.jpg"):
+        evaluation.list_images(images, str(tmp_path / "bad.json"))
+    assert evaluation.list_images(images) == ["cat.png", "coffee.png", "rocket.png"]
+
+
+def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(folder, tmp_path):  # noqa: F811
+    """The layout of COCO's captions_val2014.json, annotations in no particular order."""
+    coco = {"info": {}, "licenses": [],
+            "images": [{"id": 7, "file_name": "coffee.png", "width": 150, "height": 100},
+                       {"id": 9, "file_name": "cat.png", "width": 150, "height": 100}],
+            "annotations": [{"id": 51, "image_id": 7, "caption": "A cup of coffee on a saucer. "},
+                            {"id": 12, "image_id": 7, "caption": "Coffee in a white cup."},
+                            {"id": 30, "image_id": 9, "caption": "A cat lying down."}]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
+    captions = evaluation.captions_for(["coffee.png", "cat.png"], str(tmp_path / "captions_val2014.json"), False)
+    assert captions == {"coffee.png": "Coffee in a white cup.", "cat.png": "A cat lying down."}
+
+
+def arguments(folder, out, *extra):  # noqa: F811
+    return ["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
+            str(folder / "captions.json"), "--ablation", "--baselines", "", "--out", str(out), *extra]
+
+
+def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(folder, tmp_path):  # noqa: F811
+    evaluation.main(arguments(folder, tmp_path / "out"))
+    first = (tmp_path / "out" / "results.json").read_text()
+    with pytest.raises(SystemExit, match="holds an earlier evaluation"):
+        evaluation.main(arguments(folder, tmp_path / "out"))
+    with pytest.raises(SystemExit, match="evaluated with --ablation = True, not False"):
+        evaluation.main([a for a in arguments(folder, tmp_path / "out", "--resume") if a != "--ablation"])
+    (tmp_path / "list.json").write_text(json.dumps(["cat.png"]))
+    with pytest.raises(SystemExit, match="images selected"):
+        evaluation.main(arguments(folder, tmp_path / "out", "--resume", "--image-list", str(tmp_path / "list.json")))
+    evaluation.main(arguments(folder, tmp_path / "out", "--resume"))           # nothing left to code
+    assert without_timings(json.loads((tmp_path / "out" / "results.json").read_text())) == \
+        without_timings(json.loads(first))
+    evaluation.main(arguments(folder, tmp_path / "out", "--force"))
+    assert len((tmp_path / "out" / "rows-0.jsonl").read_text().splitlines()) == 9
+
+
+def without_timings(report):
+    """results.json without wall times (which no two runs share) and the output folder's name."""
+    for entry in report["checkpoints"].values():
+        for run in ("given", "empty", "shuffled"):
+            for key in TIMINGS:
+                entry[run]["mean"].pop(key)
+            for row in entry[run]["per_image"]:
+                for key in TIMINGS:
+                    row.pop(key)
+    return report
+
+
+def run(args, **popen):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")          # torchrun's workers: one thread each
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def finished(process):
+    _, errors = process.communicate(timeout=600)
+    assert process.returncode == 0, errors[-3000:]
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_first_image_resumes_to_the_results_of_an_uninterrupted_run(folder,  # noqa: F811
+                                                                                          tmp_path):
+    finished(run([sys.executable, "eval.py", *arguments(folder, tmp_path / "whole")]))
+    killed = run([sys.executable, "eval.py", *arguments(folder, tmp_path / "killed")])
+    rows = tmp_path / "killed" / "rows-0.jsonl"
+    deadline = time.time() + 300
+    while not (rows.exists() and rows.read_text().count("\n") >= 1):
+        assert killed.poll() is None and time.time() < deadline, killed.stderr.read()[-3000:]
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert rows.read_text().count("\n") < 9 and not (tmp_path / "killed" / "results.json").exists()
+    finished(run([sys.executable, "eval.py", *arguments(folder, tmp_path / "killed", "--resume")]))
+    assert len(rows.read_text().splitlines()) == 9                             # every row once
+    whole, resumed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "killed"))
+    assert without_timings(resumed) == without_timings(whole)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_share_the_images_and_give_the_results_of_one(folder, tmp_path):  # noqa: F811
+    finished(run([sys.executable, "eval.py", *arguments(folder, tmp_path / "one")]))
+    finished(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
+                  *arguments(folder, tmp_path / "two")]))
+    shares = [len((tmp_path / "two" / f"rows-{rank}.jsonl").read_text().splitlines()) for rank in (0, 1)]
+    assert shares == [6, 3]                                                    # images 0, 2 and image 1, x3 modes
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert without_timings(two) == without_timings(one)
+    assert "cmmd" in one["checkpoints"][str(folder / "tiny.pt")]["given"]["mean"]
