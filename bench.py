@@ -320,6 +320,27 @@ def bench_bands(args):
                   f"{ratio:.2f}x from {w0 * h0 / 1e6:.0f} to {w1 * h1 / 1e6:.0f} MP")
 
 
+def sets_case(n, dimensions, metric, queue):
+    import metrics
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, dimensions, generator=g)                # float32, as eval.py reads the stored features
+    b = a + 0.1 * torch.randn(n, dimensions, generator=g)
+    before = peak_mib()
+    start = time.perf_counter()
+    value = getattr(metrics, metric)(a, b)
+    queue.put((value, time.perf_counter() - start, before, peak_mib()))
+
+
+def bench_sets(args):
+    print(f"set metrics: CMMD on {args.clip_dim}-d CLIP embeddings, FID on {args.inception_dim}-d Inception "
+          f"features, random sets, CPU ({torch.get_num_threads()} threads); each in a fresh process, peak RSS")
+    for metric, dimensions in (("cmmd", args.clip_dim), ("fid", args.inception_dim)):
+        for n in args.sizes:
+            value, seconds, before, peak = in_child(sets_case, n, dimensions, metric)
+            print(f"  {metric} {n:6d} x {n:6d}: {seconds:6.1f} s, peak RSS {peak:6.0f} MiB (the two feature sets "
+                  f"loaded: {before:.0f} MiB), value {value:.6g}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -361,6 +382,11 @@ def main():
     banded.add_argument("--memory", type=int, help="the bands' working memory in MiB (codec.py --memory; default: "
                                                     "the model's)")
     banded.set_defaults(run=bench_bands)
+    sets = sub.add_parser("sets", help="CMMD and FID over large sets: time and peak memory (COCO-30k: 30000)")
+    sets.add_argument("--sizes", nargs="+", type=int, default=[3000, 30000], help="images per set")
+    sets.add_argument("--clip-dim", type=int, default=768, help="CLIP embedding width (ViT-L/14: 768)")
+    sets.add_argument("--inception-dim", type=int, default=2048, help="Inception pool feature width")
+    sets.set_defaults(run=bench_sets)
     args = parser.parse_args()
     args.run(args)
 

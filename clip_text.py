@@ -3,6 +3,7 @@ Only the encoder needs it: decoding never loads CLIP. open_clip is imported wher
 decoder never pays for importing it."""
 import collections
 import contextlib
+import os
 import socket
 import urllib.parse
 
@@ -32,9 +33,10 @@ def hub_offline_unless_reachable(timeout=3.0):
         constants.HF_HUB_OFFLINE = saved
 
 
-def load_clip(name, pretrained):
-    """An open_clip CLIP model: `name` is open_clip's (or "local-dir:<folder>" with an open_clip_config.json);
-    `pretrained` is a tag ("openai"), a local weights file, or "random"."""
+def load_clip(name, pretrained, what="CLIP", option="--clip-pretrained"):
+    """An open_clip model (CLIP, or CoCa for captioner.py): `name` is open_clip's (or "local-dir:<folder>" with an
+    open_clip_config.json); `pretrained` is a tag ("openai"), a local weights file, or "random". Weights that
+    cannot be had raise WeightsUnavailable, whose message names `what` and the `option` that takes a file."""
     import open_clip
     if pretrained == "random":             # seeded: the same stand-in in every process, for train and compress
         with torch.random.fork_rng(devices=[]):
@@ -45,14 +47,21 @@ def load_clip(name, pretrained):
         fix = f"{name}-quickgelu" if tag_gelu else name.removesuffix("-quickgelu")
         raise ValueError(f"open_clip's {name} uses another GELU than the '{pretrained}' weights were trained "
                          f"with: use {fix}")
+    if name.startswith("local-dir:") and os.path.isfile(pretrained):  # open_clip reads only the folder's own weights
+        model = open_clip.create_model(name, pretrained=None)
+        open_clip.load_checkpoint(model, pretrained)
+        return model
     try:
         with hub_offline_unless_reachable():
+            if not os.path.isfile(pretrained):           # fetch (or find cached) first: fails before the build
+                from open_clip.pretrained import download_pretrained
+                download_pretrained(open_clip.get_pretrained_cfg(name, pretrained))
             return open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
     except Exception as error:
         raise WeightsUnavailable(
-            f"could not load CLIP {name} weights '{pretrained}' ({type(error).__name__}). Either run once "
+            f"could not load {what} {name} weights '{pretrained}' ({type(error).__name__}). Either run once "
             f"with network access (open_clip caches them under ~/.cache/huggingface), or pass a local "
-            f"weights file (open_clip_pytorch_model.bin) as --clip-pretrained") from error
+            f"weights file (open_clip_pytorch_model.bin) as {option}") from error
 
 
 class TextEncoder(nn.Module):

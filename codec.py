@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+import captioner
 import container
 import elic
 import taco
@@ -199,6 +200,9 @@ def command_compress(args):
         if args.caption_file is not None:
             with open(args.caption_file, encoding="utf-8") as f:
                 args.caption = f.read().strip()
+        if args.caption == "auto":                      # written by CoCa; costs nothing in the file
+            args.caption = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)(x)
+            print(f"caption: {args.caption}")
         clip = args.clip_pretrained or model.config.clip_pretrained
         model.attach_text_encoder(TextEncoder(model.config.clip_model, clip, model.config.text_tokens))
     output = args.output or os.path.splitext(args.image)[0] + ".taco"
@@ -232,9 +236,11 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="image (+ caption) -> .taco file")
     c.add_argument("image", help="input image (PNG, JPEG, ...; grayscale and RGBA are accepted)")
-    c.add_argument("--caption", help="the caption that guides the encoder (not stored in the file)")
+    c.add_argument("--caption", help="the caption that guides the encoder (not stored in the file); 'auto': "
+                                     "written by a captioner (CoCa, --captioner), and printed")
     c.add_argument("--caption-file", help="read the caption from this UTF-8 text file instead")
     c.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    captioner.add_arguments(c)
     c.add_argument("--clip-pretrained", help="CLIP weights: a local file or open_clip tag "
                                              "(default: the one the checkpoint was trained with)")
     c.add_argument("--max-image-pixels", type=int, help="refuse input images above this many pixels (default: "

@@ -62,13 +62,25 @@ def coco_items(root, crop):
             for im in images if im["id"] in captions]
 
 
-def folder_items(root, captions_path, crop):
-    """Images of `root` named in the caption file; unreadable and small ones are skipped and counted."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_files(folder):
+    """The image files of a folder, sorted."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: image folder not found: {folder}")
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+
+
+def folder_items(root, captions, crop):
+    """Images of `root` named in the captions (a caption file, or a table {file: [captions]}); unreadable and
+    small ones are skipped and counted."""
     from PIL import Image
     if not os.path.isdir(root):
         raise SystemExit(f"error: image folder not found: {root}")
     items, skipped = [], {"missing": 0, "unreadable": 0, f"smaller than {crop}": 0}
-    for name, caps in sorted(read_captions(captions_path).items()):
+    table = captions if isinstance(captions, dict) else read_captions(captions)
+    for name, caps in sorted(table.items()):
         path = os.path.join(root, name)
         if not os.path.isfile(path):
             skipped["missing"] += 1

@@ -12,6 +12,7 @@ metrics over all of them.
 """
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import captioner
 import clip_text
 import codec
 import container
@@ -50,27 +52,29 @@ METRIC_KEYS = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpip
 def list_images(folder, image_list=None):
     """Every image in `folder`, sorted; or those `image_list` names, in its order: a JSON list (such as the
     reference's materials/mscoco_30k_list.json) or one name per line."""
-    if not os.path.isdir(folder):
-        raise SystemExit(f"error: image folder not found: {folder}")
-    if image_list is None:
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
-    elif not os.path.isfile(image_list):
-        raise SystemExit(f"error: image list not found: {image_list}")
-    else:
-        with open(image_list, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            names = json.loads(text)
-        except ValueError:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise SystemExit(f"error: {image_list} is not a list of image names (a JSON list, or one per line)")
-        names = list(dict.fromkeys(names))                                  # each image once, in list order
-        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-        if missing:
-            raise SystemExit(f"error: {len(missing)} image(s) of {image_list} are not in {folder}, e.g. {missing[0]}")
+    names = data.image_files(folder)
+    if image_list is not None:
+        names = read_image_list(folder, image_list)
     if not names:
         raise SystemExit(f"error: no images in {folder}")
+    return names
+
+
+def read_image_list(folder, path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: image list not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SystemExit(f"error: {path} is not a list of image names (a JSON list, or one per line)")
+    names = list(dict.fromkeys(names))                                      # each image once, in list order
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} image(s) of {path} are not in {folder}, e.g. {missing[0]}")
     return names
 
 
@@ -230,12 +234,14 @@ def main(argv=None):
     parser.add_argument("--explain", metavar="IMAGE", help="instead: one figure for one image (with --caption): "
                         "original, decoded, error, where the bits go, what the caption changed, and where the "
                         "text adapter looks (explain.py)")
-    parser.add_argument("--caption", default="", help="--explain: the image's caption")
+    parser.add_argument("--caption", default="", help="--explain: the image's caption ('auto': the captioner's)")
     parser.add_argument("-o", "--output", default="explain.png",
                         help="--explain: the figure's file; its extension picks the format (.png, .jpg, .pdf, .svg)")
-    parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used), or a COCO "
+    parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used), a COCO "
                         "caption annotation file such as captions_val2014.json (per image, the caption with the "
-                        "lowest annotation id)")
+                        "lowest annotation id), or 'auto': written by a captioner (CoCa, --captioner) once per "
+                        "image, kept in --out/captions-auto.json")
+    captioner.add_arguments(parser)
     parser.add_argument("--allow-missing-captions", action="store_true", help="code images without a caption "
                         "with the empty caption instead of stopping")
     parser.add_argument("--ablation", action="store_true", help="also run with empty and with shuffled captions")
@@ -263,14 +269,17 @@ def main(argv=None):
 
     images = list_images(args.images, args.image_list)
     rank, world, barrier = setup_ranks(args)
-    store = results.ResultStore(args.out, run_settings(args, images), rank, args.resume, args.force, barrier)
+    settings = run_settings(args, images)
+    results.check(args.out, settings, args.resume, args.force)          # before anything is captioned or coded
+    given = auto_captions(args, images, rank, world, barrier) if args.captions == "auto" else None
+    store = results.ResultStore(args.out, settings, rank, args.resume, args.force, barrier)
     share = images[rank::world]                                            # this process's images
     from tqdm import tqdm
     total = len(args.checkpoint) * (3 if args.ablation else 1) * len(share)
     done = len([k for k in store.done if k[2] in set(share)])
     with tqdm(total=total, initial=done, desc=f"rows of rank {rank}" if world > 1 else "rows") as bar:
         for path in args.checkpoint:
-            evaluate_checkpoint(path, args, images, share, store, bar)
+            evaluate_checkpoint(path, args, images, share, store, bar, given)
     barrier()
     if rank == 0:
         write_report(args, images, store)
@@ -314,10 +323,11 @@ def write_report(args, images, store):
     print(f"wrote {args.out}/results.json, results.csv, rd.png")
 
 
-def evaluate_checkpoint(path, args, images, share, store, bar):
+def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
     """One checkpoint: every image of this process's `share` not yet in the store coded for real, with the given
     captions (and, with --ablation, empty and shuffled ones: each image takes another's caption from all
-    `images`), each row stored as it finishes; then a summary line."""
+    `images`), each row stored as it finishes; then a summary line. `given`: the captions, when written by the
+    captioner."""
     try:
         model, _ = codec.load_checkpoint(path, args.device)
     except codec.CheckpointError as error:
@@ -329,7 +339,7 @@ def evaluate_checkpoint(path, args, images, share, store, bar):
             raise SystemExit(f"error: {path} reads captions but its CLIP text tower cannot be loaded")
         model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, pretrained,
                                                         model.config.text_tokens, clip=clip))
-    captions = captions_for(images, args.captions, args.allow_missing_captions or not text_model)
+    captions = given or captions_for(images, args.captions, args.allow_missing_captions or not text_model)
     save_dir = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0]) \
         if args.save_reconstructions else None
     if save_dir:
@@ -350,6 +360,24 @@ def evaluate_checkpoint(path, args, images, share, store, bar):
               f"{np.mean([r['bpp'] for r in mine]):.4f} bpp, {np.mean([r['psnr'] for r in mine]):.2f} dB")
 
 
+def auto_captions(args, images, rank, world, barrier):
+    """--captions auto: each image captioned once by the captioner (captioner.py), every process its share;
+    logged in --out as captions-auto-<rank>.jsonl and reused by later runs with the same captioner and weights;
+    the table is also written as --out/captions-auto.json ({image: caption}, which --captions reads)."""
+    logs = lambda: glob.glob(os.path.join(args.out, "captions-auto-*.jsonl"))        # noqa: E731
+    known = captioner.read_logs(logs(), args.captioner, args.captioner_pretrained)
+    captioner.caption_images(args.images, images[rank::world], codec.read_pixels,
+                             os.path.join(args.out, f"captions-auto-{rank}.jsonl"), args.captioner,
+                             args.captioner_pretrained, args.device, known)
+    barrier()
+    table = captioner.read_logs(logs(), args.captioner, args.captioner_pretrained)
+    table = {n: table[n] for n in images}
+    if rank == 0:
+        with open(os.path.join(args.out, "captions-auto.json"), "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=1, ensure_ascii=False)
+    return table
+
+
 def setup_ranks(args):
     """-> rank, world size, barrier. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process evaluates
     every world-th image; gloo suffices (the processes only wait for one another), so CPU processes shard too.
@@ -368,7 +396,8 @@ def run_settings(args, images):
     """What the rows depend on: --resume refuses to continue a run with any of these changed."""
     return {"--checkpoint": args.checkpoint, "--images": os.path.abspath(args.images),
             "images selected (--image-list)": results.digest(images),
-            "--captions": args.captions and os.path.abspath(args.captions),
+            "--captions": args.captions if args.captions in (None, "auto") else os.path.abspath(args.captions),
+            "--captioner": args.captions == "auto" and [args.captioner, args.captioner_pretrained],
             "--allow-missing-captions": args.allow_missing_captions, "--ablation": args.ablation,
             "--clip-pretrained": args.clip_pretrained, "--alexnet-weights": args.alexnet_weights,
             "--inception-weights": args.inception_weights}
@@ -413,7 +442,14 @@ def explain_one(args):
         lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
     except clip_text.WeightsUnavailable:
         lpips = None
-    with_caption, empty = explain.explain(model, codec.read_image(args.explain), args.caption, args.output, lpips)
+    source = None
+    if args.caption == "auto" and config.text_adapter:
+        args.caption = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)(
+            codec.read_pixels(args.explain))
+        source = f"written by {args.captioner} ({args.captioner_pretrained})"
+        print(f"caption: {args.caption}")
+    with_caption, empty = explain.explain(model, codec.read_image(args.explain), args.caption, args.output, lpips,
+                                          source)
     print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
           f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 

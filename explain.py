@@ -129,7 +129,7 @@ def header_bits():
     return 8 * (container.HEADER.size + container.CHECKSUM.size)
 
 
-def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
+def figure(model, with_caption, empty, path, lpips=None, stand_in=None, source=None):
     """Write the three-row figure for one image coded with and without its caption."""
     import matplotlib
     matplotlib.use("Agg")
@@ -167,7 +167,7 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
          vmax=limit)
     show(fig, axes[1, 2], plane((with_caption["x_hat"] - empty["x_hat"]).abs().mean(1)[0].numpy()),
          "|decoded with caption - without|", cmap="magma")
-    lines = [f"caption: \"{with_caption['caption'][:60]}\"",
+    lines = [f"caption: \"{with_caption['caption'][:60]}\"" + (f"\n({source})" if source else ""),
              f"bpp {with_caption['bpp'] - empty['bpp']:+.4f}, PSNR {with_caption['psnr'] - empty['psnr']:+.3f} dB"]
     if not model.config.text_adapter:
         lines = ["this model has no text adapter:", "the caption changes nothing"]
@@ -196,13 +196,14 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None):
         plt.close(fig)
 
 
-def explain(model, x, caption, path, lpips=None):
-    """Code `x` with its caption and with an empty one; write the figure to `path`; return both analyses."""
+def explain(model, x, caption, path, lpips=None, source=None):
+    """Code `x` with its caption and with an empty one; write the figure to `path`; return both analyses.
+    `source`: where the caption came from (the captioner), named in the figure."""
     check_output(path)
     with_caption, empty = analyse(model, x, caption), analyse(model, x, "")
     stand_in = None
     if model.config.text_adapter and model.config.clip_pretrained == "random":
         stand_in = "STAND-IN: random CLIP text tower (no weights here):\nwords carry no learned meaning"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure(model, with_caption, empty, path, lpips, stand_in)
+    figure(model, with_caption, empty, path, lpips, stand_in, source)
     return with_caption, empty

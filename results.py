@@ -26,6 +26,26 @@ def digest(names):
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
+def check(folder, settings, resume=False, force=False):
+    """Refuse, before anything is computed or written: --resume of nothing or with other settings than the
+    interrupted run's (naming the setting), and a fresh run in a folder that holds rows or results."""
+    path = os.path.join(folder, SETTINGS)
+    if resume:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: nothing to resume in {folder} (no {SETTINGS})")
+        with open(path) as f:
+            earlier = json.load(f)
+        for name, value in settings.items():
+            if earlier.get(name) != value:
+                raise SystemExit(f"error: {folder} was evaluated with {name} = {earlier.get(name)!r}, "
+                                 f"not {value!r}: --resume needs the interrupted run's settings")
+        return
+    earlier = glob.glob(os.path.join(folder, "rows-*.jsonl")) + glob.glob(os.path.join(folder, "results.json"))
+    if earlier and not force:                                   # a run that got nowhere is no loss
+        raise SystemExit(f"error: {folder} holds an earlier evaluation; pass --resume to continue it or --force "
+                         f"to start again")
+
+
 class ResultStore:
     """The rows of one run in `folder`. A fresh run refuses a folder that holds rows or results (unless `force`,
     which removes the rows); `resume` continues it and refuses settings that differ from the interrupted run's."""
@@ -41,24 +61,13 @@ class ResultStore:
         self.done = {key(row) for row in self.rows()}
 
     def prepare(self, settings, resume, force):
-        os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, SETTINGS)
+        check(self.folder, settings, resume, force)
         if resume:
-            if not os.path.isfile(path):
-                raise SystemExit(f"error: nothing to resume in {self.folder} (no {SETTINGS})")
-            with open(path) as f:
-                earlier = json.load(f)
-            for name, value in settings.items():
-                if earlier.get(name) != value:
-                    raise SystemExit(f"error: {self.folder} was evaluated with {name} = {earlier.get(name)!r}, "
-                                     f"not {value!r}: --resume needs the interrupted run's settings")
             return
-        earlier = self.files("rows-*.jsonl") + self.files("results.json")   # a run that got nowhere: no loss
-        if earlier and not force:
-            raise SystemExit(f"error: {self.folder} holds an earlier evaluation; pass --resume to continue it or "
-                             f"--force to start again")
+        os.makedirs(self.folder, exist_ok=True)
         for old in self.files("rows-*.jsonl") + self.files("features-*.f32"):
             os.remove(old)
+        path = os.path.join(self.folder, SETTINGS)
         with open(path + ".tmp", "w") as f:
             json.dump(settings, f, indent=1)
         os.replace(path + ".tmp", path)

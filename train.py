@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import captioner
 import clip_text
 import codec
 import data
@@ -41,7 +42,12 @@ class TrainConfig:
     # data
     data: str = option("demo", "demo (built-in photos), coco (--root), or folder (--root + --captions)")
     root: str = option("", "coco: folder with train2014/ (or train2017/) and annotations/; folder: the images")
-    captions: str = option("", "folder data: JSON {file: caption(s)} or JSONL {\"file\", \"caption(s)\"}")
+    captions: str = option("", "folder data: JSON {file: caption(s)} or JSONL {\"file\", \"caption(s)\"}, or "
+                               "'auto': every image captioned once by --captioner (kept in --out)")
+    captioner_pretrained: str = option(captioner.DEFAULT_PRETRAINED, "for --captions auto: the captioner's "
+                                       "weights (open_clip tag, local file, or 'random')")
+    captioner: str = option(captioner.DEFAULT_MODEL, "for --captions auto: the open_clip CoCa model that writes "
+                                                     "them, or local-dir:<folder>")     # (after: it hides the module)
     val_root: str = option("", "held-out images (e.g. Kodak) for real-bitstream validation")
     val_captions: str = option("", "captions of the held-out images (JSON or JSONL)")
     crop: int = option(256, "random crop size for training")
@@ -217,13 +223,30 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
-def training_data(cfg):
+def folder_captions(cfg, rank, device):
+    """--data folder --captions auto: every image of --root captioned once, by rank 0, logged as it is written in
+    --out/captions-auto.jsonl and reused by a resumed run (captioner.py)."""
+    log = os.path.join(cfg.out, "captions-auto.jsonl")
+    names = data.image_files(cfg.root)
+    read = lambda: captioner.read_logs([log] if os.path.isfile(log) else [], cfg.captioner,  # noqa: E731
+                                       cfg.captioner_pretrained)
+    if rank == 0:
+        captioner.caption_images(cfg.root, names, codec.read_pixels, log, cfg.captioner, cfg.captioner_pretrained,
+                                 device, read())
+    if dist.is_initialized():
+        dist.barrier()
+    table = read()
+    return {n: table[n] for n in names}
+
+
+def training_data(cfg, rank=0, device="cpu"):
     if cfg.data == "demo":
         return data.demo_items(data.DEMO_PHOTOS), data.demo_items(data.DEMO_HELD_OUT)
     if cfg.data == "coco":
         train_items = data.coco_items(cfg.root, cfg.crop)
     elif cfg.data == "folder":
-        train_items = data.folder_items(cfg.root, cfg.captions, cfg.crop)
+        captions = folder_captions(cfg, rank, device) if cfg.captions == "auto" else cfg.captions
+        train_items = data.folder_items(cfg.root, captions, cfg.crop)
     else:
         raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")
     val_items = data.folder_items(cfg.val_root, cfg.val_captions, 1) if cfg.val_root else []
@@ -329,7 +352,7 @@ def train(cfg):
     on_gpu = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (coding turns them off)
     encoder, clip_visual, lpips, text_pretrained = build_towers(cfg, say)
-    train_items, val_items = training_data(cfg)
+    train_items, val_items = training_data(cfg, rank, device)
     config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
                              clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
                              text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)
