@@ -17,8 +17,10 @@ import time
 import numpy as np
 import torch
 
+import captioner
 import clip_text
 import codec
+import data
 import entropy
 import rangecoder
 import taco
@@ -341,6 +343,22 @@ def bench_sets(args):
                   f"loaded: {before:.0f} MiB), value {value:.6g}")
 
 
+def bench_caption(args):
+    """The default captioner (or --captioner) on the four photos: seconds per caption, where its weights exist."""
+    try:
+        model = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)
+    except clip_text.WeightsUnavailable as error:
+        print(f"caption: not measured here: {error}")
+        return
+    print(f"caption: {args.captioner} ({args.captioner_pretrained}), beam search of {model.beams}, on {args.device} "
+          f"({torch.get_num_threads()} threads)")
+    for name in ("coffee", "chelsea", "astronaut", "rocket"):
+        pixels = torch.from_numpy(data.skimage_photo(name)[:, :, :3].copy()).permute(2, 0, 1)[None]
+        start = time.perf_counter()
+        caption = model(pixels)
+        print(f"  {name:10s} {time.perf_counter() - start:6.2f} s  \"{caption}\"")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -382,6 +400,10 @@ def main():
     banded.add_argument("--memory", type=int, help="the bands' working memory in MiB (codec.py --memory; default: "
                                                     "the model's)")
     banded.set_defaults(run=bench_bands)
+    caption = sub.add_parser("caption", help="seconds per caption of the captioner (--caption auto)")
+    captioner.add_arguments(caption)
+    caption.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    caption.set_defaults(run=bench_caption)
     sets = sub.add_parser("sets", help="CMMD and FID over large sets: time and peak memory (COCO-30k: 30000)")
     sets.add_argument("--sizes", nargs="+", type=int, default=[3000, 30000], help="images per set")
     sets.add_argument("--clip-dim", type=int, default=768, help="CLIP embedding width (ViT-L/14: 768)")

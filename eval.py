@@ -276,7 +276,8 @@ def main(argv=None):
     share = images[rank::world]                                            # this process's images
     from tqdm import tqdm
     total = len(args.checkpoint) * (3 if args.ablation else 1) * len(share)
-    done = len([k for k in store.done if k[2] in set(share)])
+    mine = set(share)
+    done = len([k for k in store.done if k[2] in mine])
     with tqdm(total=total, initial=done, desc=f"rows of rank {rank}" if world > 1 else "rows") as bar:
         for path in args.checkpoint:
             evaluate_checkpoint(path, args, images, share, store, bar, given)
@@ -355,6 +356,7 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
                                       save_dir if run == "given" else None):
             store.add(dict(row, checkpoint=path, captions=run), features)
             bar.update(1)
+    share = set(share)
     mine = [r for r in store.rows() if r["checkpoint"] == path and r["captions"] == "given" and r["image"] in share]
     bar.write(f"{path}: {len(mine)} images{' (this process)' if len(share) < len(images) else ''}: "
               f"{np.mean([r['bpp'] for r in mine]):.4f} bpp, {np.mean([r['psnr'] for r in mine]):.2f} dB")
