@@ -236,7 +236,8 @@ class ElicTACO(taco.TACO):
         """The passes of checkerboard_passes in the same order, each over bands of rows of y, for compress and
         decompress. code(i, kind, rows, scales, means) codes that pass's symbols in those rows (row by row, each
         row all channels of the slice, left to right) and writes their values into y_hat (1, M, h, w), from
-        which the contexts read. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed."""
+        which the contexts read. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed; so is
+        each slice's channel context at the non-anchor positions, from its anchor pass to its second pass."""
         h, w = y_hat.shape[-2:]
         hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
         for rows in self.latent_bands(nets.h_s, h, w, memory):
@@ -244,19 +245,26 @@ class ElicTACO(taco.TACO):
         starts = [sum(self.config.slices[:i]) for i in range(len(self.config.slices) + 1)]
         for i in range(len(self.config.slices)):
             own = slice(starts[i], starts[i + 1])
+            if i:        # the channel context, computed in the anchor pass, kept where the second pass reads it
+                later = torch.zeros(1, 2 * self.config.slices[i], h, (w + 1) // 2, dtype=torch.int32,
+                                    device=y_hat.device)
             anchors = lambda r, c: y_hat[:, own, r, c] * checkerboard(  # noqa: E731
                 ANCHOR, r.stop - r.start, w, device=y_hat.device, top=r.start)[:, c]
             for kind in (ANCHOR, NONANCHOR):
-                networks = [nets.h_s] + ([nets.channel_context[i]] if i else []) + \
+                networks = [nets.h_s] + ([nets.channel_context[i]] if i and kind == ANCHOR else []) + \
                     ([nets.local_context[i]] if kind == NONANCHOR else [])
                 widest = max(networks, key=bands.bytes_per_output)
                 bands_of_rows = self.latent_bands(widest, h, w, memory)
                 for done, rows in enumerate(bands_of_rows):
                     features = [from_grid(hyper[:, :, rows])]
-                    if i:
+                    if i and kind == ANCHOR:
                         read = lambda r, c: y_hat[:, :starts[i], r, c]            # noqa: E731
-                        features.insert(0, bands.run_block(nets.channel_context[i], read, (h, w),
-                                                           (rows.start, rows.stop), (0, w)))
+                        context = bands.run_block(nets.channel_context[i], read, (h, w), (rows.start, rows.stop),
+                                                  (0, w))
+                        later[:, :, rows] = nonanchors(to_grid(context), rows.start)
+                        features.insert(0, context)
+                    elif i:
+                        features.insert(0, from_grid(at_nonanchors(later[:, :, rows], rows.start, w)))
                     if kind == NONANCHOR:
                         features.insert(0, bands.run_block(nets.local_context[i], anchors, (h, w),
                                                            (rows.start, rows.stop), (0, w)))
@@ -306,6 +314,27 @@ def in_raster(mask, shape):
     (1, C, rows, w)."""
     B, C, rows, w = shape
     return mask[None, :, None, :].expand(B, rows, C, w)
+
+
+def nonanchors(values, top):
+    """(1, C, rows, w) -> (1, C, rows, ceil(w/2)): each row's values at its non-anchor columns (those with the
+    parity of the row's index in y, `top` the first), zero-padded."""
+    kept = values.new_zeros(*values.shape[:3], (values.shape[3] + 1) // 2)
+    for parity in (0, 1):
+        first = (parity - top) % 2                                              # the band's rows of that parity
+        part = values[:, :, first::2, parity::2]
+        kept[:, :, first::2, :part.shape[3]] = part
+    return kept
+
+
+def at_nonanchors(kept, top, width):
+    """The inverse of nonanchors(): (1, C, rows, ceil(w/2)) -> (1, C, rows, w), zeros at the anchors."""
+    values = kept.new_zeros(*kept.shape[:3], width)
+    for parity in (0, 1):
+        first = (parity - top) % 2
+        part = values[:, :, first::2, parity::2]
+        part[...] = kept[:, :, first::2, :part.shape[3]]
+    return values
 
 
 def to_grid(values):
