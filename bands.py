@@ -30,6 +30,7 @@ import ctypes.util
 import math
 from fractions import Fraction
 
+import torch
 import torch.nn as nn
 
 from integer import IntegerConv, IntegerLeakyReLU, IntegerNetwork, IntegerReLU
@@ -126,8 +127,17 @@ def run_block(layer, read, size, rows, columns, compute=None):
     (r0, r1), (c0, c1) = rows, columns
     rs, re, ro = input_block(layer, r0, r1, size[0], 0)
     cs, ce, co = input_block(layer, c0, c1, size[1], 1)
-    out = (compute or layer)(read(slice(rs, re), slice(cs, ce)))
+    out = (compute or layer)(channels_last(read(slice(rs, re), slice(cs, ce))))
     return out[..., ro:ro + r1 - r0, co:co + c1 - c0]
+
+
+def channels_last(x):
+    """A block of float features in the channels-last layout, where oneDNN's (CPU) and cuDNN's convolutions run
+    faster (g_s of a 448x640 image on 2 cores: 0.47 -> 0.34 s); the values are the NCHW layout's up to float
+    rounding. The integer networks (float64 unfold + matrix products) gain nothing and keep theirs."""
+    if x.dim() == 4 and x.is_floating_point() and x.dtype != torch.float64 and x.device.type in ("cpu", "cuda"):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def output_size(layer, size):
@@ -150,7 +160,7 @@ def run(layer, read, size, out_size, memory, write, compute=None, unit=1, progre
     tiles = blocks(*out_size, memory / bytes_per_output(layer), unit, (halo(layer, 0), halo(layer, 1)))
     for done, (rows, columns) in enumerate(tiles):
         write(slice(*rows), slice(*columns), run_block(layer, read, size, rows, columns, compute))
-        release_memory()
+        release_memory(len(tiles))
         if progress is not None:
             progress(done + 1, len(tiles))
 
@@ -167,11 +177,12 @@ def halo(layer, dim):
 _libc = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
-def release_memory():
-    """Hand the freed buffers of a finished band back to the system. glibc keeps freed blocks below its (self-
-    raising) mmap threshold in the heap, fragmented, so a process's footprint would creep up with the number of
-    bands; malloc_trim returns them. A no-op where the C library has no malloc_trim (macOS, Windows)."""
-    if _libc is not None and hasattr(_libc, "malloc_trim"):
+def release_memory(blocks):
+    """Hand the freed buffers of a finished band (one of `blocks`) back to the system. glibc keeps freed blocks
+    below its (self-raising) mmap threshold in the heap, fragmented, so a process's footprint would creep up with
+    the number of bands; malloc_trim returns them. A no-op for a computation in one piece (nothing to creep;
+    the trim costs ~10 ms) and where the C library has no malloc_trim (macOS, Windows)."""
+    if blocks > 1 and _libc is not None and hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
 
 

@@ -271,7 +271,7 @@ class ElicTACO(taco.TACO):
                     parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
                     scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, w)
                     code(own, kind, rows, scales, means)
-                    bands.release_memory()
+                    bands.release_memory(len(bands_of_rows))
                     taco.report(progress, "coding", done + 1, len(bands_of_rows))
 
     def encode_y(self, y, z_hat, nets, memory, progress=None):

@@ -363,14 +363,16 @@ class TACO(nn.Module):
 
     def forward(self, x, text=None):
         """x (B, 3, H, W) in [0, 1], H and W multiples of 64 -> {"x_hat", "likelihoods": {"y", "z"}}.
-        In eval mode the entropy parameters come from the integer networks, exactly as the decoder's."""
-        y = self.g_a(x, *self.read_text(text, x.device))                        # (B, M, H/16, W/16)
+        In eval mode the entropy parameters come from the integer networks, exactly as the decoder's. (The
+        transforms see the channels-last layout, as in compress and decompress: bands.channels_last.)"""
+        y = self.g_a(bands.channels_last(x), *self.read_text(text, x.device))  # (B, M, H/16, W/16)
         z = self.h_a(y)                                                         # (B, N, H/64, W/64)
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
         exact = not self.training and has_float64(x.device)      # no float64 (MPS): the float estimate
         nets = self.integer_networks() if exact else self.float_networks()
         y_hat, y_likelihoods = self.y_model(y, nets.h_s(z_hat), nets)
-        return {"x_hat": self.g_s(y_hat.to(x.dtype)), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+        x_hat = self.g_s(bands.channels_last(y_hat.to(x.dtype)))
+        return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     # The networks that give the entropy parameters: as trained (float), and in exact integer arithmetic for
     # coding (integer.py), so that a file decodes to the same symbols on every machine. elic.py adds its own.
@@ -400,7 +402,7 @@ class TACO(nn.Module):
             symbols = quantize(to_cpu(y[:, :, rows]), "symbols", to_cpu(means))
             encoder.encode(raster(symbols).numpy(), raster(indexes).numpy(), *tables)
             crc = decisions_crc(raster(indexes), crc)
-            bands.release_memory()
+            bands.release_memory(len(bands_of_rows))
             report(progress, "coding", done + 1, len(bands_of_rows))
         return encoder.finish(), crc
 
@@ -417,7 +419,7 @@ class TACO(nn.Module):
             crc = decisions_crc(raster(indexes), crc)
             symbols = torch.from_numpy(decoder.decode(raster(indexes).numpy(), *tables))
             y_hat[:, :, rows] = raster(symbols.view(raster(indexes).shape)).to(means) + means
-            bands.release_memory()
+            bands.release_memory(len(bands_of_rows))
             report(progress, "coding", done + 1, len(bands_of_rows))
         check_decisions(crc, expected_crc)
         return y_hat
@@ -539,7 +541,7 @@ class TACO(nn.Module):
         y_size = bands.output_size(layers, size)
         extra = bands.halo(layers, 0), bands.halo(layers, 1)
         if len(bands.blocks(*y_size, memory / bands.bytes_per_output(layers), 1, extra)) == 1:
-            y = self.g_a(image.read(slice(0, size[0]), slice(0, size[1])), text, padding)
+            y = self.g_a(bands.channels_last(image.read(slice(0, size[0]), slice(0, size[1]))), text, padding)
             return y.to(self.latent_device).to(self.latent_dtype)
         extractor = next((layer for layer in layers if isinstance(layer, Extractor)), None)
         refreshed = None
