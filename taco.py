@@ -363,15 +363,17 @@ class TACO(nn.Module):
 
     def forward(self, x, text=None):
         """x (B, 3, H, W) in [0, 1], H and W multiples of 64 -> {"x_hat", "likelihoods": {"y", "z"}}.
-        In eval mode the entropy parameters come from the integer networks, exactly as the decoder's. (The
-        transforms see the channels-last layout, as in compress and decompress: bands.channels_last.)"""
-        y = self.g_a(bands.channels_last(x), *self.read_text(text, x.device))  # (B, M, H/16, W/16)
+        In eval mode the entropy parameters come from the integer networks and the transforms see the blocks'
+        layout (bands.channels_last), exactly as in compress and decompress. (Training leaves the layout to
+        train.py.)"""
+        layout = (lambda t: t) if self.training else bands.channels_last       # noqa: E731
+        y = self.g_a(layout(x), *self.read_text(text, x.device))               # (B, M, H/16, W/16)
         z = self.h_a(y)                                                         # (B, N, H/64, W/64)
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
         exact = not self.training and has_float64(x.device)      # no float64 (MPS): the float estimate
         nets = self.integer_networks() if exact else self.float_networks()
         y_hat, y_likelihoods = self.y_model(y, nets.h_s(z_hat), nets)
-        x_hat = self.g_s(bands.channels_last(y_hat.to(x.dtype)))
+        x_hat = self.g_s(layout(y_hat.to(x.dtype)))
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     # The networks that give the entropy parameters: as trained (float), and in exact integer arithmetic for
