@@ -42,9 +42,10 @@ class Captioner:
     def __call__(self, pixels):
         """pixels (1, C, H, W): uint8 / uint16 integers or floats in [0, 1] (as codec.read_pixels gives them)."""
         from PIL import Image
-        x = pixels[0].float() / {torch.uint8: 255, torch.uint16: 65535}.get(pixels.dtype, 1)
-        x = x.expand(3, *x.shape[-2:]) if x.shape[0] == 1 else x[:3]
-        photo = Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+        x = pixels[0, :3]
+        if x.dtype != torch.uint8:                       # 16-bit or float: to 8 bits, as a photo viewer shows it
+            x = (x.float() / (65535 if x.dtype == torch.uint16 else 1)).clamp(0, 1).mul(255).round().byte()
+        photo = Image.fromarray(x.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
         image = self.transform(photo)[None].to(self.device)                        # (1, 3, S, S), as open_clip
         latent, embeddings = self.model._encode_image(image)
         return self.text(self.beam_search(latent, embeddings))
