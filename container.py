@@ -12,7 +12,9 @@ class BitstreamError(ValueError):
     """A file that this model cannot decode: not ours, truncated, corrupted, or written by another model."""
 
 
-MAGIC, VERSION = b"TACO", 3        # 3: y coded row by row (bands); flags carry the bit depth
+# Version 3: y coded row by row (bands), flags carry the bit depth. 4: the fingerprint covers what the decoder
+# reads, and the coding tables are built the same on every machine (tables.py).
+MAGIC, VERSION = b"TACO", 4
 HEADER = struct.Struct(">4sB8sHHBIII")    # magic, version, fingerprint, H, W, flags, decisions, len(z), len(y)
 CHECKSUM = struct.Struct(">I")
 GRAY, SIXTEEN_BITS = 1, 2                 # flags
