@@ -103,36 +103,53 @@ def add_arguments(parser):
                         "tag, a local weights file, or 'random' (a stand-in whose captions mean nothing)")
 
 
-def read_logs(paths, name, pretrained):
-    """{image: caption} from caption logs (JSON lines), only those written by this captioner and these weights;
-    a half-written last line (an interrupted run) is skipped."""
+def read_logs(pattern, name, pretrained):
+    """{image: caption} from the caption logs (JSON lines) whose paths match the glob `pattern`, only those written
+    by this captioner and these weights; a line an interrupted run left unfinished is skipped."""
+    import glob
     import json
     table = {}
-    for path in paths:
+    for path in sorted(glob.glob(pattern)):
         with open(path, encoding="utf-8") as f:
             for line in f:
-                row = json.loads(line) if line.endswith("\n") else {}
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
                 if row.get("captioner") == name and row.get("pretrained") == pretrained:
                     table[row["image"]] = row["caption"]
     return table
 
 
-def caption_images(folder, names, read, log, name, pretrained, device="cpu", known=()):
-    """{image: caption} for the images `names` of `folder` (read(path) -> pixels): those in `known` as they are,
-    the others captioned now, each appended to the JSON-lines file `log` (with the captioner's name and tag) as
-    soon as it is written, so that a long job killed midway starts again where it stopped."""
+def caption_images(folder, names, read, log, logs, name, pretrained, device="cpu", share=None,
+                   barrier=lambda: None):
+    """{image: caption} for the images `names` of `folder` (read(path) -> pixels), each captioned once: captions in
+    the logs matching the glob `logs` (by this captioner and weights) are reused; this process captions the
+    missing ones among `share` (default: all), appending each to the JSON-lines file `log` as soon as it is
+    written, so that a long job killed midway starts again where it stopped; barrier() waits for the other
+    processes (torchrun) to finish their shares."""
     import json
     import os
     from tqdm import tqdm
-    table = {n: known[n] for n in names if n in known}
-    todo = [n for n in names if n not in table]
+    known = read_logs(logs, name, pretrained)
+    todo = [n for n in (names if share is None else share) if n not in known]
     if todo:
         captioner = Captioner(name, pretrained, device)        # without its weights: an error, nothing written
         os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
         with open(log, "a", encoding="utf-8") as f:
+            if f.tell() and not ends_a_line(log):
+                f.write("\n")                                   # close a line an interrupted run left unfinished
             for image in tqdm(todo, desc=f"captions ({name})", delay=2):
-                table[image] = captioner(read(os.path.join(folder, image)))
-                f.write(json.dumps({"image": image, "caption": table[image], "captioner": name,
+                caption = captioner(read(os.path.join(folder, image)))
+                f.write(json.dumps({"image": image, "caption": caption, "captioner": name,
                                     "pretrained": pretrained}) + "\n")
                 f.flush()
-    return table
+    barrier()
+    table = read_logs(logs, name, pretrained)
+    return {n: table[n] for n in names}
+
+
+def ends_a_line(path):
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"

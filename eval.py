@@ -366,14 +366,10 @@ def auto_captions(args, images, rank, world, barrier):
     """--captions auto: each image captioned once by the captioner (captioner.py), every process its share;
     logged in --out as captions-auto-<rank>.jsonl and reused by later runs with the same captioner and weights;
     the table is also written as --out/captions-auto.json ({image: caption}, which --captions reads)."""
-    logs = lambda: glob.glob(os.path.join(args.out, "captions-auto-*.jsonl"))        # noqa: E731
-    known = captioner.read_logs(logs(), args.captioner, args.captioner_pretrained)
-    captioner.caption_images(args.images, images[rank::world], codec.read_pixels,
-                             os.path.join(args.out, f"captions-auto-{rank}.jsonl"), args.captioner,
-                             args.captioner_pretrained, args.device, known)
-    barrier()
-    table = captioner.read_logs(logs(), args.captioner, args.captioner_pretrained)
-    table = {n: table[n] for n in images}
+    table = captioner.caption_images(
+        args.images, images, codec.read_pixels, os.path.join(args.out, f"captions-auto-{rank}.jsonl"),
+        os.path.join(glob.escape(args.out), "captions-auto-*.jsonl"), args.captioner, args.captioner_pretrained,
+        args.device, share=images[rank::world], barrier=barrier)
     if rank == 0:
         with open(os.path.join(args.out, "captions-auto.json"), "w", encoding="utf-8") as f:
             json.dump(table, f, indent=1, ensure_ascii=False)

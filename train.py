@@ -10,6 +10,7 @@ GPU or several.
 """
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import sys
@@ -225,18 +226,13 @@ def setup_distributed():
 
 def folder_captions(cfg, rank, device):
     """--data folder --captions auto: every image of --root captioned once, by rank 0, logged as it is written in
-    --out/captions-auto.jsonl and reused by a resumed run (captioner.py)."""
+    --out/captions-auto.jsonl and reused by a resumed run (captioner.py) -> {image: [caption]}."""
     log = os.path.join(cfg.out, "captions-auto.jsonl")
     names = data.image_files(cfg.root)
-    read = lambda: captioner.read_logs([log] if os.path.isfile(log) else [], cfg.captioner,  # noqa: E731
-                                       cfg.captioner_pretrained)
-    if rank == 0:
-        captioner.caption_images(cfg.root, names, codec.read_pixels, log, cfg.captioner, cfg.captioner_pretrained,
-                                 device, read())
-    if dist.is_initialized():
-        dist.barrier()
-    table = read()
-    return {n: table[n] for n in names}
+    table = captioner.caption_images(cfg.root, names, codec.read_pixels, log, glob.escape(log), cfg.captioner,
+                                     cfg.captioner_pretrained, device, share=names if rank == 0 else [],
+                                     barrier=dist.barrier if dist.is_initialized() else lambda: None)
+    return {image: [caption] for image, caption in table.items()}
 
 
 def training_data(cfg, rank=0, device="cpu"):

@@ -187,3 +187,19 @@ def test_training_on_a_folder_without_captions_captions_it_once(tmp_path, weight
     lines = [json.loads(line) for line in open(tmp_path / "run" / "captions-auto.jsonl")]
     assert sorted(line["image"] for line in lines) == ["0.png", "1.png"]
     assert all(line["captioner"] == TINY_COCA and line["pretrained"] == weights for line in lines)
+    pairs, _ = train.training_data(train.parse_args(args))             # each image with its whole caption
+    assert sorted((os.path.basename(p), c) for p, c in pairs) == sorted((l["image"], [l["caption"]]) for l in lines)
+
+
+def test_a_caption_log_cut_off_mid_line_is_continued(tmp_path, weights):
+    (tmp_path / "photos").mkdir()
+    for seed in range(2):
+        Image.fromarray(photo(seed)[0].permute(1, 2, 0).numpy()).save(tmp_path / "photos" / f"{seed}.png")
+    log = tmp_path / "captions.jsonl"
+    first = json.dumps({"image": "0.png", "caption": "a kept caption", "captioner": TINY_COCA, "pretrained": weights})
+    log.write_text(first + "\n" + '{"image": "1.png", "capt')                 # killed while writing the second
+    table = captioner.caption_images(str(tmp_path / "photos"), ["0.png", "1.png"], codec.read_pixels, str(log),
+                                     str(log), TINY_COCA, weights)
+    c = captioner.Captioner(TINY_COCA, weights)
+    assert table == {"0.png": "a kept caption", "1.png": c(codec.read_pixels(str(tmp_path / "photos" / "1.png")))}
+    assert captioner.read_logs(str(log), TINY_COCA, weights) == table
