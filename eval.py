@@ -144,9 +144,12 @@ def summarize(rows, store):
     """Means of the per-image metrics, and the set metrics (CMMD, FID) from the rows' stored features."""
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    stored = rows[0]["features"]["sizes"]
+    if len(rows) < 2 or not stored:
+        return mean
+    features = [store.features(r) for r in rows]                                # read once for both metrics
     for metric, name in (("cmmd", "clip"), ("fid", "inception")):
-        if f"{name}_x" in rows[0]["features"]["sizes"] and len(rows) > 1:
-            features = [store.features(r) for r in rows]
+        if f"{name}_x" in stored:
             sides = [torch.from_numpy(np.stack([f[f"{name}_{side}"] for f in features])) for side in ("x", "x_hat")]
             mean[metric] = getattr(metrics, metric)(*sides)
     return mean
@@ -440,14 +443,12 @@ def explain_one(args):
         lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
     except clip_text.WeightsUnavailable:
         lpips = None
-    source = None
+    pixels, source = codec.read_pixels(args.explain), None
     if args.caption == "auto" and config.text_adapter:
-        args.caption = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)(
-            codec.read_pixels(args.explain))
+        args.caption = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)(pixels)
         source = f"written by {args.captioner} ({args.captioner_pretrained})"
         print(f"caption: {args.caption}")
-    with_caption, empty = explain.explain(model, codec.read_image(args.explain), args.caption, args.output, lpips,
-                                          source)
+    with_caption, empty = explain.explain(model, codec.to_unit(pixels), args.caption, args.output, lpips, source)
     print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
           f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 

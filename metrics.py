@@ -242,20 +242,19 @@ def fid(a, b, block=4096):
     ||mu_a - mu_b||^2 + tr C_a + tr C_b - 2 tr (C_a C_b)^(1/2). With C = F F^T, the last trace is the sum of
     the singular values of F_a^T F_b: no matrix square root, and small when there are few samples. Means and
     covariances are accumulated over blocks of rows in float64 (nothing larger than the features is held)."""
-    fa, fb = _covariance_factor(a, block), _covariance_factor(b, block)
+    mean_a, mean_b = _mean(a, block), _mean(b, block)
+    fa, fb = _covariance_factor(a, mean_a, block), _covariance_factor(b, mean_b, block)
     trace_root = np.linalg.svd(fa.T @ fb, compute_uv=False).sum()
-    difference = _mean(a, block) - _mean(b, block)
-    return float((difference ** 2).sum() + (fa ** 2).sum() + (fb ** 2).sum() - 2 * trace_root)
+    return float(((mean_a - mean_b) ** 2).sum() + (fa ** 2).sum() + (fb ** 2).sum() - 2 * trace_root)
 
 
 def _mean(x, block):
     return sum(np.asarray(x[i:i + block], dtype=np.float64).sum(0) for i in range(0, len(x), block)) / len(x)
 
 
-def _covariance_factor(x, block):
+def _covariance_factor(x, mean, block):
     """F with F F^T = cov(x): the scaled, centered samples (D, N) when N <= D, else from an eigendecomposition
     of the covariance, summed over blocks of centered rows."""
-    mean = _mean(x, block)
     if len(x) <= x.shape[1]:
         return ((np.asarray(x, dtype=np.float64) - mean) / np.sqrt(len(x) - 1)).T
     covariance = np.zeros((x.shape[1], x.shape[1]))

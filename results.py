@@ -76,12 +76,21 @@ class ResultStore:
         return sorted(glob.glob(os.path.join(self.folder, pattern)))
 
     def drop_partial_line(self):
-        """A process killed while writing leaves at most one unfinished last line: cut it off."""
+        """A process killed while writing leaves at most one unfinished last line: cut it off (read backwards
+        from the end: the file may hold hundreds of thousands of rows)."""
         if not os.path.isfile(self.rows_path):
             return
         with open(self.rows_path, "rb+") as f:
-            content = f.read()
-            f.truncate(content.rfind(b"\n") + 1)
+            position = f.seek(0, os.SEEK_END)
+            while position > 0:
+                step = min(position, 1 << 16)
+                position -= step
+                f.seek(position)
+                newline = f.read(step).rfind(b"\n")
+                if newline >= 0:
+                    f.truncate(position + newline + 1)
+                    return
+            f.truncate(0)
 
     def add(self, row, features):
         """Append one finished row; `features` {name: 1-d array} go to the binary file first."""

@@ -106,9 +106,10 @@ def pmf_to_quantized_cdf(pmf, tail_mass, precision=PRECISION):
     """
     pmf = np.append(np.clip(np.asarray(pmf, dtype=np.float64), 0, None), max(float(tail_mass), 0.0))
     total = 1 << precision
-    if len(pmf) > total or not np.isfinite(pmf).all() or pmf.sum() <= 0:
+    mass = math.fsum(pmf) if np.isfinite(pmf).all() else math.nan
+    if len(pmf) > total or not mass > 0:
         raise ValueError("pmf must be finite, non-zero, and shorter than 2**precision")
-    p = pmf / math.fsum(pmf)
+    p = pmf / mass
     freqs = np.maximum(1, np.round(p * total)).astype(np.int64)
     excess = int(freqs.sum()) - total
     while excess != 0:      # each round moves one unit on each of the cheapest half: close to one at a time

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import eval as evaluation
+import results
 from test_eval import folder  # noqa: F401 (a fixture: three photos, captions, a tiny checkpoint)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,3 +117,13 @@ def test_two_torchrun_processes_share_the_images_and_give_the_results_of_one(fol
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert without_timings(two) == without_timings(one)
     assert "cmmd" in one["checkpoints"][str(folder / "tiny.pt")]["given"]["mean"]
+
+
+@pytest.mark.parametrize("partial", [b'{"checkpoint": "a", "capt', b"x" * 200_000], ids=["short", "over 64 KiB"])
+def test_a_row_cut_off_mid_line_is_dropped_and_the_finished_rows_kept(tmp_path, partial):
+    row = {"checkpoint": "a.pt", "captions": "given", "image": "0.png", "bpp": 0.5}
+    (tmp_path / "rows-0.jsonl").write_bytes((json.dumps(row) + "\n").encode() * 3 + partial)
+    (tmp_path / results.SETTINGS).write_text("{}")                           # the interrupted run's settings
+    store = results.ResultStore(str(tmp_path), {}, resume=True)
+    assert (tmp_path / "rows-0.jsonl").read_bytes() == (json.dumps(row) + "\n").encode() * 3
+    assert store.done == {("a.pt", "given", "0.png")}
