@@ -3,7 +3,7 @@ the caption ablation, results.json / results.csv / rd.png.
 
     python eval.py --checkpoint runs/demo/best.pt --images kodak/ --captions kodak_captions.json
     python eval.py --checkpoint runs/demo/best.pt --explain photo.png --caption "..." -o explain.png
-    torchrun --nproc_per_node 4 eval.py --checkpoint lambda_*.pth.tar --images val2014/ \
+    torchrun --nproc_per_node 4 eval.py --checkpoint lambda_*.pth.tar --images val2014/ \\
         --image-list mscoco_30k_list.json --captions captions_val2014.json --baselines "" --out coco30k
 
 Every finished image is written at once to --out (results.py): --resume continues a run killed at any moment,
