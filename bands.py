@@ -134,7 +134,7 @@ def run_block(layer, read, size, rows, columns, compute=None):
 def channels_last(x):
     """A block of float features in the channels-last layout, where oneDNN's (CPU) and cuDNN's convolutions run
     faster (g_s of a 448x640 image on 2 cores: 0.47 -> 0.34 s); the values are the NCHW layout's up to float
-    rounding. The integer networks (float64 unfold + matrix products) gain nothing and keep theirs."""
+    rounding. The integer networks (float64 matrix products) lay out their own."""
     if x.dim() == 4 and x.is_floating_point() and x.dtype != torch.float64 and x.device.type in ("cpu", "cuda"):
         return x.contiguous(memory_format=torch.channels_last)
     return x
@@ -206,8 +206,8 @@ def blocks(height, width, area, unit=1, extra=(0, 0)):
 
 def bytes_per_output(layer, value_bytes=4):
     """Working memory per output position of `layer`, from its widest layer: the values held per output position
-    (channels x positions per output position) times WORKING_COPIES; an integer layer also unfolds its input
-    (channels x kernel area, in float64)."""
+    (channels x positions per output position) times WORKING_COPIES; an integer layer also holds a zero-padded
+    copy of its input, all in float64."""
     widest, final_scale = 0.0, grid(layer, 0)[0]
 
     def visit(part, scale):                  # scale: positions of part's input per input position
@@ -216,11 +216,9 @@ def bytes_per_output(layer, value_bytes=4):
             k, s, _, transposed = conv
             out_scale = scale * (s if transposed else Fraction(1, s))
             density = float((out_scale / final_scale) ** 2)                 # part's outputs per final output
-            if isinstance(part, IntegerConv):                             # float64, and unfolded columns
+            if isinstance(part, IntegerConv):                             # float64, and a padded input copy
                 cout, cin = part.weight.shape[:2][::-1] if transposed else part.weight.shape[:2]
-                # columns: cin*k*k per output position, or (transposed) cout*k*k per input position
-                unfolded = cout * k * k / s ** 2 if transposed else cin * k * k
-                widest = max(widest, density * 8 * (unfolded + cout * WORKING_COPIES))
+                widest = max(widest, density * 8 * (cin / s ** 2 + cout * WORKING_COPIES))
             else:
                 widest = max(widest, density * part.out_channels * value_bytes * WORKING_COPIES)
             return out_scale

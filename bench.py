@@ -159,19 +159,24 @@ class InFloat32(torch.nn.Module):
     """A float network run on float32 copies of the coding loop's float64 inputs, its outputs returned in float64
     as the integer networks give them: the float path, for timing on this machine only."""
 
-    def __init__(self, network):
+    def __init__(self, network, every_position=False):
         super().__init__()
-        self.network = network
+        self.network, self.every_position = network, every_position
 
     def forward(self, x):
-        return self.network(x.float()).double()
+        if not self.every_position:
+            return self.network(x.float()).double()
+        # The reference computes ELIC's parameters at every position and keeps half; the coding loop gathers the
+        # pass's half: the network also runs on as many other positions (1x1 convolutions), as it would there.
+        return self.network(torch.cat([x, x], dim=-1).float())[..., :x.shape[-1]].double()
 
 
 def float_path(model):
-    nets = model.float_networks()
-    wrap = lambda n: InFloat32(n) if n is not None else None                        # noqa: E731
-    return SimpleNamespace(**{k: [wrap(n) for n in v] if isinstance(v, (list, torch.nn.ModuleList)) else wrap(v)
-                              for k, v in vars(nets).items()})
+    """The model's coding-time networks in float32, doing the work the reference implementation does."""
+    nets = vars(model.float_networks())
+    wrap = lambda n, name: InFloat32(n, name in ("anchor", "nonanchor")) if n is not None else None  # noqa: E731
+    return SimpleNamespace(**{k: [wrap(n, k) for n in v] if isinstance(v, (list, torch.nn.ModuleList)) else wrap(v, k)
+                              for k, v in nets.items()})
 
 
 def integer_case(checkpoint, backbone, repeat, queue):

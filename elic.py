@@ -38,6 +38,14 @@ def checkerboard(kind, height, width, device=None, top=0):
     return odd if kind == ANCHOR else ~odd
 
 
+def reads_anchors(dy, dx):
+    """The local context's taps that matter: its input is zero except at the anchors and its outputs are used
+    at the non-anchors only, which see anchors at the offsets (dy, dx) with dy + dx odd (12 of a 5x5 kernel's
+    25 taps); the integer local context computes those alone (its outputs at the anchors are then not the
+    convolution's, and unused)."""
+    return (dy + dx) % 2 == 1
+
+
 def conv1x1(cin, cout):
     return nn.Conv2d(cin, cout, 1)
 
@@ -200,7 +208,7 @@ class ElicTACO(taco.TACO):
             return SimpleNamespace(
                 h_s=IntegerNetwork(self.h_s.increase),
                 channel_context=[IntegerNetwork(m.fushion) if m is not None else None for m in self.channel_context],
-                local_context=[IntegerNetwork(m) for m in self.local_context],
+                local_context=[IntegerNetwork(m, keep=reads_anchors) for m in self.local_context],
                 anchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_anchor],
                 nonanchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_nonanchor])
         return self.for_these_weights("integer_networks", convert, fingerprint)
@@ -236,8 +244,10 @@ class ElicTACO(taco.TACO):
         """The passes of checkerboard_passes in the same order, each over bands of rows of y, for compress and
         decompress. code(i, kind, rows, scales, means) codes that pass's symbols in those rows (row by row, each
         row all channels of the slice, left to right) and writes their values into y_hat (1, M, h, w), from
-        which the contexts read. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed; so is
-        each slice's channel context at the non-anchor positions, from its anchor pass to its second pass."""
+        which the contexts read. The parameter networks (1x1 convolutions) run at the pass's positions only,
+        gathered (`gather`), where the float path computes every position and keeps half; so scales and means
+        come gathered. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed; so is each
+        slice's channel context at the non-anchor positions, from its anchor pass to its second pass."""
         h, w = y_hat.shape[-2:]
         hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
         for rows in self.latent_bands(nets.h_s, h, w, memory):
@@ -256,20 +266,20 @@ class ElicTACO(taco.TACO):
                 widest = max(networks, key=bands.bytes_per_output)
                 bands_of_rows = self.latent_bands(widest, h, w, memory)
                 for done, rows in enumerate(bands_of_rows):
-                    features = [from_grid(hyper[:, :, rows])]
+                    top = rows.start
+                    features = [from_grid(gather(hyper[:, :, rows], kind, top))]
                     if i and kind == ANCHOR:
                         read = lambda r, c: y_hat[:, :starts[i], r, c]            # noqa: E731
-                        context = bands.run_block(nets.channel_context[i], read, (h, w), (rows.start, rows.stop),
-                                                  (0, w))
-                        later[:, :, rows] = nonanchors(to_grid(context), rows.start)
-                        features.insert(0, context)
+                        context = bands.run_block(nets.channel_context[i], read, (h, w), (top, rows.stop), (0, w))
+                        later[:, :, rows] = gather(to_grid(context), NONANCHOR, top)
+                        features.insert(0, gather(context, ANCHOR, top))
                     elif i:
-                        features.insert(0, from_grid(at_nonanchors(later[:, :, rows], rows.start, w)))
+                        features.insert(0, from_grid(later[:, :, rows]))
                     if kind == NONANCHOR:
-                        features.insert(0, bands.run_block(nets.local_context[i], anchors, (h, w),
-                                                           (rows.start, rows.stop), (0, w)))
+                        local = bands.run_block(nets.local_context[i], anchors, (h, w), (top, rows.stop), (0, w))
+                        features.insert(0, gather(local, NONANCHOR, top))
                     parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
-                    scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, w)
+                    scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, ~w/2)
                     code(own, kind, rows, scales, means)
                     bands.release_memory(len(bands_of_rows))
                     taco.report(progress, "coding", done + 1, len(bands_of_rows))
@@ -279,14 +289,13 @@ class ElicTACO(taco.TACO):
         y = y.double()                      # a no-op from compress (latent_dtype); overwritten pass by pass
 
         def code(own, kind, rows, scales, means):
-            mask = checkerboard(kind, rows.stop - rows.start, y.shape[-1], device=y.device, top=rows.start)
-            values = y[:, own, rows]                                            # (1, C_i, rows, w)
-            where = in_raster(to_cpu(mask), values.shape)
+            values = gather(y[:, own, rows], kind, rows.start)                  # (1, C_i, rows, ~w/2)
+            where = in_raster(to_cpu(gathered(kind, rows, y.shape[-1])), values.shape)
             indexes = taco.raster(self.gaussian_conditional.build_indexes(scales))[where]
             symbols = taco.raster(quantize(to_cpu(values), "symbols", to_cpu(means)))[where]
             encoder.encode(symbols.numpy(), indexes.numpy(), *tables)
             crc[0] = container.decisions_crc(indexes, crc[0])
-            y[:, own, rows] = torch.where(mask, quantize(values, "dequantize", means), values)
+            scatter(quantize(values, "dequantize", means), kind, rows.start, y[:, own, rows])
         self.coding_passes(y, z_hat, nets, memory, code, progress)
         return encoder.finish(), crc[0]
 
@@ -296,45 +305,53 @@ class ElicTACO(taco.TACO):
         y_hat = torch.zeros(1, self.config.M, h, w, dtype=torch.float64, device=z_hat.device)
 
         def code(own, kind, rows, scales, means):
-            mask = checkerboard(kind, rows.stop - rows.start, w, device=y_hat.device, top=rows.start)
-            where = in_raster(to_cpu(mask), scales.shape)
+            where = in_raster(to_cpu(gathered(kind, rows, w)), scales.shape)
             indexes = taco.raster(self.gaussian_conditional.build_indexes(scales))[where]
             crc[0] = container.decisions_crc(indexes, crc[0])
             values = torch.zeros(taco.raster(scales).shape, dtype=torch.float64)
             values[where] = torch.from_numpy(decoder.decode(indexes.numpy(), *tables)).double()
-            decoded = taco.raster(values).to(means) + means
-            y_hat[:, own, rows] = torch.where(mask, decoded, y_hat[:, own, rows])
+            scatter(taco.raster(values).to(means) + means, kind, rows.start, y_hat[:, own, rows])
         self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
         container.check_decisions(crc[0], expected_crc)
         return y_hat
 
 
 def in_raster(mask, shape):
-    """A band's checkerboard (rows, w) as a selection of its raster order (1, rows, C, w) for tensors of `shape`
-    (1, C, rows, w)."""
-    B, C, rows, w = shape
-    return mask[None, :, None, :].expand(B, rows, C, w)
+    """A band's mask (rows, n) as a selection of its raster order (1, rows, C, n) for tensors of `shape`
+    (1, C, rows, n)."""
+    B, C, rows, n = shape
+    return mask[None, :, None, :].expand(B, rows, C, n)
 
 
-def nonanchors(values, top):
-    """(1, C, rows, w) -> (1, C, rows, ceil(w/2)): each row's values at its non-anchor columns (those with the
-    parity of the row's index in y, `top` the first), zero-padded."""
+def first_column(kind, row):
+    """The column of the first position of `kind` in row `row` of y (anchors: row + column odd)."""
+    return (row + 1) % 2 if kind == ANCHOR else row % 2
+
+
+def gather(values, kind, top):
+    """(1, C, rows, w) -> (1, C, rows, ceil(w/2)): each row's values at the positions of `kind`, left to right,
+    zero-padded where a row has fewer; `top` is the first row's index in y."""
     kept = values.new_zeros(*values.shape[:3], (values.shape[3] + 1) // 2)
-    for parity in (0, 1):
-        first = (parity - top) % 2                                              # the band's rows of that parity
-        part = values[:, :, first::2, parity::2]
+    for column in (0, 1):
+        first = (column - first_column(kind, top)) % 2          # the band's rows whose positions start there
+        part = values[:, :, first::2, column::2]
         kept[:, :, first::2, :part.shape[3]] = part
     return kept
 
 
-def at_nonanchors(kept, top, width):
-    """The inverse of nonanchors(): (1, C, rows, ceil(w/2)) -> (1, C, rows, w), zeros at the anchors."""
-    values = kept.new_zeros(*kept.shape[:3], width)
-    for parity in (0, 1):
-        first = (parity - top) % 2
-        part = values[:, :, first::2, parity::2]
+def scatter(kept, kind, top, out):
+    """The inverse of gather(): writes kept (1, C, rows, ceil(w/2)) into the positions of `kind` of out
+    (1, C, rows, w), in place; the other positions keep their values."""
+    for column in (0, 1):
+        first = (column - first_column(kind, top)) % 2
+        part = out[:, :, first::2, column::2]
         part[...] = kept[:, :, first::2, :part.shape[3]]
-    return values
+
+
+def gathered(kind, rows, width):
+    """(rows, ceil(w/2)) bool: which entries of gather()'s output are positions of `kind` (not padding)."""
+    lengths = torch.tensor([(width - first_column(kind, r) + 1) // 2 for r in range(rows.start, rows.stop)])
+    return torch.arange((width + 1) // 2)[None, :] < lengths[:, None]
 
 
 def to_grid(values):

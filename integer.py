@@ -15,7 +15,7 @@ weights, by exact operations only (so every machine converts to the same integer
 The shift s_c is the largest one with ACTIVATION_LIMIT * sum|w_c| + |b_c| < EXACT_LIMIT: then every product and
 every partial sum of every output is an integer below 2**52 in magnitude, whatever the order of summation, so
 float64 -- which holds such integers exactly -- computes it exactly on any BLAS and any device. Convolutions
-run as unfold + matrix product (+ fold for the transposed ones): plain multiply-adds, never Winograd or FFT.
+run as sums of matrix products (one per kernel tap): plain multiply-adds, never Winograd or FFT.
 ReLU is max(a, 0); LeakyReLU's slope becomes a multiply by an integer and a shift.
 """
 import math
@@ -49,8 +49,15 @@ def powers_of_two(exponents):
 class IntegerConv:
     """A Conv2d or ConvTranspose2d in integers: per-output-channel weight shifts, exact float64 accumulation."""
 
-    def __init__(self, conv):
+    def __init__(self, conv, keep=None):
+        """keep(dy, dx) -> False drops the taps that read input (u + dy, v + dx) for output (u, v): for a
+        caller that knows those inputs are zero at every output it uses (default: keep all)."""
+        self.keep = keep or (lambda dy, dx: True)
         self.transposed = isinstance(conv, nn.ConvTranspose2d)
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or \
+                (not self.transposed and conv.stride != (1, 1)):
+            raise TypeError("integer convolutions are dense, undilated, zero-padded and (unless transposed) of "
+                            f"stride 1: {conv}")
         self.stride, self.padding = conv.stride, conv.padding
         self.output_padding = conv.output_padding if self.transposed else (0, 0)
         weight = conv.weight.detach().to("cpu", torch.float64)                # exact: float32 -> float64
@@ -62,11 +69,19 @@ class IntegerConv:
         per_output = weight.transpose(0, 1) if self.transposed else weight      # (Cout, Cin, k, k)
         shifts = self.largest_exact_shifts(per_output.flatten(1), bias)        # (Cout,)
         self.weight = torch.round(per_output * powers_of_two(shifts).view(-1, 1, 1, 1))
+        self.taps = self.weight.permute(2, 3, 1, 0).contiguous()               # (k, k, Cin, Cout)
         if self.transposed:
             self.weight = self.weight.transpose(0, 1).contiguous()             # back to (Cin, Cout, k, k)
         self.bias = torch.round(bias * powers_of_two(shifts + FRACTION_BITS))
         self.down = powers_of_two(-shifts)                                      # accumulator -> activation
         self.shifts, self.on_device = shifts, {}
+        # Along each dimension, output position u (of phase q: u = s*m + q) reads input m + d through tap t,
+        # for each (d, t) of its phase: d = t - p for a convolution (one phase), and for a transposed one
+        # (u = s*i + t - p) the taps with s | q + p - t, at d = (q + p - t) / s.
+        self.phase_stride = self.stride if self.transposed else (1, 1)
+        self.offsets = [[[((q + p - t) // s, t) for t in range(k) if (q + p - t) % s == 0] for q in range(s)]
+                        if self.transposed else [[(t - p, t) for t in range(k)]]
+                        for k, s, p in zip(self.weight.shape[2:], self.stride, self.padding)]
 
     @staticmethod
     def largest_exact_shifts(weight, bias):
@@ -87,27 +102,45 @@ class IntegerConv:
         return shifts
 
     def __call__(self, a):
-        """a (B, Cin, H, W) integers -> (B, Cout, H', W') integers, both at 2**FRACTION_BITS."""
+        """a (B, Cin, H, W) integers -> (B, Cout, H', W') integers, both at 2**FRACTION_BITS.
+
+        A k x k convolution is k*k shifted matrix products, summed: out[u, v] += x[u + dy, v + dx] @ w[dy, dx].
+        With x channels-last and zero-padded, row-major (padded rows, padded width Wp, Cin), the inputs of tap
+        (dy, dx) for all outputs are one contiguous run of rows of that matrix (the outputs computed on the
+        padded width too, whose extra columns are dropped): no k*k copies of the input, as unfold would make.
+        A transposed convolution with stride s is s*s such convolutions, one per phase of its output."""
         if a.device not in self.on_device:          # copied once per device, not on every call
-            self.on_device[a.device] = tuple(t.to(a.device) for t in (self.weight, self.bias, self.down))
-        weight, bias, down = self.on_device[a.device]
+            self.on_device[a.device] = (self.taps.to(a.device), self.bias.to(a.device), self.down.to(a.device))
+        taps, bias, down = self.on_device[a.device]
         B, Cin, H, W = a.shape
-        k = weight.shape[-2:]
-        if self.transposed:
-            Cout = weight.shape[1]
-            H_out = (H - 1) * self.stride[0] - 2 * self.padding[0] + k[0] + self.output_padding[0]
-            W_out = (W - 1) * self.stride[1] - 2 * self.padding[1] + k[1] + self.output_padding[1]
-            columns = weight.flatten(1).T @ a.flatten(2)                        # (B, Cout*k*k, H*W)
-            out = F.fold(columns, (H_out, W_out), k, stride=self.stride, padding=self.padding)
-        else:
-            Cout = weight.shape[0]
-            H_out = (H + 2 * self.padding[0] - k[0]) // self.stride[0] + 1
-            W_out = (W + 2 * self.padding[1] - k[1]) // self.stride[1] + 1
-            columns = F.unfold(a, k, padding=self.padding, stride=self.stride)  # (B, Cin*k*k, H'*W')
-            out = (weight.flatten(1) @ columns).view(B, Cout, H_out, W_out)
-        out = out + bias.view(1, -1, 1, 1)                                      # at 2**(FRACTION_BITS + s_c)
-        requantized = torch.floor(out * down.view(1, -1, 1, 1) + 0.5)          # round half up, exact
-        return requantized.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+        H_out, W_out = (self.output_length(n, dim) for dim, n in enumerate((H, W)))
+        phases = [(py, px, [(dy, dx, taps[ty, tx]) for dy, ty in self.offsets[0][py]
+                            for dx, tx in self.offsets[1][px] if self.keep(dy, dx)])
+                  for py in range(self.phase_stride[0]) for px in range(self.phase_stride[1])]
+        dys = [dy for *_, offsets in phases for dy, _, _ in offsets] or [0]
+        dxs = [dx for *_, offsets in phases for _, dx, _ in offsets] or [0]
+        top, left = max(0, -min(dys)), max(0, -min(dxs))
+        Wp = left + max(W, W_out + max(dxs))
+        Hp = top + max(H, H_out + max(dys)) + 1                # one more row: the last tap's run stays inside
+        padded = a.new_zeros(B, Hp, Wp, Cin)
+        padded[:, top:top + H, left:left + W] = a.permute(0, 2, 3, 1)
+        flat = padded.view(B, Hp * Wp, Cin)
+        out = a.new_empty(B, H_out, W_out, bias.shape[0])                      # channels-last
+        sy, sx = self.phase_stride
+        for py, px, offsets in phases:
+            rows, columns = len(range(py, H_out, sy)), len(range(px, W_out, sx))
+            for b in range(B):
+                total = bias.expand(rows * Wp, -1).clone()                     # at 2**(FRACTION_BITS + s_c)
+                for dy, dx, w in offsets:
+                    start = (top + dy) * Wp + left + dx
+                    total.addmm_(flat[b, start:start + rows * Wp], w)           # exact: integers below 2**52
+                out[b, py::sy, px::sx] = total.view(rows, Wp, -1)[:, :columns]
+        out.mul_(down).add_(0.5).floor_().clamp_(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)  # round half up, exact
+        return out.permute(0, 3, 1, 2)                                          # (B, Cout, H', W')
+
+    def output_length(self, n, dim):
+        k, s, p = self.weight.shape[2 + dim], self.stride[dim], self.padding[dim]
+        return (n - 1) * s - 2 * p + k + self.output_padding[dim] if self.transposed else n + 2 * p - k + 1
 
 
 class IntegerLeakyReLU:
@@ -127,12 +160,14 @@ class IntegerNetwork:
     """A float network of convolutions, ReLUs and LeakyReLUs, run in exact integer arithmetic. A drop-in for it
     at coding time: real values in (rounded onto the 2**-FRACTION_BITS grid), real values out (on the grid)."""
 
-    def __init__(self, network):
+    def __init__(self, network, keep=None):
+        """keep: the taps that the first convolution computes (IntegerConv): what the caller knows of the
+        network's input."""
         layers = list(network) if isinstance(network, nn.Sequential) else [network]
         self.layers = []
         for layer in layers:
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-                self.layers.append(IntegerConv(layer))
+                self.layers.append(IntegerConv(layer, None if self.layers else keep))
             elif isinstance(layer, nn.ReLU):
                 self.layers.append(IntegerReLU())
             elif isinstance(layer, nn.LeakyReLU):

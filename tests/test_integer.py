@@ -39,25 +39,36 @@ def model_for(config):
     return spread_scales(tiny_model(config=config))
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_integer_convolution_is_the_exact_integer_formula(transposed):
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(3, 4, (5, 3), 1, (2, 0)),
+                                  nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(3, 4, 5, 2, 2, 1),
+                                  nn.ConvTranspose2d(3, 4, 3, 1, 1), nn.ConvTranspose2d(3, 4, (4, 3), (3, 2), 1)],
+                         ids=["3x3", "5x3", "1x1", "transposed-5x5/2", "transposed-3x3/1", "transposed-4x3/(3,2)"])
+def test_integer_convolution_is_the_exact_integer_formula(conv):
     """Against an independent integer computation: int64 products summed by F.conv2d in float64 would be the
     same thing; here numpy int64 does the multiply-adds one output at a time."""
     torch.manual_seed(0)
-    conv = (nn.ConvTranspose2d(3, 4, 5, 2, 2, 1) if transposed else nn.Conv2d(3, 4, 3, 2, 1)).double()
-    layer = integer.IntegerConv(conv)
-    a = torch.randint(-2 ** 20, 2 ** 20, (1, 3, 5, 6)).double()
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    layer = integer.IntegerConv(conv.double())
+    a = torch.randint(-2 ** 20, 2 ** 20, (2, 3, 5, 6)).double()
     out = layer(a)
     w = layer.weight.long().numpy()
     reference = (F.conv_transpose2d if transposed else F.conv2d)(
-        torch.from_numpy(a.long().numpy()).double(), torch.from_numpy(w).double(), None, 2,
+        torch.from_numpy(a.long().numpy()).double(), torch.from_numpy(w).double(), None, conv.stride,
         conv.padding, *((conv.output_padding,) if transposed else ())).numpy().astype(np.int64)
+    assert out.shape == reference.shape
     accumulators = reference + layer.bias.long().numpy()[None, :, None, None]
     for c, s in enumerate(layer.shifts.tolist()):                               # round half up by an exact shift
         expected = np.floor(accumulators[:, c] / 2 ** s + 0.5) if s >= 0 else accumulators[:, c] * 2 ** -s
         assert np.array_equal(out[:, c].numpy(), expected)
     bound = integer.ACTIVATION_LIMIT * layer.weight.abs().transpose(0, 1 if transposed else 0).flatten(1).sum(1)
     assert (bound + layer.bias.abs() < integer.EXACT_LIMIT).all()             # every partial sum is exact
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(3, 4, 3, dilation=2),
+                                  nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")])
+def test_convolutions_the_integer_path_does_not_compute_are_refused(conv):
+    with pytest.raises(TypeError, match="integer convolutions are dense"):
+        integer.IntegerConv(conv)
 
 
 def test_integer_network_follows_the_float_network_to_its_resolution():
@@ -105,7 +116,7 @@ def test_a_simulated_other_platform_flips_float_table_choices_and_no_integer_one
     order = torch.randperm(16)
     first = nets.h_s.layers[0]
     permuted = integer.IntegerNetwork(model.h_s)
-    permuted.layers[0].weight = first.weight[order]                              # (Cin, Cout, k, k): inputs permuted
+    permuted.layers[0].taps = first.taps[:, :, order]                            # (k, k, Cin, Cout): inputs permuted
     assert torch.equal(permuted(z_hat[:, order]), integer_hyper)
     assert torch.equal(nets.h_s(z_hat + 1e-6), integer_hyper) and torch.equal(nets.h_s(z_hat - 1e-6), integer_hyper)
 
