@@ -24,9 +24,9 @@ MAX_PIXELS = 1 << 27                      # the largest one decoded by default (
 
 def pack(fingerprint, H, W, gray, bits, decisions, z_bytes, y_bytes):
     flags = (GRAY if gray else 0) | (SIXTEEN_BITS if bits == 16 else 0)
-    body = HEADER.pack(MAGIC, VERSION, fingerprint, H, W, flags, decisions, len(z_bytes), len(y_bytes))
-    body += z_bytes + y_bytes
-    return body + CHECKSUM.pack(zlib.crc32(body))
+    header = HEADER.pack(MAGIC, VERSION, fingerprint, H, W, flags, decisions, len(z_bytes), len(y_bytes))
+    crc = zlib.crc32(y_bytes, zlib.crc32(z_bytes, zlib.crc32(header)))
+    return b"".join([header, z_bytes, y_bytes, CHECKSUM.pack(crc)])          # one copy of the streams
 
 
 def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
@@ -42,7 +42,8 @@ def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
     if HEADER.size + z_len + y_len + CHECKSUM.size != len(data):
         raise BitstreamError(f"truncated or padded file: the header announces "
                              f"{HEADER.size + z_len + y_len + CHECKSUM.size} bytes, the file has {len(data)}")
-    if CHECKSUM.unpack_from(data, len(data) - CHECKSUM.size)[0] != zlib.crc32(data[:-CHECKSUM.size]):
+    view = memoryview(data)              # the streams are read in place: a file costs its own size, once
+    if CHECKSUM.unpack_from(data, len(data) - CHECKSUM.size)[0] != zlib.crc32(view[:-CHECKSUM.size]):
         raise BitstreamError("corrupted file: checksum mismatch")
     if written_by != fingerprint:
         raise BitstreamError(f"file written by another model (fingerprint {written_by.hex()}); this checkpoint "
@@ -54,8 +55,8 @@ def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
                              f"{max_pixels / 1e6:.0f} (raise it with --max-pixels if you trust the file)")
     z_end = HEADER.size + z_len
     return SimpleNamespace(height=H, width=W, gray=bool(flags & GRAY), bits=16 if flags & SIXTEEN_BITS else 8,
-                           decisions=decisions, z_bytes=data[HEADER.size:z_end],
-                           y_bytes=data[z_end:len(data) - CHECKSUM.size])
+                           decisions=decisions, z_bytes=view[HEADER.size:z_end],
+                           y_bytes=view[z_end:len(data) - CHECKSUM.size])
 
 
 def decisions_crc(indexes, crc=0):

@@ -175,7 +175,6 @@ class EntropyParameters(nn.Module):
 class ElicTACO(taco.TACO):
     """TACO as released: ELIC transforms, text adapter, checkerboard + channel-context entropy model."""
 
-    latent_dtype = torch.float64     # encode_y overwrites y with y_hat in place: the contexts read it exactly
     default_memory = 4 * taco.DEFAULT_MEMORY   # its transforms' halos are 16 rows of y (hyperprior: 3)
 
     def __init__(self, config):
@@ -244,7 +243,8 @@ class ElicTACO(taco.TACO):
         """The passes of checkerboard_passes in the same order, each over bands of rows of y, for compress and
         decompress. code(i, kind, rows, scales, means) codes that pass's symbols in those rows (row by row, each
         row all channels of the slice, left to right) and writes their values into y_hat (1, M, h, w), from
-        which the contexts read. The parameter networks (1x1 convolutions) run at the pass's positions only,
+        which the contexts read: int32 on the integer networks' grid (the means are on it, so y_hat is too),
+        exact in half the bytes of float64. The parameter networks (1x1 convolutions) run at the pass's positions only,
         gathered (`gather`), where the float path computes every position and keeps half; so scales and means
         come gathered. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed; so is each
         slice's channel context at the non-anchor positions, from its anchor pass to its second pass."""
@@ -258,7 +258,7 @@ class ElicTACO(taco.TACO):
             if i:        # the channel context, computed in the anchor pass, kept where the second pass reads it
                 later = torch.zeros(1, 2 * self.config.slices[i], h, (w + 1) // 2, dtype=torch.int32,
                                     device=y_hat.device)
-            anchors = lambda r, c: y_hat[:, own, r, c] * checkerboard(  # noqa: E731
+            anchors = lambda r, c: from_grid(y_hat[:, own, r, c]) * checkerboard(  # noqa: E731
                 ANCHOR, r.stop - r.start, w, device=y_hat.device, top=r.start)[:, c]
             for kind in (ANCHOR, NONANCHOR):
                 networks = [nets.h_s] + ([nets.channel_context[i]] if i and kind == ANCHOR else []) + \
@@ -269,7 +269,7 @@ class ElicTACO(taco.TACO):
                     top = rows.start
                     features = [from_grid(gather(hyper[:, :, rows], kind, top))]
                     if i and kind == ANCHOR:
-                        read = lambda r, c: y_hat[:, :starts[i], r, c]            # noqa: E731
+                        read = lambda r, c: from_grid(y_hat[:, :starts[i], r, c])  # noqa: E731
                         context = bands.run_block(nets.channel_context[i], read, (h, w), (top, rows.stop), (0, w))
                         later[:, :, rows] = gather(to_grid(context), NONANCHOR, top)
                         features.insert(0, gather(context, ANCHOR, top))
@@ -286,23 +286,23 @@ class ElicTACO(taco.TACO):
 
     def encode_y(self, y, z_hat, nets, memory, progress=None):
         encoder, tables, crc = SymbolEncoder(), self.gaussian_conditional.tables(), [0]
-        y = y.double()                      # a no-op from compress (latent_dtype); overwritten pass by pass
+        y_hat = torch.zeros(y.shape, dtype=torch.int32, device=y.device)
 
         def code(own, kind, rows, scales, means):
-            values = gather(y[:, own, rows], kind, rows.start)                  # (1, C_i, rows, ~w/2)
+            values = gather(y[:, own, rows], kind, rows.start).double()         # (1, C_i, rows, ~w/2)
             where = in_raster(to_cpu(gathered(kind, rows, y.shape[-1])), values.shape)
             indexes = taco.raster(self.gaussian_conditional.build_indexes(scales))[where]
             symbols = taco.raster(quantize(to_cpu(values), "symbols", to_cpu(means)))[where]
             encoder.encode(symbols.numpy(), indexes.numpy(), *tables)
             crc[0] = container.decisions_crc(indexes, crc[0])
-            scatter(quantize(values, "dequantize", means), kind, rows.start, y[:, own, rows])
-        self.coding_passes(y, z_hat, nets, memory, code, progress)
+            scatter(to_grid(quantize(values, "dequantize", means)), kind, rows.start, y_hat[:, own, rows])
+        self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
         return encoder.finish(), crc[0]
 
     def decode_y(self, data, z_hat, nets, expected_crc, memory, progress=None):
         decoder, tables, crc = SymbolDecoder(data), self.gaussian_conditional.tables(), [0]
         h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
-        y_hat = torch.zeros(1, self.config.M, h, w, dtype=torch.float64, device=z_hat.device)
+        y_hat = torch.zeros(1, self.config.M, h, w, dtype=torch.int32, device=z_hat.device)
 
         def code(own, kind, rows, scales, means):
             where = in_raster(to_cpu(gathered(kind, rows, w)), scales.shape)
@@ -310,10 +310,10 @@ class ElicTACO(taco.TACO):
             crc[0] = container.decisions_crc(indexes, crc[0])
             values = torch.zeros(taco.raster(scales).shape, dtype=torch.float64)
             values[where] = torch.from_numpy(decoder.decode(indexes.numpy(), *tables)).double()
-            scatter(taco.raster(values).to(means) + means, kind, rows.start, y_hat[:, own, rows])
+            scatter(to_grid(taco.raster(values).to(means) + means), kind, rows.start, y_hat[:, own, rows])
         self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
         container.check_decisions(crc[0], expected_crc)
-        return y_hat
+        return from_grid(y_hat)
 
 
 def in_raster(mask, shape):
@@ -355,8 +355,11 @@ def gathered(kind, rows, width):
 
 
 def to_grid(values):
-    """Values on the integer networks' grid (float64, |a| <= 2**29 at 2**-16) -> the exact integers, int32."""
-    return torch.round(values * 2.0 ** FRACTION_BITS).to(torch.int32)
+    """Values on the integer networks' grid (float64, at 2**-16) -> the exact integers, int32. Their outputs are
+    within +-8192; y_hat = symbol + mean saturates at +-32768, which only a forged file's symbols reach (the
+    contexts clamp their inputs to +-8192 in any case, integer.to_fixed)."""
+    limit = 2.0 ** 31 - 1
+    return torch.round(values * 2.0 ** FRACTION_BITS).clamp(-limit, limit).to(torch.int32)
 
 
 def from_grid(integers):

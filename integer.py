@@ -22,7 +22,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 FRACTION_BITS = 16               # activations carry 16 fractional bits: a resolution of 1/65536
 ACTIVATION_LIMIT = 2.0 ** 29     # |a| <= 2**29: values within +-8192 at that resolution

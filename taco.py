@@ -316,7 +316,6 @@ class TACO(nn.Module):
     `text` is a list of captions (needs a text encoder, see `attach_text_encoder`) or precomputed
     (features (B, T, D), padding (B, T)) from one."""
 
-    latent_dtype = torch.float32     # how compress holds y whole (elic.py: float64, overwritten by y_hat)
     default_memory = DEFAULT_MEMORY  # the bands' budget when none is given (elic.py: 4x, for its wider halos)
 
     def __init__(self, config=None):
@@ -544,7 +543,7 @@ class TACO(nn.Module):
         extra = bands.halo(layers, 0), bands.halo(layers, 1)
         if len(bands.blocks(*y_size, memory / bands.bytes_per_output(layers), 1, extra)) == 1:
             y = self.g_a(bands.channels_last(image.read(slice(0, size[0]), slice(0, size[1]))), text, padding)
-            return y.to(self.latent_device).to(self.latent_dtype)
+            return y.to(self.latent_device)
         extractor = next((layer for layer in layers if isinstance(layer, Extractor)), None)
         refreshed = None
         if extractor is not None:
@@ -556,7 +555,7 @@ class TACO(nn.Module):
             bands.run(front, image.read, size, bands.output_size(front, size), memory, attend,
                       compute=lambda x: run_analysis(front, x, text, padding), progress=stage(progress, "text"))
             refreshed = extractor.finish(state[0])
-        y = torch.empty(1, self.config.M, *y_size, dtype=self.latent_dtype, device=self.latent_device)
+        y = torch.empty(1, self.config.M, *y_size, device=self.latent_device)
         bands.run(layers, image.read, size, y_size, memory, bands.into(y),
                   compute=lambda x: run_analysis(layers, x, text, padding, refreshed),
                   progress=stage(progress, "g_a"))
