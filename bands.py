@@ -33,6 +33,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
+import container
 from integer import IntegerConv, IntegerLeakyReLU, IntegerNetwork, IntegerReLU
 
 PER_POSITION = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Identity, IntegerReLU, IntegerLeakyReLU)
@@ -172,6 +173,35 @@ def halo(layer, dim):
     start = 1 << 20                                             # far from the edges, a multiple of any stride
     first, last = window(layer, start, start + alignment, dim)
     return max(0, math.ceil((last - first) * scale) - alignment)
+
+
+# The image, read in blocks
+PEAKS = {torch.uint8: 255, torch.uint16: 65535}     # integer pixels -> [0, 1]
+
+
+class Pixels:
+    """The image that g_a reads, (1, C, H, W): floats in [0, 1] or 8- or 16-bit integers. Blocks come out as
+    (1, 3, rows, columns) float32 in [0, 1] on `device`, padded to multiples of 64 by repeating the last row and
+    column (as pad_to_64) and converted block by block: the float image never exists whole."""
+
+    def __init__(self, x, device):
+        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
+            raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
+        self.x, self.device, self.channels = x, device, min(x.shape[1], 3)
+        self.height, self.width = H, W = x.shape[-2:]
+        if H * W > container.MAX_PIXELS or max(H, W) > 0xFFFF:
+            raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
+        self.padded = (-(-H // 64) * 64, -(-W // 64) * 64)
+        self.bits = 16 if x.dtype == torch.uint16 else 8
+        self.peak = PEAKS.get(x.dtype, 1)
+
+    def read(self, rows, columns):
+        r = torch.arange(rows.start, rows.stop, device=self.x.device).clamp_max(self.height - 1)
+        c = torch.arange(columns.start, columns.stop, device=self.x.device).clamp_max(self.width - 1)
+        block = self.x[:, :self.channels].index_select(2, r).index_select(3, c).to(self.device)
+        block = block.float() / self.peak if self.peak != 1 else block.float()
+        return block.expand(1, 3, *block.shape[-2:])                            # (1, 3, rows, columns)
+
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+import bands
 import captioner
 import container
 import elic
@@ -141,7 +142,12 @@ def read_pixels(path, max_pixels=None):
 
 def to_unit(x):
     """Pixels as stored (uint8, uint16, float) -> float32 in [0, 1]."""
-    return x.float() / taco.PEAKS[x.dtype] if x.dtype in taco.PEAKS else x.float()
+    return x.float() / bands.PEAKS[x.dtype] if x.dtype in bands.PEAKS else x.float()
+
+
+def as_rgb(x):
+    """(1, 1 or 3, H, W) -> (1, 3, H, W): gray repeated in the three channels (a view)."""
+    return x.expand(1, 3, *x.shape[-2:]) if x.shape[1] == 1 else x
 
 
 def read_image(path):

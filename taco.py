@@ -234,34 +234,9 @@ def hyper_synthesis(N, M):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images in and out of the coder, and large images in bands
+# Coding order and progress
 # ----------------------------------------------------------------------------------------------------------
 DEFAULT_MEMORY = 1 << 29       # bytes of working memory the hyperprior's bands may use (codec.py --memory)
-PEAKS = {torch.uint8: 255, torch.uint16: 65535}     # integer pixels -> [0, 1]
-
-
-class Pixels:
-    """The image that g_a reads, (1, C, H, W): floats in [0, 1] or 8- or 16-bit integers. Blocks come out as
-    (1, 3, rows, columns) float32 in [0, 1] on `device`, padded to multiples of 64 by repeating the last row and
-    column (as pad_to_64) and converted block by block: the float image never exists whole."""
-
-    def __init__(self, x, device):
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
-            raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
-        self.x, self.device, self.channels = x, device, min(x.shape[1], 3)
-        self.height, self.width = H, W = x.shape[-2:]
-        if H * W > MAX_PIXELS or max(H, W) > 0xFFFF:
-            raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
-        self.padded = (-(-H // 64) * 64, -(-W // 64) * 64)
-        self.bits = 16 if x.dtype == torch.uint16 else 8
-        self.peak = PEAKS.get(x.dtype, 1)
-
-    def read(self, rows, columns):
-        r = torch.arange(rows.start, rows.stop, device=self.x.device).clamp_max(self.height - 1)
-        c = torch.arange(columns.start, columns.stop, device=self.x.device).clamp_max(self.width - 1)
-        block = self.x[:, :self.channels].index_select(2, r).index_select(3, c).to(self.device)
-        block = block.float() / self.peak if self.peak != 1 else block.float()
-        return block.expand(1, 3, *block.shape[-2:])                            # (1, 3, rows, columns)
 
 
 def raster(t):
@@ -472,7 +447,7 @@ class TACO(nn.Module):
         about `memory` bytes (bands.py; default: default_memory); progress(stage, done, total) hears of each
         finished band."""
         memory = memory or self.default_memory
-        image = Pixels(x, self.device)
+        image = bands.Pixels(x, self.device)
         text = caption if isinstance(caption, torch.Tensor) else [caption]
         y = self.analysis(image, *self.read_text(text, self.device), memory, progress)   # (1, M, H'/16, W'/16)
         z = torch.empty(1, self.config.N, *bands.output_size(self.h_a, y.shape[-2:]), device=self.device)
@@ -495,7 +470,7 @@ class TACO(nn.Module):
         y_hat, info = self.decode_latents(data, memory, max_pixels, progress)
         dtype = dtype or (torch.uint16 if info.bits == 16 else torch.uint8)
         out = torch.empty(1, 1 if info.gray else 3, info.height, info.width, dtype=dtype)
-        peak = PEAKS.get(dtype)
+        peak = bands.PEAKS.get(dtype)
 
         def write(rows, columns, x_hat):                     # a block of the padded image: keep what is inside
             h, w = min(rows.stop, info.height) - rows.start, min(columns.stop, info.width) - columns.start

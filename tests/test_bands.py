@@ -117,7 +117,7 @@ def test_the_banded_encoders_y_equals_the_one_piece_y():
     text = model.read_text(["a cat on a mat"], "cpu")
     with torch.no_grad():
         whole = model.g_a(taco.pad_to_64(x), *text)
-        banded = model.analysis(taco.Pixels(x, "cpu"), *text, 3e5, None)
+        banded = model.analysis(bands.Pixels(x, "cpu"), *text, 3e5, None)
     assert len(bands.blocks(*whole.shape[-2:], 3e5 // bands.bytes_per_output(model.g_a.spatial_chain()))) > 4
     assert torch.allclose(banded, whole, atol=1e-5)
 

@@ -1,0 +1,166 @@
+"""Rows -> figures: what eval.py reports once every image is coded -- the means and set metrics per checkpoint
+and caption mode, the Pillow baselines, BD-rate, and results.json, results.csv and rd.png in --out."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+import codec
+import metrics
+
+
+REFERENCE = {   # published Kodak figures: the released TACO files measured by a third party, CompressAI's
+    # Minnen 2018 model zoo results, and the ELIC paper (He et al., CVPR 2022, Kodak)
+    "TACO (released, Kodak)": [(0.183, 28.79), (0.226, 30.09), (0.322, 31.88), (0.450, 33.66), (0.566, 34.89)],
+    "Minnen 2018 mean-scale (CompressAI, Kodak)": [(0.124, 27.70), (0.307, 31.13), (0.662, 34.97)],
+    "ELIC (paper, Kodak)": [(0.124, 29.11), (0.197, 30.70), (0.334, 32.78), (0.491, 34.58), (0.704, 36.49)],
+}
+
+
+# What a report holds per image (cmmd and fid: per set only), in the order printed and written to results.csv.
+METRIC_KEYS = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "cmmd",
+               "fid", "encode_s", "decode_s")
+
+
+def write_report(args, images, store):
+    """Rank 0, once every row is in: per checkpoint and caption mode, the means and set metrics over all images
+    (in the images' order, whichever process coded them), the Pillow baselines, BD-rate, results.*, rd.png."""
+    order = {name: i for i, name in enumerate(images)}
+    groups = {}
+    for row in store.rows():
+        groups.setdefault((row["checkpoint"], row["captions"]), []).append(row)
+    report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
+    for path in args.checkpoint:
+        model, _ = codec.load_checkpoint(path)
+        entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}
+        for run in ("given", "empty", "shuffled"):
+            rows = sorted(groups.get((path, run), []), key=lambda r: order[r["image"]])
+            if rows:
+                entry[run] = {"mean": summarize(rows, store), "per_image": [
+                    {k: v for k, v in r.items() if k not in ("checkpoint", "captions", "features")} for r in rows]}
+        report["checkpoints"][path] = entry
+        label = "TACO (ours)" if entry["config"]["text_adapter"] else "hyperprior (ours)"
+        mean = entry["given"]["mean"]
+        curves_by_label.setdefault(label, []).append((mean["bpp"], mean["psnr"]))
+        print_entry(path, entry)
+
+    pillows = [c.strip().upper() for c in args.baselines.split(",") if c.strip()]
+    report["baselines"] = baseline_curves(args.images, images, pillows)
+    report["bd"] = bjontegaard(curves_by_label, report["baselines"])
+    for name, value in report["bd"].items():
+        print(f"{name}: {value}")
+    for pillow, curve in report["baselines"].items():
+        encode, decode = (np.mean([c[k] for c in curve]) for k in ("encode_s", "decode_s"))
+        print(f"{pillow} (Pillow), mean over images and qualities: encode {encode:.4f} s, decode {decode:.4f} s "
+              f"per image (ours: encode_s / decode_s above)")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    write_csv(report, os.path.join(args.out, "results.csv"))
+    plot(curves_by_label, report["baselines"], os.path.join(args.out, "rd.png"), args.reference)
+    print(f"wrote {args.out}/results.json, results.csv, rd.png")
+
+
+def summarize(rows, store):
+    """Means of the per-image metrics, and the set metrics (CMMD, FID) from the rows' stored features."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    stored = rows[0]["features"]["sizes"]
+    if len(rows) < 2 or not stored:
+        return mean
+    features = [store.features(r) for r in rows]                                # read once for both metrics
+    for metric, name in (("cmmd", "clip"), ("fid", "inception")):
+        if f"{name}_x" in stored:
+            sides = [torch.from_numpy(np.stack([f[f"{name}_{side}"] for f in features])) for side in ("x", "x_hat")]
+            mean[metric] = getattr(metrics, metric)(*sides)
+    return mean
+
+
+def print_entry(path, entry):
+    c = entry["complexity"]
+    print(f"{path}: {c['params'] / 1e6:.2f} M parameters ({c['adapter_params'] / 1e6:.2f} M text adapter), "
+          f"{c['macs_per_pixel'] / 1e3:.1f} kMAC/pixel")
+    keys = METRIC_KEYS
+    print("  " + f"{'captions':10s}" + "".join(f"{k:>16s}" for k in keys))
+    for run in ("given", "empty", "shuffled"):
+        if run in entry:
+            mean = entry[run]["mean"]
+            print("  " + f"{run:10s}" + "".join(f"{mean[k]:16.4f}" if k in mean else f"{'-':>16s}" for k in keys))
+
+
+def baseline_curves(folder, images, pillows):
+    """For each Pillow codec, one row per quality setting: bpp, PSNR, MS-SSIM, and encode / decode wall time in
+    this process (as ours is timed), each the mean over the images."""
+    from PIL import features
+    curves = {}
+    for pillow in pillows:
+        if not features.check(pillow.lower().replace("jpeg", "jpg")):
+            print(f"note: this Pillow has no {pillow} support; skipped")
+            continue
+        per_quality = {}
+        for name in images:
+            x = codec.as_rgb(codec.read_image(os.path.join(folder, name)))
+            for q in range(5, 100, 5):
+                bpp, decoded, encode, decode = metrics.pillow_codec(x, pillow, q)
+                quality = float(metrics.psnr(decoded, x)), float(metrics.ms_ssim(decoded, x))
+                per_quality.setdefault(q, []).append((bpp, *quality, encode, decode))
+        curves[pillow] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}
+                         for q, v in sorted(per_quality.items())]
+    return curves
+
+
+BASELINE_KEYS = ("bpp", "psnr", "ms_ssim", "encode_s", "decode_s")
+
+
+def bjontegaard(curves_by_label, baselines):
+    """BD-rate and BD-PSNR of our curves against each Pillow codec (4+ rate points), else the baseline's PSNR
+    at our bpp."""
+    report = {}
+    for label, points in curves_by_label.items():
+        for pillow, curve in baselines.items():
+            anchor = [(c["bpp"], c["psnr"]) for c in curve]
+            if len(points) >= 4:
+                report[f"{label} vs {pillow}"] = {"bd_rate_percent": metrics.bd_rate(anchor, sorted(points)),
+                                                  "bd_psnr_db": metrics.bd_psnr(anchor, sorted(points))}
+            else:
+                report[f"{label} vs {pillow}"] = {
+                    "psnr_of_baseline_at_our_bpp": [metrics.psnr_at_bpp(anchor, b) for b, _ in points]}
+    return report
+
+
+def plot(results, curves, png, reference):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, ax = plt.subplots(figsize=(7, 5))
+    for label, points in results.items():
+        bpp, quality = zip(*sorted(points))
+        ax.plot(bpp, quality, "o-", linewidth=2, label=label)
+    for pillow, curve in curves.items():
+        ax.plot([c["bpp"] for c in curve], [c["psnr"] for c in curve], "--", label=f"{pillow} (Pillow)")
+    for label, points in (REFERENCE.items() if reference else []):
+        ax.plot(*zip(*points), ":x", label=label)
+    ax.set_xlabel("bits per pixel (real file size)"), ax.set_ylabel("PSNR (dB, RGB)")
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    plt.close(figure)
+
+
+def write_csv(report, path):
+    """One row per image and caption run of every checkpoint, then one per quality of every Pillow codec
+    (means over the images, in the 'image' column 'mean of N')."""
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "captions", "image", *METRIC_KEYS])
+        for ckpt, entry in report["checkpoints"].items():
+            for run in ("given", "empty", "shuffled"):
+                for row in entry.get(run, {}).get("per_image", []):
+                    writer.writerow([ckpt, run, row["image"]] + [row.get(k, "") for k in METRIC_KEYS])
+        images = len(next(iter(report["checkpoints"].values()))["given"]["per_image"]) if report["checkpoints"] else 0
+        for pillow, curve in report["baselines"].items():
+            for c in curve:
+                writer.writerow([f"{pillow} (Pillow)", f"quality {c['quality']}", f"mean of {images}"]
+                                + [c.get(k, "") for k in METRIC_KEYS])
