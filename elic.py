@@ -285,8 +285,10 @@ class ElicTACO(taco.TACO):
                     taco.report(progress, "coding", done + 1, len(bands_of_rows))
 
     def encode_y(self, y, z_hat, nets, memory, progress=None):
+        """Consumes y (float32): y and y_hat share its buffer. A position holds y until it is coded, then y_hat
+        (int32 on the grid, the same 4 bytes); the contexts read coded positions only, through the int32 view."""
         encoder, tables, crc = SymbolEncoder(), self.gaussian_conditional.tables(), [0]
-        y_hat = torch.zeros(y.shape, dtype=torch.int32, device=y.device)
+        y_hat = y.view(torch.int32)
 
         def code(own, kind, rows, scales, means):
             values = gather(y[:, own, rows], kind, rows.start).double()         # (1, C_i, rows, ~w/2)
