@@ -12,6 +12,7 @@ import elic
 import entropy
 import rangecoder
 from helpers import TINY_CLIP, TINY_ELIC, tiny_model
+from integer import IntegerNetwork
 
 
 def reference_shapes(N=192, M=320, D=512, slices=(16, 16, 32, 64, 192), table_width=40):
@@ -189,6 +190,37 @@ def test_checkerboard_masks_are_complementary_with_anchors_where_row_plus_column
     assert torch.equal(anchor, ~nonanchor)
 
 
+@pytest.mark.parametrize("top", [0, 1])
+@pytest.mark.parametrize("width", [7, 8])
+def test_gather_takes_each_pass_in_raster_order_and_scatter_puts_it_back(top, width):
+    """Against boolean-mask selection, row by row: gather keeps each row's positions of the pass, left to right,
+    padded at the end; gathered() marks the real ones; scatter is its inverse and leaves the others alone."""
+    values = torch.arange(2 * 5 * width, dtype=torch.float64).view(1, 2, 5, width) + 1
+    for kind in (elic.ANCHOR, elic.NONANCHOR):
+        mask = elic.checkerboard(kind, 5, width, top=top)
+        kept, real = elic.gather(values, kind, top), elic.gathered(kind, range(top, top + 5), width)
+        for r in range(5):
+            assert torch.equal(kept[0, :, r, real[r]], values[0, :, r, mask[r]])
+            assert not kept[0, :, r, ~real[r]].any()
+        out = -torch.ones_like(values)
+        elic.scatter(kept, kind, top, out)
+        assert torch.equal(out, torch.where(mask, values, -torch.ones_like(values)))
+
+
+def test_the_local_contexts_anchor_taps_give_the_whole_convolution_at_the_non_anchors():
+    """The integer local context computes only the taps with dy + dx odd; on an input that is zero off the
+    anchors its outputs at the non-anchors equal the whole 5x5 convolution's, and differ at the anchors (so
+    the other taps really were dropped)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 5, padding=2)
+    whole, taps = IntegerNetwork(conv), IntegerNetwork(conv, keep=elic.reads_anchors)
+    x = torch.randn(1, 4, 9, 11) * elic.checkerboard(elic.ANCHOR, 9, 11)
+    nonanchors = elic.checkerboard(elic.NONANCHOR, 9, 11)
+    assert torch.equal(taps(x)[..., nonanchors], whole(x)[..., nonanchors])
+    assert not torch.equal(taps(x)[..., ~nonanchors], whole(x)[..., ~nonanchors])
+    assert sum(elic.reads_anchors(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)) == 12
+
+
 @pytest.mark.parametrize("corruption", ["swapped passes", "positions visited backwards"])
 def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_image(monkeypatch, corruption):
     model = tiny_model(config=TINY_ELIC)
@@ -196,9 +228,10 @@ def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_i
     data = model.compress(x, "a boat")
     correct = model.decompress(data)
     if corruption == "swapped passes":
-        original = elic.checkerboard
-        monkeypatch.setattr(elic, "checkerboard", lambda kind, *a, **k: original(
-            elic.NONANCHOR if kind == elic.ANCHOR else elic.ANCHOR, *a, **k))
+        swap = lambda kind: elic.NONANCHOR if kind == elic.ANCHOR else elic.ANCHOR      # noqa: E731
+        for name in ("checkerboard", "first_column"):
+            original = getattr(elic, name)
+            monkeypatch.setattr(elic, name, lambda kind, *a, original=original, **k: original(swap(kind), *a, **k))
     else:
         class Backwards(rangecoder.SymbolDecoder):
             def decode(self, indexes, *tables):
