@@ -67,10 +67,8 @@ class IntegerConv:
             conv.bias.detach().to("cpu", torch.float64)
         per_output = weight.transpose(0, 1) if self.transposed else weight      # (Cout, Cin, k, k)
         shifts = self.largest_exact_shifts(per_output.flatten(1), bias)        # (Cout,)
-        self.weight = torch.round(per_output * powers_of_two(shifts).view(-1, 1, 1, 1))
-        self.taps = self.weight.permute(2, 3, 1, 0).contiguous()               # (k, k, Cin, Cout)
-        if self.transposed:
-            self.weight = self.weight.transpose(0, 1).contiguous()             # back to (Cin, Cout, k, k)
+        weight = torch.round(per_output * powers_of_two(shifts).view(-1, 1, 1, 1))
+        self.taps = weight.permute(2, 3, 1, 0).contiguous()                    # (k, k, Cin, Cout)
         self.bias = torch.round(bias * powers_of_two(shifts + FRACTION_BITS))
         self.down = powers_of_two(-shifts)                                      # accumulator -> activation
         self.shifts, self.on_device = shifts, {}
@@ -80,7 +78,13 @@ class IntegerConv:
         self.phase_stride = self.stride if self.transposed else (1, 1)
         self.offsets = [[[((q + p - t) // s, t) for t in range(k) if (q + p - t) % s == 0] for q in range(s)]
                         if self.transposed else [[(t - p, t) for t in range(k)]]
-                        for k, s, p in zip(self.weight.shape[2:], self.stride, self.padding)]
+                        for k, s, p in zip(weight.shape[2:], self.stride, self.padding)]
+
+    @property
+    def weight(self):
+        """The integer weights in the layout of the layer converted: (Cout, Cin, k, k), or (Cin, Cout, k, k) for a
+        transposed one (a view of the taps)."""
+        return self.taps.permute(2, 3, 0, 1) if self.transposed else self.taps.permute(3, 2, 0, 1)
 
     @staticmethod
     def largest_exact_shifts(weight, bias):
