@@ -244,10 +244,11 @@ class ElicTACO(taco.TACO):
         decompress. code(i, kind, rows, scales, means) codes that pass's symbols in those rows (row by row, each
         row all channels of the slice, left to right) and writes their values into y_hat (1, M, h, w), from
         which the contexts read: int32 on the integer networks' grid (the means are on it, so y_hat is too),
-        exact in half the bytes of float64. The parameter networks (1x1 convolutions) run at the pass's positions only,
-        gathered (`gather`), where the float path computes every position and keeps half; so scales and means
-        come gathered. h_s(z_hat) is kept on the integer grid in int32 (exact), not recomputed; so is each
-        slice's channel context at the non-anchor positions, from its anchor pass to its second pass."""
+        exact in half the bytes of float64. The parameter networks (1x1 convolutions) run at the pass's
+        positions only, gathered (`gather`), where the float path computes every position and keeps half; so
+        scales and means come gathered. h_s(z_hat) is kept on the integer grid in int32 (exact), not
+        recomputed; so is each slice's channel context at the non-anchor positions, from its anchor pass to its
+        second pass."""
         h, w = y_hat.shape[-2:]
         hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
         for rows in self.latent_bands(nets.h_s, h, w, memory):
