@@ -6,7 +6,7 @@
     python bench.py integer --checkpoint runs/demo/best.pt   # integer vs float entropy parameters
     python bench.py release      # load a released-size checkpoint (tables rebuilt) and code its first image
     python bench.py train        # training images/s and peak memory (demo and default configs)
-    python bench.py bands        # peak memory and time per megapixel at two image sizes: the growth per pixel
+    python bench.py bands        # peak memory and time per megapixel at 2 and 16 MP: the growth per pixel
     python bench.py bands --sizes 10000x10000     # a 100-megapixel image
 """
 import argparse
@@ -340,6 +340,8 @@ def bench_bands(args):
                       f"(model loaded: {before:.0f} MiB)")
     if len(sizes) >= 2:
         (w0, h0), (w1, h1) = sizes[0], sizes[-1]
+        if w0 != w1:
+            print("  (the widths differ, so do the bands' shapes: part of the growth may be theirs)")
         for step in ("compress", "decompress"):
             (t0, p0), (t1, p1) = results[w0, h0, step], results[w1, h1, step]
             slope = (p1 - p0) * 2 ** 20 / (w1 * h1 - w0 * h0)
@@ -418,8 +420,9 @@ def main():
                           help="bf16 autocast on GPU (train.py --bf16); default fp32 with TF32 matmuls, as train.py")
     training.set_defaults(run=bench_train)
     banded = sub.add_parser("bands", help="peak memory and time per megapixel at two image sizes")
-    banded.add_argument("--sizes", nargs="+", default=["1632x1224", "4896x3264"],
-                        help="WIDTHxHEIGHT, smallest first (default 2 MP and 16 MP)")
+    banded.add_argument("--sizes", nargs="+", default=["1632x1224", "1632x9792"],
+                        help="WIDTHxHEIGHT, smallest first (default 2 MP and 16 MP of the same width, so that the "
+                             "bands have the same shape and the growth is what the image and latents hold)")
     banded.add_argument("--backbone", default="hyperprior", help="hyperprior or elic (then use -N 192 -M 320)")
     banded.add_argument("-N", type=int, default=128, help="transform channels")
     banded.add_argument("-M", type=int, default=192, help="latent channels")

@@ -426,7 +426,7 @@ class TACO(nn.Module):
         for name, tensor in sorted(self.state_dict().items()):
             if not name.startswith(ENCODER_ONLY):
                 h.update(name.encode())
-                h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy())    # hashed in place
         return h.digest()[:8]
 
     @property
