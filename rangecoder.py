@@ -264,7 +264,7 @@ class SymbolDecoder:
     the symbols in the order in which they were encoded, with the same indexes."""
 
     def __init__(self, data):
-        self.data = np.frombuffer(data, dtype=np.uint8)                  # bytes or a view of them: no copy
+        self.data = np.frombuffer(memoryview(data).toreadonly(), dtype=np.uint8)   # no copy, one numba type
         self.state = _decoder_start(self.data)
 
     def decode(self, indexes, cdfs, cdf_lengths, offsets):
