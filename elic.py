@@ -288,6 +288,8 @@ class ElicTACO(taco.TACO):
     def encode_y(self, y, z_hat, nets, memory, progress=None):
         """Consumes y (float32): y and y_hat share its buffer. A position holds y until it is coded, then y_hat
         (int32 on the grid, the same 4 bytes); the contexts read coded positions only, through the int32 view."""
+        if y.dtype != torch.float32:
+            raise TypeError(f"encode_y takes y as g_a gives it, float32, not {y.dtype}")
         encoder, tables, crc = SymbolEncoder(), self.gaussian_conditional.tables(), [0]
         y_hat = y.view(torch.int32)
 
