@@ -203,7 +203,6 @@ class Pixels:
         return block.expand(1, 3, *block.shape[-2:])                            # (1, 3, rows, columns)
 
 
-
 _libc = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 

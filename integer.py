@@ -51,7 +51,6 @@ class IntegerConv:
     def __init__(self, conv, keep=None):
         """keep(dy, dx) -> False drops the taps that read input (u + dy, v + dx) for output (u, v): for a
         caller that knows those inputs are zero at every output it uses (default: keep all)."""
-        self.keep = keep or (lambda dy, dx: True)
         self.transposed = isinstance(conv, nn.ConvTranspose2d)
         if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or \
                 (not self.transposed and conv.stride != (1, 1)):
@@ -75,10 +74,15 @@ class IntegerConv:
         # Along each dimension, output position u (of phase q: u = s*m + q) reads input m + d through tap t,
         # for each (d, t) of its phase: d = t - p for a convolution (one phase), and for a transposed one
         # (u = s*i + t - p) the taps with s | q + p - t, at d = (q + p - t) / s.
+        offsets = [[[((q + p - t) // s, t) for t in range(k) if (q + p - t) % s == 0] for q in range(s)]
+                   if self.transposed else [[(t - p, t) for t in range(k)]]
+                   for k, s, p in zip(weight.shape[2:], self.stride, self.padding)]
         self.phase_stride = self.stride if self.transposed else (1, 1)
-        self.offsets = [[[((q + p - t) // s, t) for t in range(k) if (q + p - t) % s == 0] for q in range(s)]
-                        if self.transposed else [[(t - p, t) for t in range(k)]]
-                        for k, s, p in zip(weight.shape[2:], self.stride, self.padding)]
+        self.phases = [(py, px, [(dy, dx, ty, tx) for dy, ty in offsets[0][py] for dx, tx in offsets[1][px]
+                                 if keep is None or keep(dy, dx)])
+                       for py in range(self.phase_stride[0]) for px in range(self.phase_stride[1])]
+        reads = [(dy, dx) for *_, phase in self.phases for dy, dx, _, _ in phase] or [(0, 0)]
+        self.reach = [(min(d), max(d)) for d in zip(*reads)]                  # input offsets read, per dimension
 
     @property
     def weight(self):
@@ -117,26 +121,22 @@ class IntegerConv:
         taps, bias, down = self.on_device[a.device]
         B, Cin, H, W = a.shape
         H_out, W_out = (self.output_length(n, dim) for dim, n in enumerate((H, W)))
-        phases = [(py, px, [(dy, dx, taps[ty, tx]) for dy, ty in self.offsets[0][py]
-                            for dx, tx in self.offsets[1][px] if self.keep(dy, dx)])
-                  for py in range(self.phase_stride[0]) for px in range(self.phase_stride[1])]
-        dys = [dy for *_, offsets in phases for dy, _, _ in offsets] or [0]
-        dxs = [dx for *_, offsets in phases for _, dx, _ in offsets] or [0]
-        top, left = max(0, -min(dys)), max(0, -min(dxs))
-        Wp = left + max(W, W_out + max(dxs))
-        Hp = top + max(H, H_out + max(dys)) + 1                # one more row: the last tap's run stays inside
+        (lowest_dy, highest_dy), (lowest_dx, highest_dx) = self.reach
+        top, left = max(0, -lowest_dy), max(0, -lowest_dx)
+        Wp = left + max(W, W_out + highest_dx)
+        Hp = top + max(H, H_out + highest_dy) + 1              # one more row: the last tap's run stays inside
         padded = a.new_zeros(B, Hp, Wp, Cin)
         padded[:, top:top + H, left:left + W] = a.permute(0, 2, 3, 1)
         flat = padded.view(B, Hp * Wp, Cin)
         out = a.new_empty(B, H_out, W_out, bias.shape[0])                      # channels-last
         sy, sx = self.phase_stride
-        for py, px, offsets in phases:
+        for py, px, phase in self.phases:
             rows, columns = len(range(py, H_out, sy)), len(range(px, W_out, sx))
             for b in range(B):
                 total = bias.expand(rows * Wp, -1).clone()                     # at 2**(FRACTION_BITS + s_c)
-                for dy, dx, w in offsets:
+                for dy, dx, ty, tx in phase:
                     start = (top + dy) * Wp + left + dx
-                    total.addmm_(flat[b, start:start + rows * Wp], w)           # exact: integers below 2**52
+                    total.addmm_(flat[b, start:start + rows * Wp], taps[ty, tx])   # exact: integers < 2**52
                 out[b, py::sy, px::sx] = total.view(rows, Wp, -1)[:, :columns]
         out.mul_(down).add_(0.5).floor_().clamp_(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)  # round half up, exact
         return out.permute(0, 3, 1, 2)                                          # (B, Cout, H', W')
