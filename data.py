@@ -17,8 +17,7 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-import codec
-
+from machinery import images
 
 DEMO_PHOTOS = {   # scikit-image's color photographs, each with a caption written here
     "astronaut": "an astronaut in a white spacesuit posing in front of an American flag",
@@ -105,7 +104,7 @@ def load_rgb(source):
     """An image path or "skimage:<name>" -> (3, H, W) float tensor in [0, 1]."""
     if source.startswith("skimage:"):
         return torch.tensor(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1).float() / 255
-    image = codec.read_image(source)[0]                                          # (1 or 3, H, W)
+    image = images.read_image(source)[0]                                          # (1 or 3, H, W)
     return image.expand(3, *image.shape[-2:])
 
 
@@ -187,3 +186,46 @@ def coco_captions(meta):
     for annotation in sorted(meta["annotations"], key=lambda a: a["id"]):
         table.setdefault(names[annotation["image_id"]], []).append(annotation["caption"].strip())
     return table
+
+
+# Evaluation's image lists and captions (eval.py)
+def list_images(folder, image_list=None):
+    """Every image in `folder`, sorted; or those `image_list` names, in its order: a JSON list (such as the
+    reference's materials/mscoco_30k_list.json) or one name per line."""
+    names = image_files(folder)
+    if image_list is not None:
+        names = read_image_list(folder, image_list)
+    if not names:
+        raise SystemExit(f"error: no images in {folder}")
+    return names
+
+
+def read_image_list(folder, path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: image list not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SystemExit(f"error: {path} is not a list of image names (a JSON list, or one per line)")
+    names = list(dict.fromkeys(names))                                      # each image once, in list order
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} image(s) of {path} are not in {folder}, e.g. {missing[0]}")
+    return names
+
+
+def captions_for(names, path, allow_missing):
+    if not path:
+        if allow_missing:
+            return {n: "" for n in names}
+        raise SystemExit("error: --captions is required (or --allow-missing-captions to code with empty ones)")
+    table = {k: v[0] if v else "" for k, v in read_captions(path).items()}     # the first caption of each
+    missing = [n for n in names if n not in table and os.path.splitext(n)[0] not in table]
+    if missing and not allow_missing:
+        raise SystemExit(f"error: no caption for {len(missing)} image(s), e.g. {missing[0]} "
+                         f"(--allow-missing-captions codes them with an empty caption)")
+    return {n: table.get(n, table.get(os.path.splitext(n)[0], "")) for n in names}

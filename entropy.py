@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import tables
+from machinery import tables
 from rangecoder import decode_symbols, encode_symbols
 
 TABLE_BUFFERS = ("_quantized_cdf", "_cdf_length", "_offset")   # sized by update(), so any size loads

@@ -21,58 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import captioner
-import clip_text
-import codec
-import container
 import data
-import explain
-import metrics
-import report
-import results
 import taco
-
-
-def list_images(folder, image_list=None):
-    """Every image in `folder`, sorted; or those `image_list` names, in its order: a JSON list (such as the
-    reference's materials/mscoco_30k_list.json) or one name per line."""
-    names = data.image_files(folder)
-    if image_list is not None:
-        names = read_image_list(folder, image_list)
-    if not names:
-        raise SystemExit(f"error: no images in {folder}")
-    return names
-
-
-def read_image_list(folder, path):
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: image list not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        names = json.loads(text)
-    except ValueError:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise SystemExit(f"error: {path} is not a list of image names (a JSON list, or one per line)")
-    names = list(dict.fromkeys(names))                                      # each image once, in list order
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise SystemExit(f"error: {len(missing)} image(s) of {path} are not in {folder}, e.g. {missing[0]}")
-    return names
-
-
-def captions_for(names, path, allow_missing):
-    if not path:
-        if allow_missing:
-            return {n: "" for n in names}
-        raise SystemExit("error: --captions is required (or --allow-missing-captions to code with empty ones)")
-    table = {k: v[0] if v else "" for k, v in data.read_captions(path).items()}     # the first caption of each
-    missing = [n for n in names if n not in table and os.path.splitext(n)[0] not in table]
-    if missing and not allow_missing:
-        raise SystemExit(f"error: no caption for {len(missing)} image(s), e.g. {missing[0]} "
-                         f"(--allow-missing-captions codes them with an empty caption)")
-    return {n: table.get(n, table.get(os.path.splitext(n)[0], "")) for n in names}
+from machinery import captioner, checkpoints, clip_text, container, explain, metrics, report, results
+from machinery import images as image_files
 
 
 @torch.no_grad()
@@ -81,7 +33,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
     image at a time."""
     device = next(model.parameters()).device
     for name in images:
-        x = codec.read_image(os.path.join(folder, name)).to(device)
+        x = image_files.read_image(os.path.join(folder, name)).to(device)
         H, W = x.shape[-2:]
         metrics.check_one_piece(H, W, name)
         start = time.perf_counter()
@@ -90,9 +42,9 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         start = time.perf_counter()
         x_hat = model.decompress(data).to(device)
         decode = time.perf_counter() - start
-        padded = taco.pad_to_64(codec.as_rgb(x))
+        padded = taco.pad_to_64(image_files.as_rgb(x))
         likelihoods = model(padded, [captions[name]] if model.config.text_adapter else None)["likelihoods"]
-        x, x_hat = codec.as_rgb(x), codec.as_rgb(x_hat)
+        x, x_hat = image_files.as_rgb(x), image_files.as_rgb(x_hat)
         row = {"image": name, "caption": captions[name], "bytes": len(data), "bpp": 8 * len(data) / (H * W),
                "bpp_estimate": sum(float(-torch.log2(l).sum()) for l in likelihoods.values()) / (H * W),
                "psnr": float(metrics.psnr(x_hat, x)), "ms_ssim": float(metrics.ms_ssim(x_hat, x)),
@@ -110,7 +62,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
             features["clip_x"] = clip.encode_image(metrics.clip_preprocess(x))[0].cpu().numpy()
             features["clip_x_hat"] = e_hat[0].cpu().numpy()
         if save_dir:
-            codec.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
+            image_files.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
         yield row, features
 
 
@@ -192,7 +144,7 @@ def main(argv=None):
     if not args.images:
         parser.error("--images is required (or --explain IMAGE)")
 
-    images = list_images(args.images, args.image_list)
+    images = data.list_images(args.images, args.image_list)
     rank, world, barrier = setup_ranks(args)
     settings = run_settings(args, images)
     results.check(args.out, settings, args.resume, args.force)          # before anything is captioned or coded
@@ -217,8 +169,8 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
     `images`), each row stored as it finishes; then a summary line. `given`: the captions, when written by the
     captioner."""
     try:
-        model, _ = codec.load_checkpoint(path, args.device)
-    except codec.CheckpointError as error:
+        model, _ = checkpoints.load_checkpoint(path, args.device)
+    except checkpoints.CheckpointError as error:
         raise SystemExit(f"error: {error}")
     lpips, clip, pretrained, inception = load_towers(args, model.config)
     text_model = model.config.text_adapter
@@ -227,7 +179,7 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
             raise SystemExit(f"error: {path} reads captions but its CLIP text tower cannot be loaded")
         model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, pretrained,
                                                         model.config.text_tokens, clip=clip))
-    captions = given or captions_for(images, args.captions, args.allow_missing_captions or not text_model)
+    captions = given or data.captions_for(images, args.captions, args.allow_missing_captions or not text_model)
     save_dir = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0]) \
         if args.save_reconstructions else None
     if save_dir:
@@ -254,7 +206,7 @@ def auto_captions(args, images, rank, world, barrier):
     logged in --out as captions-auto-<rank>.jsonl and reused by later runs with the same captioner and weights;
     the table is also written as --out/captions-auto.json ({image: caption}, which --captions reads)."""
     table = captioner.caption_images(
-        args.images, images, codec.read_pixels, os.path.join(args.out, f"captions-auto-{rank}.jsonl"),
+        args.images, images, image_files.read_pixels, os.path.join(args.out, f"captions-auto-{rank}.jsonl"),
         os.path.join(glob.escape(args.out), "captions-auto-*.jsonl"), args.captioner, args.captioner_pretrained,
         args.device, share=images[rank::world], barrier=barrier)
     if rank == 0:
@@ -270,6 +222,7 @@ def setup_ranks(args):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, lambda: None
     import datetime
+
     import torch.distributed as dist
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))   # rank 0 waits for the slowest
     if str(args.device).startswith("cuda"):
@@ -299,8 +252,8 @@ def explain_one(args):
     if not os.path.isfile(args.explain):
         raise SystemExit(f"error: no such image: {args.explain}")
     try:
-        model, _ = codec.load_checkpoint(args.checkpoint[0], args.device)
-    except codec.CheckpointError as error:
+        model, _ = checkpoints.load_checkpoint(args.checkpoint[0], args.device)
+    except checkpoints.CheckpointError as error:
         raise SystemExit(f"error: {error}")
     config = model.config
     if config.text_adapter:
@@ -311,12 +264,12 @@ def explain_one(args):
         lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
     except clip_text.WeightsUnavailable:
         lpips = None
-    pixels, source = codec.read_pixels(args.explain), None
+    pixels, source = image_files.read_pixels(args.explain), None
     if args.caption == "auto" and config.text_adapter:
         args.caption = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)(pixels)
         source = f"written by {args.captioner} ({args.captioner_pretrained})"
         print(f"caption: {args.caption}")
-    with_caption, empty = explain.explain(model, codec.to_unit(pixels), args.caption, args.output, lpips, source)
+    with_caption, empty = explain.explain(model, image_files.to_unit(pixels), args.caption, args.output, lpips, source)
     print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
           f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 
@@ -324,6 +277,6 @@ def explain_one(args):
 if __name__ == "__main__":
     try:
         main()
-    except (codec.CheckpointError, clip_text.WeightsUnavailable, container.BitstreamError, ValueError,
+    except (checkpoints.CheckpointError, clip_text.WeightsUnavailable, container.BitstreamError, ValueError,
             OSError) as error:
         sys.exit(f"error: {error}")

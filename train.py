@@ -10,27 +10,21 @@ GPU or several.
 """
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import captioner
-import clip_text
-import codec
 import data
-import explain
-import metrics
 import taco
+from machinery import captioner, checkpoints, clip_text, explain, metrics, training
 
 
 def option(default, help):
@@ -142,133 +136,9 @@ class JointLoss(nn.Module):
         return loss, terms
 
 
-def build_towers(cfg, say):
-    """The frozen pretrained networks: CLIP (text for the adapter, image for J) and LPIPS. What cannot load
-    stops the run, or -- when allowed -- is replaced by a stand-in or dropped, and said so up front."""
-    clip, text_pretrained = None, cfg.clip_pretrained
-    if cfg.text_adapter or cfg.k_j > 0:
-        try:
-            clip = clip_text.load_clip(cfg.clip_model, cfg.clip_pretrained)
-        except clip_text.WeightsUnavailable as error:
-            if not cfg.allow_missing_weights:
-                raise SystemExit(f"error: {error}; or pass --allow-missing-weights to train without it")
-            say(f"STAND-IN: CLIP {cfg.clip_model} weights unavailable; the adapter reads a randomly "
-                f"initialised text tower (captions still differ, but carry no learned meaning) and the "
-                f"joint image-text term J is dropped")
-            clip, text_pretrained = clip_text.load_clip(cfg.clip_model, "random"), "random"
-    clip_visual = clip.visual if clip is not None and text_pretrained != "random" and cfg.k_j > 0 else None
-    encoder = None               # captions are read for the adapter, or for J's text embeddings, or both
-    if cfg.text_adapter or clip_visual is not None:
-        encoder = clip_text.TextEncoder(cfg.clip_model, text_pretrained, clip=clip)
-    lpips = None
-    if cfg.k_p > 0:
-        try:
-            lpips = metrics.load_lpips(cfg.lpips_input, cfg.alexnet_weights or None)
-        except clip_text.WeightsUnavailable as error:
-            if not cfg.allow_missing_weights:
-                raise SystemExit(f"error: {error}; or pass --allow-missing-weights to train without it")
-            say("STAND-IN: AlexNet weights for LPIPS unavailable; the LPIPS term is dropped (an MSE-only "
-                "codec plus rate: expect higher PSNR per bit and worse LPIPS than TACO)")
-    return encoder, clip_visual, lpips, text_pretrained
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Validation with real bitstreams, and the JPEG comparison at the end
-# ----------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def validate(model, items, lpips=None):
-    """Real compress/decompress of every held-out image -> per-image and mean bpp, PSNR, LPIPS."""
-    model.eval().update()
-    rows = []
-    for source, captions in items:
-        x = data.load_rgb(source)[None]                                         # (1, 3, H, W)
-        H, W = x.shape[-2:]
-        coded = model.compress(x, captions[0])
-        x_hat = model.decompress(coded).cpu()
-        row = {"bpp": 8 * len(coded) / (H * W), "psnr": float(metrics.psnr(x_hat, x))}
-        if lpips is not None:
-            device = next(lpips.parameters()).device
-            row["lpips"] = float(lpips(x_hat.to(device), x.to(device)))
-        rows.append(row)
-    model.train()
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    return mean, rows
-
-
-def rd_score(mean, cfg):
-    """Validation objective on real bits, to keep the best checkpoint."""
-    return mean["bpp"] + cfg.lmbda * 255 ** 2 * 10 ** (-mean["psnr"] / 10) + cfg.k_p * mean.get("lpips", 0)
-
-
-def compare_with_jpeg(items, rows):
-    print(f"{'held-out image':28s} {'bpp':>7s} {'PSNR':>8s} {'JPEG PSNR at that bpp':>22s}")
-    for (source, _), row in zip(items, rows):
-        name = source.split(":")[-1]
-        jpeg = metrics.psnr_at_bpp(metrics.baseline_curve(data.load_rgb(source)[None]), row["bpp"])
-        jpeg_text = f"{jpeg:.2f} dB" if jpeg is not None else "outside JPEG's range"
-        print(f"{os.path.basename(name)[:28]:28s} {row['bpp']:7.3f} {row['psnr']:6.2f} dB {jpeg_text:>22s}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
-def setup_distributed():
-    """-> rank, world size, device. torchrun sets RANK; a plain `python train.py` is a world of one."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def folder_captions(cfg, rank, device):
-    """--data folder --captions auto: every image of --root captioned once, by rank 0, logged as it is written in
-    --out/captions-auto.jsonl and reused by a resumed run (captioner.py) -> {image: [caption]}."""
-    log = os.path.join(cfg.out, "captions-auto.jsonl")
-    names = data.image_files(cfg.root)
-    table = captioner.caption_images(cfg.root, names, codec.read_pixels, log, glob.escape(log), cfg.captioner,
-                                     cfg.captioner_pretrained, device, share=names if rank == 0 else [],
-                                     barrier=dist.barrier if dist.is_initialized() else lambda: None)
-    return {image: [caption] for image, caption in table.items()}
-
-
-def training_data(cfg, rank=0, device="cpu"):
-    if cfg.data == "demo":
-        return data.demo_items(data.DEMO_PHOTOS), data.demo_items(data.DEMO_HELD_OUT)
-    if cfg.data == "coco":
-        train_items = data.coco_items(cfg.root, cfg.crop)
-    elif cfg.data == "folder":
-        captions = folder_captions(cfg, rank, device) if cfg.captions == "auto" else cfg.captions
-        train_items = data.folder_items(cfg.root, captions, cfg.crop)
-    else:
-        raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")
-    val_items = data.folder_items(cfg.val_root, cfg.val_captions, 1) if cfg.val_root else []
-    return data.caption_pairs(train_items), val_items
-
-
-# Settings that shape the optimization: a resumed run must use the ones it was started with.
-RESUME_MUST_MATCH = ("data", "root", "crop", "lmbda", "k_p", "k_j", "lpips_input", "steps", "batch_size", "lr",
-                     "aux_lr", "clip_grad", "seed")
-
-
-def check_resumable(checkpoint, config, cfg, path):
-    """Stop with a message naming the first setting that differs from the interrupted run's."""
-    if checkpoint.get("format", 1) != codec.CHECKPOINT_FORMAT:
-        raise SystemExit(f"error: {path} was written in an older checkpoint format; start a new run from it "
-                         f"with --init-from {path} instead of --resume")
-    if checkpoint["config"] != dataclasses.asdict(config):
-        raise SystemExit(f"error: {path} was trained with another model config: {checkpoint['config']}")
-    before = checkpoint.get("train_config", {})
-    for key in RESUME_MUST_MATCH:
-        if key in before and before[key] != getattr(cfg, key):
-            flag = "--" + key.replace("_", "-")
-            raise SystemExit(f"error: {path} was trained with {flag} {before[key]!r}, this run asks for "
-                             f"{getattr(cfg, key)!r}: resume with the same setting, or start a new --out")
-
-
 def make_optimizers(model, cfg):
     """Adam for the codec, a separate Adam for the factorized prior's quantiles (the reference's aux optimizer),
     lr x 0.1 at 90% and 96% of the steps (the reference's epochs 45 and 48 of 50)."""
@@ -283,9 +153,9 @@ def build_model(cfg, config, device, say):
     """The codec on its device: built, initialised (--init-from), moved, then -- nanoGPT's order -- its
     optimizers built and, when resuming, loaded, so that their state lands on the parameters' device."""
     torch.manual_seed(cfg.seed)
-    model = codec.build_model(config)
+    model = checkpoints.build_model(config)
     if cfg.init_from and not cfg.resume:
-        source, _ = codec.load_checkpoint(cfg.init_from)
+        source, _ = checkpoints.load_checkpoint(cfg.init_from)
         if (source.config.backbone, source.config.N, source.config.M) != (cfg.backbone, cfg.N, cfg.M):
             raise SystemExit(f"error: {cfg.init_from} is a {source.config.backbone} model with N={source.config.N}"
                              f", M={source.config.M}; pass the same --backbone, --N and --M")
@@ -299,7 +169,7 @@ def build_model(cfg, config, device, say):
     if cfg.resume:
         latest = os.path.join(cfg.out, "latest.pt")
         checkpoint = torch.load(latest, map_location="cpu", weights_only=True)     # copied onto the device below
-        check_resumable(checkpoint, config, cfg, latest)
+        training.check_resumable(checkpoint, config, cfg, latest)
         model.load_state_dict(checkpoint["state_dict"])
         for optimizer, key in zip(optimizers, ("optimizer", "aux_optimizer", "scheduler")):
             optimizer.load_state_dict(checkpoint[key])
@@ -323,32 +193,32 @@ def checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips
     """Rank 0: validate on real bitstreams (keeping best.pt), then write latest.pt. -> best, per-image rows."""
     rows = None
     if val_items:
-        mean, rows = validate(model, val_items, lpips)
+        mean, rows = training.validate(model, val_items, lpips)
         log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}}) + "\n")
         progress.write(f"step {step}: held-out real bpp {mean['bpp']:.3f}, PSNR {mean['psnr']:.2f} dB"
                        + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
-        if rd_score(mean, cfg) < best:
-            best = rd_score(mean, cfg)
-            codec.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
-                                 train_config=dataclasses.asdict(cfg))
+        if training.rd_score(mean, cfg) < best:
+            best = training.rd_score(mean, cfg)
+            checkpoints.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
+                                        train_config=dataclasses.asdict(cfg))
     else:
         model.update()
     optimizer, aux_optimizer, scheduler = optimizers
-    codec.save_checkpoint(os.path.join(cfg.out, "latest.pt"), model, step=step, best=best,
-                         train_config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(),
-                         aux_optimizer=aux_optimizer.state_dict(), scheduler=scheduler.state_dict())
+    checkpoints.save_checkpoint(os.path.join(cfg.out, "latest.pt"), model, step=step, best=best,
+                                train_config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(),
+                                aux_optimizer=aux_optimizer.state_dict(), scheduler=scheduler.state_dict())
     return best, rows
 
 
 def train(cfg):
     # setup: devices, towers, data, model and optimizers (in that order)
-    rank, world, device = setup_distributed()
+    rank, world, device = training.setup_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    prepare_out(cfg, rank)
+    training.prepare_out(cfg, rank)
     on_gpu = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (coding turns them off)
-    encoder, clip_visual, lpips, text_pretrained = build_towers(cfg, say)
-    train_items, val_items = training_data(cfg, rank, device)
+    encoder, clip_visual, lpips, text_pretrained = training.build_towers(cfg, say)
+    train_items, val_items = training.training_data(cfg, rank, device)
     config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
                              clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
                              text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)
@@ -414,17 +284,6 @@ def train(cfg):
         dist.destroy_process_group()
 
 
-def prepare_out(cfg, rank):
-    """Never overwrite a run; resume only one that exists."""
-    latest = os.path.join(cfg.out, "latest.pt")
-    if rank == 0 and os.path.exists(latest) and not cfg.resume:
-        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it, "
-                         f"or choose another --out")
-    if cfg.resume and not os.path.exists(latest):
-        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
-    os.makedirs(cfg.out, exist_ok=True)
-
-
 def optimization_step(model, optimizers, loss, clip_grad, world):
     """The codec's step (gradient clipped) and the quantiles' own step on the aux loss; -> the aux loss."""
     optimizer, aux_optimizer, scheduler = optimizers
@@ -447,37 +306,15 @@ def optimization_step(model, optimizers, loss, clip_grad, world):
 def finish(model, cfg, val_items, val_rows, lpips):
     """Rank 0, after the loop: the curves; at the end of a run with held-out images, the JPEG comparison and
     the picture of where the first one's bits go (explain.py)."""
-    plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
+    training.plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
     print(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
     if val_rows:
-        compare_with_jpeg(val_items, val_rows)
+        training.compare_with_jpeg(val_items, val_rows)
         source, captions = val_items[0]
         figure = os.path.join(cfg.out, "explain.png")
         explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)
         print(f"{figure}: where the bits of {os.path.basename(source.split(':')[-1])} go and what its caption "
               f"changed")
-
-
-def plot_log(log_path, png_path):
-    """Training curves (loss terms) and held-out real bpp / PSNR, for a person to look at."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f]
-    train_rows = [r for r in rows if "loss" in r]
-    val_rows = [r for r in rows if "val_bpp" in r]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key in zip(axes, ("loss", "bpp", "psnr")):
-        ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label="train batch")
-        if val_rows:
-            ax.plot([r["step"] for r in val_rows], [r.get(f"val_{key}", np.nan) for r in val_rows], "o-",
-                    label="held-out, real bits")
-        ax.set_xlabel("step"), ax.set_title(key), ax.legend()
-        ax.set_yscale("log" if key == "loss" else "linear")
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
-    plt.close(figure)
 
 
 def parse_args(argv=None):
@@ -500,5 +337,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except (codec.CheckpointError, clip_text.WeightsUnavailable, ValueError, OSError) as error:
+    except (checkpoints.CheckpointError, clip_text.WeightsUnavailable, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

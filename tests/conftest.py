@@ -11,8 +11,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import clip_text  # noqa: E402  (importable once the repository root is on the path)
 from helpers import TINY_CLIP  # noqa: E402
+
+from machinery import clip_text  # noqa: E402  (importable once the repository root is on the path)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,9 +4,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-import clip_text
-import codec
 import taco
+from machinery import checkpoints, clip_text
 
 # A CLIP of the ViT-B-32 family small enough for a laptop (its tokenizer, 64-wide towers, random weights),
 # given to open_clip as a model folder.
@@ -29,7 +28,7 @@ def tiny_model(encoder=None, gammas=True, seed=0, config=TINY, **overrides):
     """A coding-ready model (eval mode, tables frozen) with a text encoder; `gammas`: the adapter's gammas drawn
     at random, as after training (at 0, as initialised, the caption changes nothing)."""
     torch.manual_seed(seed)
-    model = codec.build_model(taco.TacoConfig(**{**config, **overrides})).eval()
+    model = checkpoints.build_model(taco.TacoConfig(**{**config, **overrides})).eval()
     if model.config.text_adapter:
         model.attach_text_encoder(encoder or clip_text.TextEncoder(TINY_CLIP, "random"))
         if gammas:

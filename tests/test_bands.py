@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import TINY, TINY_ELIC, natural_image, tiny_model
 from PIL import Image
 
-import bands
 import codec
-import container
 import taco
-from helpers import TINY, TINY_ELIC, natural_image, tiny_model
+from machinery import banded, bands, checkpoints, container, images
 
 
 def dependency_rows(network, x, lo, hi, dim):
@@ -45,7 +44,7 @@ def test_the_halo_of_each_transform_covers_every_real_dependency(config):
     text = model.read_text(["a boat"], "cpu")
     g_a = model.g_a.spatial_chain()
     refreshed = text[0]         # the Extractor's text is global: the bands take it from a sweep over all positions
-    cases = [(lambda x: taco.run_analysis(g_a, x, *text, refreshed), g_a, torch.rand(1, 3, 256, 192)),
+    cases = [(lambda x: banded.run_analysis(g_a, x, *text, refreshed), g_a, torch.rand(1, 3, 256, 192)),
              (model.g_s, model.g_s, torch.randn(1, model.config.M, 12, 10)),
              (model.h_s, model.h_s, torch.randn(1, model.config.N, 6, 5))]
     for compute, layout, x in cases:
@@ -68,11 +67,22 @@ def test_the_extractors_running_softmax_equals_multihead_attention_over_all_posi
     image = extractor.image_norm(extractor.image_feature_dim_proj(taco.to_tokens(x)))
     t = extractor.text_norm(text)
     reference = t + extractor.cross_attn(t, image, image, need_weights=False)[0]
-    state = extractor.start(text)
+    online = banded.OnlineExtractor(extractor, text)
     for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
-        state = extractor.attend(state, x[:, :, rows])
-    assert torch.allclose(extractor.finish(state), reference, atol=1e-5)
+        online.attend(x[:, :, rows])
+    assert torch.allclose(online.finish(), reference, atol=1e-5)
     assert torch.allclose(extractor(x, text), reference, atol=1e-5)
+
+
+def test_the_online_softmax_over_one_block_is_the_extractors_own_forward_bit_for_bit():
+    """One piece, the banded encoder and the one-piece one compute the same floats (so a small image's bytes
+    do not depend on which path ran)."""
+    torch.manual_seed(0)
+    extractor = taco.Extractor(16, 32, 4).eval()
+    x, text = torch.randn(2, 16, 6, 7), torch.randn(2, 5, 32)
+    online = banded.OnlineExtractor(extractor, text)
+    online.attend(x)
+    assert torch.equal(online.finish(), extractor(x, text))
 
 
 def test_blocks_cut_wide_images_into_columns_and_cover_everything_once():
@@ -117,9 +127,9 @@ def test_the_banded_encoders_y_equals_the_one_piece_y():
     text = model.read_text(["a cat on a mat"], "cpu")
     with torch.no_grad():
         whole = model.g_a(taco.pad_to_64(x), *text)
-        banded = model.analysis(bands.Pixels(x, "cpu"), *text, 3e5, None)
+        banded_y = banded.analysis(model, bands.Pixels(x, "cpu"), *text, 3e5)
     assert len(bands.blocks(*whole.shape[-2:], 3e5 // bands.bytes_per_output(model.g_a.spatial_chain()))) > 4
-    assert torch.allclose(banded, whole, atol=1e-5)
+    assert torch.allclose(banded_y, whole, atol=1e-5)
 
 
 def test_a_forged_size_is_refused_before_anything_is_allocated():
@@ -156,14 +166,14 @@ def test_sixteen_bit_grayscale_comes_back_as_sixteen_bits(tmp_path):
     eight = model.decompress(data, dtype=torch.float32)
     assert (decoded.float() / 65535 - eight).abs().max() <= 0.5 / 65535 + 1e-7
     path = str(tmp_path / "out.png")
-    codec.write_image(decoded, path)
+    images.write_image(decoded, path)
     with Image.open(path) as image:
         assert image.mode.startswith("I;16") or image.mode == "I"
 
 
 def test_the_cli_refuses_an_image_above_the_pixel_limit_and_writes_nothing(tmp_path, capsys):
     model = tiny_model(config=TINY, text_adapter=False)
-    codec.save_checkpoint(str(tmp_path / "model.pt"), model)
+    checkpoints.save_checkpoint(str(tmp_path / "model.pt"), model)
     Image.fromarray(np.zeros((100, 120, 3), dtype=np.uint8)).save(tmp_path / "big.png")
     code = codec.main(["compress", str(tmp_path / "big.png"), "--checkpoint", str(tmp_path / "model.pt"),
                        "--max-image-pixels", "5000"])
@@ -173,8 +183,7 @@ def test_the_cli_refuses_an_image_above_the_pixel_limit_and_writes_nothing(tmp_p
 
 
 def test_per_image_figures_refuse_sizes_they_would_hold_in_one_piece():
-    import explain
-    import metrics
+    from machinery import explain, metrics
     model = tiny_model(config=TINY, text_adapter=False)
     huge = torch.zeros(1, 3, 1, 1).expand(1, 3, 4097, 4097)                # a view: nothing allocated
     with pytest.raises(ValueError, match="downsample it first"):

@@ -8,13 +8,13 @@ import os
 
 import pytest
 import torch
+from helpers import natural_image, tiny_model
 from PIL import Image
 
-import captioner
 import codec
 import eval as evaluation
 import train
-from helpers import natural_image, tiny_model
+from machinery import captioner, checkpoints, images, training
 
 TINY_COCA = "local-dir:" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_coca")
 
@@ -122,21 +122,21 @@ def test_the_same_photo_always_gets_the_same_caption(weights):
 
 def test_compress_with_an_auto_caption_prints_it_and_decodes_without_it(tmp_path, capsys, weights):
     model = tiny_model()
-    codec.save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), model)
     Image.fromarray(photo()[0].permute(1, 2, 0).numpy()).save(tmp_path / "photo.png")
     args = ["compress", str(tmp_path / "photo.png"), "--checkpoint", str(tmp_path / "tiny.pt"), "--caption", "auto",
             "--captioner", TINY_COCA, "--captioner-pretrained", weights]
     assert codec.main(args) == 0
     printed = capsys.readouterr().out
-    caption = captioner.Captioner(TINY_COCA, weights)(codec.read_pixels(str(tmp_path / "photo.png")))
+    caption = captioner.Captioner(TINY_COCA, weights)(images.read_pixels(str(tmp_path / "photo.png")))
     assert f"caption: {caption}\n" in printed
     data = (tmp_path / "photo.taco").read_bytes()
-    assert data == model.compress(codec.read_pixels(str(tmp_path / "photo.png")), caption)
+    assert data == model.compress(images.read_pixels(str(tmp_path / "photo.png")), caption)
     assert codec.main(["decompress", str(tmp_path / "photo.taco"), "--checkpoint", str(tmp_path / "tiny.pt")]) == 0
 
 
 def test_without_the_captioners_weights_one_error_line_and_nothing_written(tmp_path, capsys):
-    codec.save_checkpoint(str(tmp_path / "tiny.pt"), tiny_model())
+    checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), tiny_model())
     Image.fromarray(photo()[0].permute(1, 2, 0).numpy()).save(tmp_path / "photo.png")
     before = sorted(os.listdir(tmp_path))
     status = codec.main(["compress", str(tmp_path / "photo.png"), "--checkpoint", str(tmp_path / "tiny.pt"),
@@ -149,19 +149,20 @@ def test_without_the_captioners_weights_one_error_line_and_nothing_written(tmp_p
 
 def test_eval_captions_each_image_once_and_reuses_the_captions(tmp_path, monkeypatch, weights):
     from test_eval import TINY
+
     import taco
     (tmp_path / "images").mkdir()
     for seed in range(3):
         Image.fromarray(photo(seed)[0].permute(1, 2, 0).numpy()).save(tmp_path / "images" / f"{seed}.png")
     torch.manual_seed(0)
-    codec.save_checkpoint(str(tmp_path / "tiny.pt"), taco.TACO(taco.TacoConfig(**TINY)).eval().update())
+    checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), taco.TACO(taco.TacoConfig(**TINY)).eval().update())
     args = ["--checkpoint", str(tmp_path / "tiny.pt"), "--images", str(tmp_path / "images"), "--captions", "auto",
             "--captioner", TINY_COCA, "--captioner-pretrained", weights, "--baselines", "", "--out",
             str(tmp_path / "out")]
     evaluation.main(args)
     written = json.loads((tmp_path / "out" / "captions-auto.json").read_text())
     c = captioner.Captioner(TINY_COCA, weights)
-    assert written == {f"{s}.png": c(codec.read_pixels(str(tmp_path / "images" / f"{s}.png"))) for s in range(3)}
+    assert written == {f"{s}.png": c(images.read_pixels(str(tmp_path / "images" / f"{s}.png"))) for s in range(3)}
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = report["checkpoints"][str(tmp_path / "tiny.pt")]["given"]["per_image"]
     assert {r["image"]: r["caption"] for r in rows} == written
@@ -187,7 +188,7 @@ def test_training_on_a_folder_without_captions_captions_it_once(tmp_path, weight
     lines = [json.loads(line) for line in open(tmp_path / "run" / "captions-auto.jsonl")]
     assert sorted(line["image"] for line in lines) == ["0.png", "1.png"]
     assert all(line["captioner"] == TINY_COCA and line["pretrained"] == weights for line in lines)
-    pairs, _ = train.training_data(train.parse_args(args))             # each image with its whole caption
+    pairs, _ = training.training_data(train.parse_args(args))             # each image with its whole caption
     assert sorted((os.path.basename(p), c) for p, c in pairs) == sorted((l["image"], [l["caption"]]) for l in lines)
 
 
@@ -198,8 +199,8 @@ def test_a_caption_log_cut_off_mid_line_is_continued(tmp_path, weights):
     log = tmp_path / "captions.jsonl"
     first = json.dumps({"image": "0.png", "caption": "a kept caption", "captioner": TINY_COCA, "pretrained": weights})
     log.write_text(first + "\n" + '{"image": "1.png", "capt')                 # killed while writing the second
-    table = captioner.caption_images(str(tmp_path / "photos"), ["0.png", "1.png"], codec.read_pixels, str(log),
+    table = captioner.caption_images(str(tmp_path / "photos"), ["0.png", "1.png"], images.read_pixels, str(log),
                                      str(log), TINY_COCA, weights)
     c = captioner.Captioner(TINY_COCA, weights)
-    assert table == {"0.png": "a kept caption", "1.png": c(codec.read_pixels(str(tmp_path / "photos" / "1.png")))}
+    assert table == {"0.png": "a kept caption", "1.png": c(images.read_pixels(str(tmp_path / "photos" / "1.png")))}
     assert captioner.read_logs(str(log), TINY_COCA, weights) == table

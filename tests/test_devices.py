@@ -3,15 +3,13 @@ accelerator codes, trains, validates, checkpoints and resumes; the coder only ev
 
 import pytest
 import torch
-
-import clip_text
-import codec
-import metrics
-import taco
-import train
 from helpers import TINY, TINY_CLIP, TINY_ELIC
 from standin import DeviceMismatch, StandInGPU
 from test_train import TINY_RUN
+
+import taco
+import train
+from machinery import checkpoints, clip_text, devices, metrics, training
 
 
 def test_the_stand_in_gpu_catches_what_a_real_gpu_refuses():
@@ -29,7 +27,7 @@ def test_the_stand_in_gpu_catches_what_a_real_gpu_refuses():
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_a_model_on_a_gpu_updates_compresses_the_cpu_bytes_and_decodes_on_either(config):
     torch.manual_seed(0)
-    model = codec.build_model(taco.TacoConfig(**config)).eval()
+    model = checkpoints.build_model(taco.TacoConfig(**config)).eval()
     model.attach_text_encoder(clip_text.TextEncoder(TINY_CLIP, "random"))
     x = torch.rand(1, 3, 70, 100)
     cpu_bytes = model.update().compress(x, "a red barn")
@@ -46,7 +44,7 @@ def test_a_model_on_a_gpu_updates_compresses_the_cpu_bytes_and_decodes_on_either
 
 def test_complexity_feeds_inputs_on_the_models_device():
     torch.manual_seed(0)
-    model = codec.build_model(taco.TacoConfig(**TINY))
+    model = checkpoints.build_model(taco.TacoConfig(**TINY))
     with StandInGPU() as gpu:
         counts = metrics.complexity(model.to(gpu.device), size=64)
     assert counts["macs_per_pixel"] > 0
@@ -56,7 +54,7 @@ def test_training_on_a_gpu_validates_checkpoints_and_resumes_with_optimizer_stat
                                                                                               monkeypatch):
     args = TINY_RUN + ["--steps", "2", "--val-every", "1", "--out", str(tmp_path / "run")]
     with StandInGPU() as gpu:
-        monkeypatch.setattr(train, "setup_distributed", lambda: (0, 1, gpu.device))
+        monkeypatch.setattr(training, "setup_distributed", lambda: (0, 1, gpu.device))
         train.train(train.parse_args(args + ["--stop-at", "1"]))
         train.train(train.parse_args(args + ["--resume"]))
         cfg = train.parse_args(args + ["--resume"])
@@ -91,7 +89,7 @@ def test_a_device_without_float64_codes_with_the_integer_networks_on_the_cpu(con
     """Apple's MPS has no float64: the latents and the integer networks stay on the CPU there, the transforms
     run on the device, and the bytes are those of a CPU."""
     torch.manual_seed(0)
-    model = codec.build_model(taco.TacoConfig(**config)).eval()
+    model = checkpoints.build_model(taco.TacoConfig(**config)).eval()
     model.attach_text_encoder(clip_text.TextEncoder(TINY_CLIP, "random"))
     x = torch.rand(1, 3, 70, 100)
     cpu_bytes = model.update().compress(x, "a red barn")
@@ -100,7 +98,7 @@ def test_a_device_without_float64_codes_with_the_integer_networks_on_the_cpu(con
         with pytest.raises(TypeError, match="float64"):
             torch.zeros(1, dtype=torch.float64, device=gpu.device)
         model.to(gpu.device)
-        assert model.latent_device.type == "cpu"
+        assert devices.latent_device(model).type == "cpu"
         assert model.compress(x, "a red barn") == cpu_bytes
         assert model.compress(x, "a red barn", memory=2e5) == cpu_bytes
         assert (model.decompress(cpu_bytes, memory=2e5) - on_cpu).abs().max() < 1e-6

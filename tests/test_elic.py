@@ -4,15 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_CLIP, TINY_ELIC, tiny_model
 
-import clip_text
-import codec
-import container
-import elic
 import entropy
 import rangecoder
-from helpers import TINY_CLIP, TINY_ELIC, tiny_model
-from integer import IntegerNetwork
+from machinery import checkpoints, clip_text, container, elic
+from machinery.integer import IntegerNetwork
 
 
 def reference_shapes(N=192, M=320, D=512, slices=(16, 16, 32, 64, 192), table_width=40):
@@ -123,7 +120,7 @@ def fake_release(path, shapes=None, prefix="module.", generation="1.2.6", update
 
 def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
     ours = {k: tuple(v.shape) for k, v in elic.ElicTACO(elic.OFFICIAL).state_dict().items()}
-    reference = {k: v for k, v in reference_shapes().items() if k not in elic.COMPRESSAI_CONSTANTS}
+    reference = {k: v for k, v in reference_shapes().items() if k not in checkpoints.COMPRESSAI_CONSTANTS}
     assert sorted(ours) == sorted(reference)
     tables = [k for k in ours if k.endswith(entropy.TABLE_BUFFERS)]          # sized by update(), rebuilt on load
     assert {k: v for k, v in ours.items() if k not in tables} == {k: v for k, v in reference.items()
@@ -135,7 +132,7 @@ def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
 def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_path, generation, updated):
     path = str(tmp_path / "lambda_0.004.pth.tar")
     state = fake_release(path, generation=generation, updated=updated)
-    model, checkpoint = codec.load_checkpoint(path)
+    model, checkpoint = checkpoints.load_checkpoint(path)
     assert isinstance(model, elic.ElicTACO) and checkpoint["epoch"] == 49
     loaded = model.state_dict()
     for key in ("g_a.analysis_transform.8.gamma", "h_s.increase.4.weight", "channel_context.4.fushion.4.bias"):
@@ -169,8 +166,8 @@ def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, damage):
     else:
         shapes["g_a.analysis_transform.18.weight"] = (3,)
     fake_release(str(tmp_path / "bad.pth.tar"), shapes, prefix="")
-    with pytest.raises(codec.CheckpointError, match=f"{damage}.*g_a.analysis_transform.1[58]"):
-        codec.load_checkpoint(str(tmp_path / "bad.pth.tar"))
+    with pytest.raises(checkpoints.CheckpointError, match=f"{damage}.*g_a.analysis_transform.1[58]"):
+        checkpoints.load_checkpoint(str(tmp_path / "bad.pth.tar"))
 
 
 @pytest.mark.parametrize("size", [(64, 64), (70, 100), (20, 36)])
@@ -236,7 +233,7 @@ def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_i
         class Backwards(rangecoder.SymbolDecoder):
             def decode(self, indexes, *tables):
                 return super().decode(indexes[::-1], *tables)[::-1].copy()
-        monkeypatch.setattr(elic, "SymbolDecoder", Backwards)
+        monkeypatch.setattr(container, "SymbolDecoder", Backwards)
     try:
         corrupted = model.decompress(data)
     except container.BitstreamError:
@@ -274,6 +271,6 @@ def test_text_features_match_a_hand_written_clip_text_forward():
 
 def test_adapter_size_at_the_reference_width_matches_the_paper():
     """About 1.65 M adapter parameters at dim 192 (two Injectors and one Extractor), as in the paper."""
-    import metrics
+    from machinery import metrics
     counted = metrics.complexity(elic.ElicTACO(elic.OFFICIAL), size=64)
     assert 1.6e6 < counted["adapter_params"] < 1.7e6

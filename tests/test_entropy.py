@@ -13,8 +13,8 @@ from scipy.stats import norm
 
 import rangecoder
 from entropy import EntropyBottleneck, GaussianConditional, quantize
+from machinery.tables import pmf_to_quantized_cdf
 from rangecoder import check_cdfs, decode_symbols, encode_symbols
-from tables import pmf_to_quantized_cdf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +39,7 @@ def roundtrip(values, indexes, tables):
     return data, decode_symbols(data, indexes, *tables)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("n", [0, 1, 1000, 1_000_000])
 def test_roundtrip_is_exact_for_random_symbols_and_escapes(n):
     rng = np.random.default_rng(n)
@@ -65,6 +66,7 @@ def test_empty_input_gives_empty_bytes():
     assert decode_symbols(b"", [], *tables).size == 0
 
 
+@pytest.mark.core
 def test_bits_match_entropy_within_1pct():
     rng = np.random.default_rng(3)
     tables = random_tables(rng)
@@ -76,6 +78,7 @@ def test_bits_match_entropy_within_1pct():
     assert 8 * len(data) >= ideal_bits - 8                        # no code beats the entropy
 
 
+@pytest.mark.core
 def test_gaussian_tables_code_within_1pct_of_entropy():
     rng = np.random.default_rng(4)
     gaussian = GaussianConditional()
@@ -92,7 +95,8 @@ def test_compiled_coder_writes_the_same_bytes_as_the_readable_python():
     code = textwrap.dedent("""
         import numpy as np, sys
         sys.path.insert(0, %r)
-        import rangecoder, tables
+        import rangecoder
+        from machinery import tables
         rng = np.random.default_rng(5)
         cdf = tables.pmf_to_quantized_cdf([0.5, 0.3, 0.15, 0.05], 0.001)[None]
         values = rng.integers(-9, 12, 3000).astype(np.int32)
@@ -167,6 +171,7 @@ def test_check_cdfs_rejects_tables_that_would_break_the_coder(bad):
         encode_symbols([0], [0], cdf, lengths, offsets)
 
 
+@pytest.mark.core
 def test_quantize_modes():
     x = torch.tensor([0.4, 1.6, -2.5, 3.2])
     means = torch.tensor([0.5, 0.5, 0.0, -0.2])
@@ -179,6 +184,7 @@ def test_quantize_modes():
     assert torch.equal(x.grad, torch.ones(4))
 
 
+@pytest.mark.core
 def test_gaussian_likelihood_matches_scipy():
     v = torch.linspace(-6, 6, 25, dtype=torch.float64)
     scales = torch.full_like(v, 1.7)
@@ -218,6 +224,7 @@ def test_bottleneck_aux_loss_moves_only_the_quantiles_toward_their_targets():
     assert all(p.grad is None for n, p in bottleneck.named_parameters() if n != "quantiles")       # the density is not moved by it
 
 
+@pytest.mark.core
 def test_bottleneck_compress_roundtrip_equals_dequantize():
     torch.manual_seed(0)
     bottleneck = EntropyBottleneck(8).eval()
@@ -230,6 +237,7 @@ def test_bottleneck_compress_roundtrip_equals_dequantize():
     assert torch.equal(z_hat, bottleneck(z)[0])
 
 
+@pytest.mark.core
 def test_gaussian_compress_roundtrip_equals_dequantize():
     torch.manual_seed(0)
     gaussian = GaussianConditional().eval()

@@ -5,14 +5,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import TINY
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-import codec
 import eval as evaluation
-import metrics
 import taco
-from helpers import TINY
+from machinery import checkpoints, images, metrics
 
 
 def pair(seed=0, size=(2, 3, 96, 112)):
@@ -38,8 +37,8 @@ def test_single_scale_ssim_matches_scikit_image():
 @pytest.mark.parametrize("size", [(192, 224), (427, 640), (333, 201)], ids=["even", "odd COCO", "odd"])
 def test_ms_ssim_matches_pytorch_msssim_on_even_and_odd_sizes(size):
     """pytorch_msssim is what the reference reported MS-SSIM with; its figures are the ones users compare."""
-    from pytorch_msssim import ms_ssim as published
     import skimage.data
+    from pytorch_msssim import ms_ssim as published
     photo = torch.from_numpy(skimage.data.astronaut()[:size[0], :size[1]].copy()).permute(2, 0, 1)[None] / 255
     photo = torch.nn.functional.interpolate(photo, size=size, mode="bilinear") if photo.shape[-2:] != size \
         else photo
@@ -152,7 +151,7 @@ def folder(tmp_path_factory):
     model = taco.TACO(taco.TacoConfig(**TINY)).attach_text_encoder()
     for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
         injector.gamma.data.normal_()
-    codec.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
+    checkpoints.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
     inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     torch.save(inception.state_dict(), root / "inception.pth")
@@ -167,11 +166,11 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
                   str(folder / "inception.pth"), "--out", str(out)])
     report = json.loads((out / "results.json").read_text())
     entry = report["checkpoints"][str(folder / "tiny.pt")]
-    model, _ = codec.load_checkpoint(str(folder / "tiny.pt"))
+    model, _ = checkpoints.load_checkpoint(str(folder / "tiny.pt"))
     model.attach_text_encoder()
     captions = {"coffee.png": "a cup of coffee", "cat.png": "a cat", "rocket.png": "a rocket"}
     for row in entry["given"]["per_image"]:
-        x = codec.read_image(str(folder / "images" / row["image"]))
+        x = images.read_image(str(folder / "images" / row["image"]))
         size = len(model.compress(x, captions[row["image"]]))
         assert row["bytes"] == size and row["bpp"] == 8 * size / (x.shape[-1] * x.shape[-2])
         assert {"psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "bpp_estimate"} <= set(row)

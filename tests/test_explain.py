@@ -2,14 +2,13 @@
 own, and the caption's effect is zero exactly when the adapter's gammas are."""
 import pytest
 import torch
-from PIL import Image
-
-import codec
-import eval as evaluation
-import explain
-import taco
 from helpers import TINY, TINY_ELIC, natural_image, tiny_model
+from PIL import Image
 from test_taco import trained_model  # noqa: F401 (a fixture)
+
+import eval as evaluation
+import taco
+from machinery import checkpoints, explain
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
@@ -51,7 +50,7 @@ def test_caption_changes_the_bits_map_exactly_when_the_gammas_are_nonzero(gammas
 
 def test_explain_cli_writes_a_figure_and_never_overwrites(tmp_path, capsys):
     model = tiny_model(config=TINY)
-    codec.save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), model)
     Image.fromarray((natural_image(96, 160)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(
         tmp_path / "photo.png")
     args = ["--checkpoint", str(tmp_path / "tiny.pt"), "--explain", str(tmp_path / "photo.png"), "--caption",
@@ -89,7 +88,7 @@ def test_extreme_aspect_ratios_give_a_bounded_readable_figure_of_the_costliest_w
 def test_other_formats_are_written_whole_and_unknown_ones_refused_before_anything_is_touched(tmp_path,
                                                                                              monkeypatch):
     model = tiny_model(config=TINY)
-    codec.save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), model)
     save_photo(tmp_path / "photo.png", 64, 96)
     base = ["--checkpoint", str(tmp_path / "tiny.pt"), "--explain", str(tmp_path / "photo.png"), "--force", "-o"]
     for name, magic in (("fig.pdf", b"%PDF"), ("fig.jpg", b"\xff\xd8"), ("fig.svg", b"<?xml")):

@@ -7,16 +7,14 @@ import sys
 
 import pytest
 import torch
-
-import clip_text
-import codec
-import eval as evaluation
-import taco
-import train
 from helpers import TINY, TINY_CLIP, TINY_ELIC
 from test_eval import folder  # noqa: F401  (a fixture: photos, captions, a tiny checkpoint, local weights)
 from test_train import ROOT, TINY_RUN, free_port
 
+import eval as evaluation
+import taco
+import train
+from machinery import checkpoints, clip_text
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +36,7 @@ def test_demo_trains_validates_checkpoints_and_resumes_on_the_gpu(tmp_path, caps
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_compress_on_the_gpu_decodes_on_the_gpu_and_on_the_cpu(config):
     torch.manual_seed(0)
-    model = codec.build_model(taco.TacoConfig(**config)).eval().update()
+    model = checkpoints.build_model(taco.TacoConfig(**config)).eval().update()
     model.attach_text_encoder(clip_text.TextEncoder(TINY_CLIP, "random"))
     x = torch.rand(1, 3, 130, 200)
     data = model.cuda().compress(x, "a red barn")

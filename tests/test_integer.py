@@ -12,12 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import codec
-import container
-import integer
 from helpers import TINY, TINY_ELIC, natural_image, tiny_model
 
+from machinery import checkpoints, container, integer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +91,7 @@ def test_conversion_is_made_of_exact_operations_only():
 
 def hyper_outputs(model, z_hat):
     with torch.no_grad():
-        return model.h_s(z_hat), model.integer_networks().h_s(z_hat)
+        return model.h_s(z_hat), integer.networks(model).h_s(z_hat)
 
 
 def test_a_simulated_other_platform_flips_float_table_choices_and_no_integer_one():
@@ -112,7 +109,7 @@ def test_a_simulated_other_platform_flips_float_table_choices_and_no_integer_one
         (indexes(float_hyper) != indexes(float64_hyper)).sum()
     assert flips > 0
 
-    nets = model.integer_networks()
+    nets = integer.networks(model)
     order = torch.randperm(16)
     first = nets.h_s.layers[0]
     permuted = integer.IntegerNetwork(model.h_s)
@@ -127,7 +124,7 @@ DECODE_ELSEWHERE = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[3]))
     torch.backends.mkldnn.enabled = sys.argv[4] == "on"
     import codec
-    model, _ = codec.load_checkpoint(sys.argv[1])
+    model, _ = checkpoints.load_checkpoint(sys.argv[1])
     data = open(sys.argv[2], "rb").read()
     y_hat, _ = model.decode_latents(data)
     torch.save({"y_hat": y_hat, "x_hat": model.decompress(data)}, sys.argv[2] + ".decoded")
@@ -138,7 +135,7 @@ DECODE_ELSEWHERE = textwrap.dedent("""
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_files_decode_to_the_same_symbols_with_other_threads_and_without_onednn(config, tmp_path):
     model = model_for(config)
-    codec.save_checkpoint(str(tmp_path / "model.pt"), model)
+    checkpoints.save_checkpoint(str(tmp_path / "model.pt"), model)
     x = natural_image(192, 256)
     (tmp_path / "image.taco").write_bytes(model.compress(x, "a red barn in the snow"))
     y_hat, _ = model.decode_latents((tmp_path / "image.taco").read_bytes())
@@ -158,7 +155,7 @@ def test_files_decode_to_the_same_symbols_with_other_threads_and_without_onednn(
 def test_a_decoder_whose_choices_differ_raises_the_dedicated_error(config):
     model = model_for(config)
     data = model.compress(natural_image(64, 96), "a boat")
-    nets = model.integer_networks()
+    nets = integer.networks(model)
     last = (nets.h_s if config is TINY else nets.anchor[0]).layers[-1]
     last.bias[0] += 5 * 2.0 ** (integer.FRACTION_BITS + float(last.shifts[0]))   # scale of channel 0 + 5
     with pytest.raises(container.BitstreamError, match="arithmetic differs from the encoder's"):

@@ -9,10 +9,11 @@ import sys
 import time
 
 import pytest
-
-import eval as evaluation
-import results
 from test_eval import folder  # noqa: F401 (a fixture: three photos, captions, a tiny checkpoint)
+
+import data
+import eval as evaluation
+from machinery import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMINGS = ("encode_s", "decode_s")
@@ -21,13 +22,13 @@ TIMINGS = ("encode_s", "decode_s")
 def test_an_image_list_selects_and_orders_the_images_and_names_what_is_missing(folder, tmp_path):  # noqa: F811
     images = str(folder / "images")
     (tmp_path / "list.json").write_text(json.dumps(["rocket.png", "coffee.png", "rocket.png"]))
-    assert evaluation.list_images(images, str(tmp_path / "list.json")) == ["rocket.png", "coffee.png"]
+    assert data.list_images(images, str(tmp_path / "list.json")) == ["rocket.png", "coffee.png"]
     (tmp_path / "list.txt").write_text("cat.png\n\ncoffee.png\n")
-    assert evaluation.list_images(images, str(tmp_path / "list.txt")) == ["cat.png", "coffee.png"]
+    assert data.list_images(images, str(tmp_path / "list.txt")) == ["cat.png", "coffee.png"]
     (tmp_path / "bad.json").write_text(json.dumps(["cat.png", "COCO_val2014_000000000042.jpg"]))
     with pytest.raises(SystemExit, match="1 image.*not in .*COCO_val2014_000000000042.jpg"):
-        evaluation.list_images(images, str(tmp_path / "bad.json"))
-    assert evaluation.list_images(images) == ["cat.png", "coffee.png", "rocket.png"]
+        data.list_images(images, str(tmp_path / "bad.json"))
+    assert data.list_images(images) == ["cat.png", "coffee.png", "rocket.png"]
 
 
 def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(folder, tmp_path):  # noqa: F811
@@ -39,7 +40,7 @@ def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(folder, t
                             {"id": 12, "image_id": 7, "caption": "Coffee in a white cup."},
                             {"id": 30, "image_id": 9, "caption": "A cat lying down."}]}
     (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
-    captions = evaluation.captions_for(["coffee.png", "cat.png"], str(tmp_path / "captions_val2014.json"), False)
+    captions = data.captions_for(["coffee.png", "cat.png"], str(tmp_path / "captions_val2014.json"), False)
     assert captions == {"coffee.png": "Coffee in a white cup.", "cat.png": "A cat lying down."}
 
 

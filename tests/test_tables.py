@@ -10,14 +10,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, natural_image, tiny_model
 from numpy._core import _multiarray_umath
 from scipy import special
-
-import codec
-import entropy
-import tables
-from helpers import TINY, natural_image, tiny_model
 from test_elic import fake_release
+
+import entropy
+from machinery import checkpoints, container, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,11 +60,11 @@ TABLES_ELSEWHERE = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, %r)
     import codec, entropy
-    model, _ = codec.load_checkpoint(sys.argv[1])
+    model, _ = checkpoints.load_checkpoint(sys.argv[1])
     model.update()
     keep = entropy.TABLE_BUFFERS + ("scale_table",)
     result = {k: v for k, v in model.state_dict().items() if k.endswith(keep)}
-    result["fingerprint"] = torch.tensor(list(model.fingerprint()))
+    result["fingerprint"] = torch.tensor(list(container.fingerprint(model)))
     torch.save(result, sys.argv[2])
 """ % ROOT)
 
@@ -84,15 +83,15 @@ def test_coding_tables_and_fingerprint_are_the_same_bits_on_other_cpus_and_threa
     if kind == "ours":
         model = tiny_model(config=dict(TINY, N=64))
         model.load_state_dict(spread_out(model.state_dict()))
-        codec.save_checkpoint(path, model.update())
+        checkpoints.save_checkpoint(path, model.update())
     else:
         fake_release(path)
         checkpoint = torch.load(path, weights_only=True)
         spread_out(checkpoint["state_dict"], prefix="module.")
         torch.save(checkpoint, path)
-    model, _ = codec.load_checkpoint(path)
+    model, _ = checkpoints.load_checkpoint(path)
     here = {k: v for k, v in model.update().state_dict().items() if k.endswith(entropy.TABLE_BUFFERS + ("scale_table",))}
-    here["fingerprint"] = torch.tensor(list(model.fingerprint()))
+    here["fingerprint"] = torch.tensor(list(container.fingerprint(model)))
     assert len(here) == 8
     for name, settings in OTHER_MACHINES.items():
         run = subprocess.run([sys.executable, "-c", TABLES_ELSEWHERE, path, str(tmp_path / "there.pt")],
@@ -111,9 +110,9 @@ def test_the_fingerprint_names_the_decoder_and_ignores_encoder_only_weights(enco
         for name, p in other.named_parameters():
             if name.startswith(("g_a.", "h_a.")):
                 p.add_(0.01)
-    assert model.fingerprint() == other.fingerprint()
+    assert container.fingerprint(model) == container.fingerprint(other)
     data = other.compress(natural_image(64, 64), "a boat")
     assert torch.equal(model.decompress(data), other.decompress(data))
     with torch.no_grad():
         other.g_s[0].weight.add_(0.01)
-    assert model.fingerprint() != other.fingerprint()
+    assert container.fingerprint(model) != container.fingerprint(other)

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, TINY_CLIP, natural_image, tiny_model
 from PIL import Image
 
-import clip_text
 import codec
-import container
-from clip_text import TextEncoder
-from codec import CheckpointError, load_checkpoint, save_checkpoint
-from container import BitstreamError
-from helpers import TINY, TINY_CLIP, natural_image, tiny_model
+from machinery import checkpoints, clip_text, container, images, integer
+from machinery.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from machinery.clip_text import TextEncoder
+from machinery.container import BitstreamError
 from taco import GDN, TACO, TacoConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +30,7 @@ def eval_reconstruction(model, x, caption):
 
 
 @pytest.mark.parametrize("size", [(64, 64), (70, 100), (17, 33), (130, 200)])
+@pytest.mark.core
 def test_decompress_equals_the_models_own_reconstruction_exactly(encoder, size):
     model = tiny_model(encoder)
     x = natural_image(*size)
@@ -38,6 +38,7 @@ def test_decompress_equals_the_models_own_reconstruction_exactly(encoder, size):
     assert torch.equal(model.decompress(data), eval_reconstruction(model, x, "a red barn in the snow"))
 
 
+@pytest.mark.core
 def test_decoding_needs_no_caption_and_zero_gammas_make_the_caption_irrelevant(encoder):
     x = natural_image(64, 96)
     model = tiny_model(encoder, gammas=False)
@@ -55,6 +56,55 @@ def test_with_nonzero_gammas_the_caption_changes_the_bitstream(encoder):
     assert model.compress(x, "a cat") != model.compress(x, "an aircraft carrier at dawn")
 
 
+@pytest.mark.core
+def test_adapter_off_is_the_plain_mean_scale_hyperprior():
+    """No adapter weights, and g_a is conv 5x5/2 + GDN three times, then conv 5x5/2: computed here layer by layer
+    with F.conv2d and GDN's formula (Balle et al. 2017; Minnen et al. 2018)."""
+    torch.manual_seed(0)
+    plain = TACO(TacoConfig(**{**TINY, "text_adapter": False})).eval()
+    adapted = TACO(TacoConfig(**TINY))
+    adapter_keys = set(adapted.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) < set(adapted.state_dict())
+    assert adapter_keys and all(k.startswith(("g_a.inject_", "g_a.extract_")) for k in adapter_keys)
+    x = natural_image(64, 128)
+    h = x.double()
+    for i in range(4):
+        conv = plain.g_a.stages[i] if i == 3 else plain.g_a.stages[i][0]
+        h = F.conv2d(h, conv.weight.double(), conv.bias.double(), stride=2, padding=2)
+        if i < 3:
+            gdn = plain.g_a.stages[i][1]
+            beta, gamma = gdn.beta().double(), gdn.gamma().double()
+            h = h / torch.sqrt(beta[None, :, None, None] + torch.einsum("ij,bjhw->bihw", gamma, h ** 2))
+    with torch.no_grad():
+        assert torch.allclose(plain.g_a(x), h.float(), atol=1e-5)
+    assert plain.h_s[-1].out_channels == 2 * plain.config.M                 # scales and means of y
+
+
+@pytest.mark.core
+def test_igdn_inverts_gdn():
+    """IGDN is the first step of the fixed-point iteration x = y * sqrt(beta + gamma x^2) that inverts GDN
+    (Balle et al. 2016); exact where gamma = 0, and the iteration from it recovers x."""
+    torch.manual_seed(0)
+    gdn, igdn = GDN(4), GDN(4, inverse=True)
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        for module in (gdn, igdn):
+            module.double().gamma.param.zero_()
+        assert torch.allclose(igdn(gdn(x)), x, atol=1e-12)
+        gamma = torch.sqrt(0.05 * torch.rand(4, 4, dtype=torch.float64) + 2 ** -36)
+        for module in (gdn, igdn):
+            module.gamma.param.copy_(gamma)
+        y = gdn(x)
+        beta, gamma = gdn.beta()[None, :, None, None], gdn.gamma()
+        step = lambda estimate: y * torch.sqrt(beta + torch.einsum("ij,bjhw->bihw", gamma, estimate ** 2))  # noqa: E731
+        estimate = igdn(y)
+        assert torch.allclose(estimate, step(y))
+        for _ in range(200):
+            estimate = step(estimate)
+        assert torch.allclose(estimate, x, atol=1e-9)
+
+
+@pytest.mark.core
 def test_model_without_text_adapter_codes_without_any_text_tower():
     model = TACO(TacoConfig(**{**TINY, "text_adapter": False})).eval().update()
     x = natural_image(40, 50)
@@ -89,6 +139,7 @@ def test_file_size_matches_the_likelihood_estimate(trained_model):
     assert abs(payload - estimate_bytes) <= 0.03 * estimate_bytes + 16
 
 
+@pytest.mark.core
 def test_gdn_follows_its_formula():
     torch.manual_seed(0)
     gdn = GDN(4)
@@ -180,7 +231,7 @@ def test_checkpoint_loaded_in_a_fresh_process_decodes_files_written_before_the_s
     code = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {ROOT!r})
-        from codec import load_checkpoint
+        from machinery.checkpoints import load_checkpoint
         model, checkpoint = load_checkpoint({str(tmp_path / "model.pt")!r})
         x_hat = model.decompress(open({str(tmp_path / "image.taco")!r}, "rb").read()).numpy()
         assert checkpoint["step"] == 7
@@ -290,14 +341,14 @@ def test_no_change_of_the_weights_goes_unseen_by_the_fingerprint_and_the_integer
     fingerprint and be coded with their integer networks."""
     model = tiny_model(encoder)
     x = natural_image(64, 64)
-    first, before = model.fingerprint(), model.compress(x, "a boat")
+    first, before = container.fingerprint(model), model.compress(x, "a boat")
     z_hat = torch.randn(1, model.config.N, 2, 2)
-    hyper = model.integer_networks().h_s(z_hat)
+    hyper = integer.networks(model).h_s(z_hat)
     version = model.h_s[0].weight._version
     model.h_s[0].weight.data.mul_(2)
     assert model.h_s[0].weight._version == version                  # invisible to a version-counter cache
-    assert model.fingerprint() != first
-    assert not torch.equal(model.integer_networks().h_s(z_hat), hyper)
+    assert container.fingerprint(model) != first
+    assert not torch.equal(integer.networks(model).h_s(z_hat), hyper)
     after = model.compress(x, "a boat")
     copy = tiny_model(encoder)
     copy.load_state_dict(model.state_dict())
@@ -308,12 +359,12 @@ def test_sixteen_bit_and_gray_alpha_images_read_as_one_full_precision_channel(tm
     from PIL import Image
     ramp = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
-    x = codec.read_image(str(tmp_path / "ramp16.png"))
+    x = images.read_image(str(tmp_path / "ramp16.png"))
     assert x.shape == (1, 1, 32, 32)
     assert np.allclose(x[0, 0].numpy(), ramp / 65535, atol=1e-7)
     gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
     Image.fromarray(np.stack([gray, 255 - gray], -1), mode="LA").save(tmp_path / "la.png")
-    x = codec.read_image(str(tmp_path / "la.png"))
+    x = images.read_image(str(tmp_path / "la.png"))
     assert x.shape == (1, 1, 16, 16) and np.allclose(x[0, 0].numpy(), gray / 255)
 
 
@@ -347,7 +398,7 @@ def test_a_checkpoint_with_a_nan_weight_names_the_key(tmp_path, encoder, capsys)
         model.h_s[0].weight[0, 0, 0, 0] = float("nan")
     save_checkpoint(str(tmp_path / "nan.pt"), model)
     with pytest.raises(CheckpointError, match="h_s.0.weight holds NaN or infinite values"):
-        codec.load_checkpoint(str(tmp_path / "nan.pt"))
+        checkpoints.load_checkpoint(str(tmp_path / "nan.pt"))
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     assert codec.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "nan.pt"),
                        "--caption", "a"]) == 1

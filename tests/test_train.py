@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import TINY, TINY_CLIP
 from PIL import Image
 
-import clip_text
-import codec
 import data
-import metrics
 import taco
 import train
-from helpers import TINY, TINY_CLIP
-
+from machinery import checkpoints, clip_text, metrics, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +58,29 @@ def test_every_loss_term_reaches_the_codec_and_none_reaches_the_frozen_towers():
         assert all(p.grad is None for p in towers), term
 
 
+@pytest.mark.core
+def test_the_loss_is_rate_plus_weighted_mse_lpips_and_joint_term_each_by_its_formula():
+    """loss = bpp + lambda * 255^2 * MSE + k_P * LPIPS + k_J * J, each term computed here from its definition."""
+    encoder, visual, lpips = tiny_towers()
+    lmbda, k_p, k_j = 0.013, 3.5, 0.0025
+    criterion = train.JointLoss(lmbda, k_p, k_j, lpips, visual)
+    torch.manual_seed(2)
+    x, x_hat, text = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64), torch.randn(2, 64)
+    likelihoods = {"y": torch.rand(2, 24, 4, 4) * 0.9 + 0.05, "z": torch.rand(2, 16, 1, 1) * 0.9 + 0.05}
+    with torch.no_grad():
+        loss, terms = criterion({"x_hat": x_hat, "likelihoods": likelihoods}, x, text)
+        bits = sum(-np.log2(v.double().numpy()).sum() for v in likelihoods.values())
+        bpp = bits / (2 * 64 * 64)
+        mse = ((x_hat.double() - x.double()) ** 2).mean().item()
+        perceptual = lpips(x_hat, x).mean().item()                        # the LPIPS network (tested in test_eval)
+        joint = criterion.joint_term(x_hat, x, text).item()              # its formula: the test below
+    assert np.isclose(terms["bpp"].item(), bpp, rtol=1e-5)
+    assert np.isclose(terms["mse"].item(), mse, rtol=1e-5)
+    assert np.isclose(terms["psnr"].item(), 10 * np.log10(1 / mse), rtol=1e-5)
+    assert np.isclose(loss.item(), bpp + lmbda * 255 ** 2 * mse + k_p * perceptual + k_j * joint, rtol=1e-5)
+
+
+@pytest.mark.core
 def test_joint_term_is_infonce_plus_embedding_distance():
     """Against a computation written here: symmetric cross-entropy on the cosine logits, plus 40 * norm."""
     _, visual, _ = tiny_towers()
@@ -99,10 +119,10 @@ def test_loss_falls_over_a_few_dozen_steps():
 def run_train(args, tmp_path, name):
     cfg = train.parse_args(TINY_RUN + ["--out", str(tmp_path / name)] + args)
     train.train(cfg)
-    return codec.load_checkpoint(str(tmp_path / name / "latest.pt"))
+    return checkpoints.load_checkpoint(str(tmp_path / name / "latest.pt"))
 
 
-@pytest.mark.parametrize("steps,stop", [(6, 3), (8, 4), (12, 7)])
+@pytest.mark.parametrize("steps,stop", [pytest.param(6, 3, marks=pytest.mark.core), (8, 4), (12, 7)])
 def test_resume_after_interruption_continues_exactly(tmp_path, capsys, steps, stop):
     """At any step, across epochs (6 images, 2 per step) and with validation mid-run."""
     common = ["--steps", str(steps), "--val-every", "4"]
@@ -155,7 +175,7 @@ def test_two_processes_with_torchrun_and_gloo_write_one_checkpoint(tmp_path):
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "curves.png", "explain.png", "latest.pt", "log.jsonl"]
-    model, checkpoint = codec.load_checkpoint(str(tmp_path / "ddp" / "latest.pt"))
+    model, checkpoint = checkpoints.load_checkpoint(str(tmp_path / "ddp" / "latest.pt"))
     assert checkpoint["step"] == 3
 
 
@@ -212,7 +232,7 @@ def test_missing_pretrained_weights_stop_the_run_unless_allowed(tmp_path):
     cfg = train.parse_args(["--data", "folder", "--N", "16", "--M", "24", "--out", str(tmp_path / "x")])
     assert not cfg.allow_missing_weights
     with pytest.raises(SystemExit, match="--allow-missing-weights"):
-        train.build_towers(cfg, print)
+        training.build_towers(cfg, print)
 
 
 def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
@@ -243,6 +263,6 @@ def test_an_epoch_is_a_pass_over_image_caption_pairs_as_in_the_reference(tmp_pat
     (tmp_path / "annotations" / "captions_train2014.json").write_text(
         json.dumps({"images": images, "annotations": captions}))
     cfg = train.parse_args(["--data", "coco", "--root", str(tmp_path), "--batch-size", "3", "--epochs", "2"])
-    items, _ = train.training_data(cfg)
+    items, _ = training.training_data(cfg)
     assert sorted(c for _, (c,) in items) == sorted(a["caption"] for a in captions)   # 15 pairs, not 3 images
     assert 2 * data.steps_per_epoch(len(items), cfg.batch_size) == 10

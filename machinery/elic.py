@@ -8,7 +8,8 @@ What changes from taco.py's hyperprior (the text adapter, the entropy coder and 
     (row + column odd) from the hyperprior and the slices before it (channel context), then the non-anchors
     with the decoded anchors as well (local context). Everything the decoder needs for a pass is decoded
     before it, so one stream holds all passes, decoded in several calls (entropy.SymbolDecoder).
-Module names reproduce the reference's state-dict keys, which is how codec.load_released loads the released files.
+Module names reproduce the reference's state-dict keys, which is how checkpoints.load_released loads the released
+files.
 """
 from types import SimpleNamespace
 
@@ -16,15 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bands
-import container
-import entropy
 import taco
 from entropy import quantize, to_cpu
-from integer import FRACTION_BITS, IntegerNetwork
-from rangecoder import SymbolDecoder, SymbolEncoder
+from machinery import banded, bands, container
+from machinery.integer import FRACTION_BITS, IntegerNetwork
 from taco import Extractor, Injector, conv, deconv
-
 
 ANCHOR, NONANCHOR = "anchor", "non-anchor"
 
@@ -114,7 +111,7 @@ class ElicAnalysis(nn.Module):
         return list(self.analysis_transform)
 
     def forward(self, x, text, padding=None):
-        return taco.run_analysis(self.spatial_chain(), x, text, padding)        # (B, M, H/16, W/16)
+        return banded.run_analysis(self.spatial_chain(), x, text, padding)      # (B, M, H/16, W/16)
 
 
 class ElicSynthesis(nn.Module):
@@ -175,7 +172,7 @@ class EntropyParameters(nn.Module):
 class ElicTACO(taco.TACO):
     """TACO as released: ELIC transforms, text adapter, checkerboard + channel-context entropy model."""
 
-    default_memory = 4 * taco.DEFAULT_MEMORY   # its transforms' halos are 16 rows of y (hyperprior: 3)
+    default_memory = 4 * banded.DEFAULT_MEMORY   # its transforms' halos are 16 rows of y (hyperprior: 3)
 
     def __init__(self, config):
         if not config.text_adapter:
@@ -200,17 +197,15 @@ class ElicTACO(taco.TACO):
         return SimpleNamespace(h_s=self.h_s, channel_context=self.channel_context, local_context=self.local_context,
                                anchor=self.entropy_parameters_anchor, nonanchor=self.entropy_parameters_nonanchor)
 
-    def integer_networks(self, fingerprint=None):
+    def integer_networks(self):
         """h_s and every context and parameter network in exact integers: their inputs are decoded values,
         so the whole chain must agree on every machine (integer.py)."""
-        def convert():
-            return SimpleNamespace(
-                h_s=IntegerNetwork(self.h_s.increase),
-                channel_context=[IntegerNetwork(m.fushion) if m is not None else None for m in self.channel_context],
-                local_context=[IntegerNetwork(m, keep=reads_anchors) for m in self.local_context],
-                anchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_anchor],
-                nonanchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_nonanchor])
-        return self.for_these_weights("integer_networks", convert, fingerprint)
+        return SimpleNamespace(
+            h_s=IntegerNetwork(self.h_s.increase),
+            channel_context=[IntegerNetwork(m.fushion) if m is not None else None for m in self.channel_context],
+            local_context=[IntegerNetwork(m, keep=reads_anchors) for m in self.local_context],
+            anchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_anchor],
+            nonanchor=[IntegerNetwork(m.fusion) for m in self.entropy_parameters_nonanchor])
 
     def checkerboard_passes(self, hyper, code, nets):
         """Both checkerboard passes of every slice, in coding order. `code(i, pass, scales, means)` returns
@@ -251,8 +246,8 @@ class ElicTACO(taco.TACO):
         second pass."""
         h, w = y_hat.shape[-2:]
         hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
-        for rows in self.latent_bands(nets.h_s, h, w, memory):
-            hyper[:, :, rows] = to_grid(self.hyper_rows(nets.h_s, z_hat, rows))
+        for rows in banded.latent_bands(nets.h_s, h, w, self.config.M, memory):
+            hyper[:, :, rows] = to_grid(banded.hyper_rows(nets.h_s, z_hat, rows))
         starts = [sum(self.config.slices[:i]) for i in range(len(self.config.slices) + 1)]
         for i in range(len(self.config.slices)):
             own = slice(starts[i], starts[i + 1])
@@ -265,8 +260,7 @@ class ElicTACO(taco.TACO):
                 networks = [nets.h_s] + ([nets.channel_context[i]] if i and kind == ANCHOR else []) + \
                     ([nets.local_context[i]] if kind == NONANCHOR else [])
                 widest = max(networks, key=bands.bytes_per_output)
-                bands_of_rows = self.latent_bands(widest, h, w, memory)
-                for done, rows in enumerate(bands_of_rows):
+                for rows in banded.in_bands(widest, h, w, self.config.M, memory, progress):
                     top = rows.start
                     features = [from_grid(gather(hyper[:, :, rows], kind, top))]
                     if i and kind == ANCHOR:
@@ -282,15 +276,13 @@ class ElicTACO(taco.TACO):
                     parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
                     scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, ~w/2)
                     code(own, kind, rows, scales, means)
-                    bands.release_memory(len(bands_of_rows))
-                    taco.report(progress, "coding", done + 1, len(bands_of_rows))
 
     def encode_y(self, y, z_hat, nets, memory, progress=None):
         """Consumes y (float32): y and y_hat share its buffer. A position holds y until it is coded, then y_hat
         (int32 on the grid, the same 4 bytes); the contexts read coded positions only, through the int32 view."""
         if y.dtype != torch.float32:
             raise TypeError(f"encode_y takes y as g_a gives it, float32, not {y.dtype}")
-        encoder, tables, crc = SymbolEncoder(), self.gaussian_conditional.tables(), [0]
+        encoder = container.CheckedEncoder(self.gaussian_conditional.tables())
         y_hat = y.view(torch.int32)
 
         def code(own, kind, rows, scales, means):
@@ -298,26 +290,24 @@ class ElicTACO(taco.TACO):
             where = in_raster(to_cpu(gathered(kind, rows, y.shape[-1])), values.shape)
             indexes = taco.raster(self.gaussian_conditional.build_indexes(scales))[where]
             symbols = taco.raster(quantize(to_cpu(values), "symbols", to_cpu(means)))[where]
-            encoder.encode(symbols.numpy(), indexes.numpy(), *tables)
-            crc[0] = container.decisions_crc(indexes, crc[0])
+            encoder.encode(symbols, indexes)
             scatter(to_grid(quantize(values, "dequantize", means)), kind, rows.start, y_hat[:, own, rows])
         self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
-        return encoder.finish(), crc[0]
+        return encoder.finish()
 
-    def decode_y(self, data, z_hat, nets, expected_crc, memory, progress=None):
-        decoder, tables, crc = SymbolDecoder(data), self.gaussian_conditional.tables(), [0]
+    def decode_y(self, data, z_hat, nets, decisions, memory, progress=None):
+        decoder = container.CheckedDecoder(data, self.gaussian_conditional.tables(), decisions)
         h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
         y_hat = torch.zeros(1, self.config.M, h, w, dtype=torch.int32, device=z_hat.device)
 
         def code(own, kind, rows, scales, means):
             where = in_raster(to_cpu(gathered(kind, rows, w)), scales.shape)
             indexes = taco.raster(self.gaussian_conditional.build_indexes(scales))[where]
-            crc[0] = container.decisions_crc(indexes, crc[0])
             values = torch.zeros(taco.raster(scales).shape, dtype=torch.float64)
-            values[where] = torch.from_numpy(decoder.decode(indexes.numpy(), *tables)).double()
+            values[where] = decoder.decode(indexes).double()
             scatter(to_grid(taco.raster(values).to(means) + means), kind, rows.start, y_hat[:, own, rows])
         self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
-        container.check_decisions(crc[0], expected_crc)
+        decoder.finish()
         return from_grid(y_hat)
 
 
@@ -371,27 +361,6 @@ def from_grid(integers):
     return integers.double() * 2.0 ** -FRACTION_BITS
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The released checkpoints' names (codec.load_released loads them)
-# ----------------------------------------------------------------------------------------------------------
+# The released checkpoints' configuration (machinery/checkpoints.py loads them)
 OFFICIAL = taco.TacoConfig(N=192, M=320, backbone="elic", text_adapter=True, clip_model="ViT-B-32-quickgelu",
                            clip_pretrained="openai", text_tokens=38, text_dim=512, heads=8)
-# CompressAI stores its constant bounds as buffers; here they are plain numbers (scale 0.11, likelihood 1e-9).
-COMPRESSAI_CONSTANTS = ("entropy_bottleneck.likelihood_lower_bound.bound",
-                        "gaussian_conditional.likelihood_lower_bound.bound",
-                        "gaussian_conditional.lower_bound_scale.bound", "gaussian_conditional.scale_bound")
-# The factorized prior's parameters in every CompressAI generation -> ours (CompressAI <= 1.2.6's own names).
-BOTTLENECK_NAMES = {"matrices.": "_matrix", "biases.": "_bias", "factors.": "_factor",      # CompressAI >= 1.2.7
-                    "_matrices.": "_matrix", "_biases.": "_bias", "_factors.": "_factor"}  # its zoo's oldest files
-
-
-def released_key(key):
-    """A released file's key -> our key; None for what we do not load (constants, coding tables)."""
-    key = key.removeprefix("module.")                                   # saved from DistributedDataParallel
-    if key in COMPRESSAI_CONSTANTS or key.endswith(entropy.TABLE_BUFFERS):   # tables: rebuilt by update()
-        return None
-    module, _, name = key.partition(".")
-    for old, new in BOTTLENECK_NAMES.items():
-        if module == "entropy_bottleneck" and name.startswith(old):
-            return f"{module}.{new}{name[len(old):]}"
-    return key

@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
+from machinery import container, devices
+
 FRACTION_BITS = 16               # activations carry 16 fractional bits: a resolution of 1/65536
 ACTIVATION_LIMIT = 2.0 ** 29     # |a| <= 2**29: values within +-8192 at that resolution
 EXACT_LIMIT = 2.0 ** 52          # every accumulator stays below this, so float64 holds it exactly
@@ -183,3 +185,22 @@ class IntegerNetwork:
         for layer in self.layers:
             a = layer(a)
         return from_fixed(a)                                                    # float64, exact
+
+
+def networks(model, fingerprint=None):
+    """model.integer_networks() (h_s, and ELIC's context networks), converted again whenever a weight, buffer or
+    table differs from when they were converted. Keyed by the fingerprint, a hash of their bytes: no way of
+    changing them (in place, through .data, by a fused optimizer, on another device) goes unseen, so a file can
+    never be written with stale integer networks. A caller that has just hashed the weights passes that
+    `fingerprint` (hashing costs a pass over them)."""
+    key = fingerprint or container.fingerprint(model)
+    cached = model.__dict__.get("_integer_networks")
+    if cached is None or cached[0] != key:
+        model.__dict__["_integer_networks"] = cached = (key, model.integer_networks())
+    return cached[1]
+
+
+def estimate_networks(model, device):
+    """The networks an eval-mode forward uses: the integer ones, as coding does, or the float ones on a device
+    without float64 (Apple's MPS), where the integers cannot be exact."""
+    return networks(model) if devices.has_float64(device) else model.float_networks()

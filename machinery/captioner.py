@@ -14,7 +14,7 @@ Deterministic: no sampling, ties broken by position, so a photo always gets the 
 import torch
 import torch.nn.functional as F
 
-import clip_text
+from machinery import clip_text
 
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"
 
@@ -40,7 +40,7 @@ class Captioner:
 
     @torch.no_grad()
     def __call__(self, pixels):
-        """pixels (1, C, H, W): uint8 / uint16 integers or floats in [0, 1] (as codec.read_pixels gives them)."""
+        """pixels (1, C, H, W): uint8 / uint16 integers or floats in [0, 1] (as images.read_pixels gives them)."""
         from PIL import Image
         x = pixels[0, :3]
         if x.dtype != torch.uint8:                       # 16-bit or float: to 8 bits, as a photo viewer shows it
@@ -130,6 +130,7 @@ def caption_images(folder, names, read, log, logs, name, pretrained, device="cpu
     processes (torchrun) to finish their shares."""
     import json
     import os
+
     from tqdm import tqdm
     known = read_logs(logs, name, pretrained)
     todo = [n for n in (names if share is None else share) if n not in known]

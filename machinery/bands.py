@@ -33,8 +33,9 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-import container
-from integer import IntegerConv, IntegerLeakyReLU, IntegerNetwork, IntegerReLU
+from machinery import container
+from machinery.images import PEAKS
+from machinery.integer import IntegerConv, IntegerLeakyReLU, IntegerNetwork, IntegerReLU
 
 PER_POSITION = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Identity, IntegerReLU, IntegerLeakyReLU)
 WORKING_COPIES = 4       # a layer's input, output and up to two temporaries (GDN's x*x and norm) live at once
@@ -141,6 +142,12 @@ def channels_last(x):
     return x
 
 
+def coding_layout(x, training):
+    """x as coding lays it out (channels_last) in eval mode, so that an eval-mode forward computes the same floats
+    as compress and decompress; as it is in training (train.py chooses its own layout)."""
+    return x if training else channels_last(x)
+
+
 def output_size(layer, size):
     """(height, width) of layer's output for an input of `size`, from the layers' own size formulas."""
     return tuple(output_length(layer, n, dim) for dim, n in enumerate(size))
@@ -176,7 +183,6 @@ def halo(layer, dim):
 
 
 # The image, read in blocks
-PEAKS = {torch.uint8: 255, torch.uint16: 65535}     # integer pixels -> [0, 1]
 
 
 class Pixels:

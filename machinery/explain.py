@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import container
-import metrics
 import taco
+from machinery import container, metrics
 
 
 def injectors(model):

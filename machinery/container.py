@@ -1,11 +1,19 @@
 """The .taco file: a header (magic, version, the writing model's fingerprint, image size, a check of the
 decoder's decisions, stream lengths), the z and y streams, and a CRC-32 of all of it. Every check happens
 before anything large is allocated, and every failure is one BitstreamError that says why."""
+import contextlib
+import dataclasses
+import hashlib
+import json
 import struct
 import zlib
 from types import SimpleNamespace
 
 import numpy as np
+import torch
+
+from entropy import to_cpu
+from rangecoder import SymbolDecoder, SymbolEncoder
 
 
 class BitstreamError(ValueError):
@@ -22,7 +30,25 @@ FORMAT_PIXELS = 1 << 28                   # the largest image the format describ
 MAX_PIXELS = 1 << 27                      # the largest one decoded by default (about 134 megapixels)
 
 
-def pack(fingerprint, H, W, gray, bits, decisions, z_bytes, y_bytes):
+ENCODER_ONLY = ("g_a.", "h_a.")     # state-dict prefixes of what only the encoder runs: not in the fingerprint
+
+
+def fingerprint(model):
+    """8 bytes that identify what a decoder needs: the config and every weight and table except those of the
+    encoder-only transforms (g_a with its text adapter, h_a), so files name the decoder that reads them. The
+    tables are the same integers on every machine (tables.py), and so is this hash. Hashed afresh on every
+    call (a few milliseconds per 10 MB of weights)."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith(ENCODER_ONLY):
+            h.update(name.encode())
+            h.update(to_cpu(tensor).contiguous().view(-1).view(torch.uint8).numpy())    # hashed in place
+    return h.digest()[:8]
+
+
+def pack(fingerprint, image, decisions, z_bytes, y_bytes):
+    """The file's bytes: the header (image: bands.Pixels, for its size, channels and depth), the streams, a CRC."""
+    H, W, gray, bits = image.height, image.width, image.channels == 1, image.bits
     flags = (GRAY if gray else 0) | (SIXTEEN_BITS if bits == 16 else 0)
     header = HEADER.pack(MAGIC, VERSION, fingerprint, H, W, flags, decisions, len(z_bytes), len(y_bytes))
     crc = zlib.crc32(y_bytes, zlib.crc32(z_bytes, zlib.crc32(header)))
@@ -57,6 +83,50 @@ def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
     return SimpleNamespace(height=H, width=W, gray=bool(flags & GRAY), bits=16 if flags & SIXTEEN_BITS else 8,
                            decisions=decisions, z_bytes=view[HEADER.size:z_end],
                            y_bytes=view[z_end:len(data) - CHECKSUM.size])
+
+
+class CheckedEncoder:
+    """The range coder's encoder, keeping a CRC-32 of every table index it is given (the coding decisions):
+    the header carries it, so that a decoder whose arithmetic chose other tables says so instead of decoding
+    garbage."""
+
+    def __init__(self, tables):
+        self.encoder, self.tables, self.crc = SymbolEncoder(), tables, 0
+
+    def encode(self, symbols, indexes):
+        """symbols, indexes: int32 CPU tensors of one shape, in coding order."""
+        self.encoder.encode(symbols.numpy(), indexes.numpy(), *self.tables)
+        self.crc = decisions_crc(indexes, self.crc)
+
+    def finish(self):
+        """-> the stream's bytes, the CRC of the decisions."""
+        return self.encoder.finish(), self.crc
+
+
+class CheckedDecoder:
+    """The decoder's side: decode(indexes) -> symbols, and finish() checks the decisions against the header."""
+
+    def __init__(self, data, tables, expected):
+        self.decoder, self.tables, self.crc, self.expected = SymbolDecoder(data), tables, 0, expected
+
+    def decode(self, indexes):
+        self.crc = decisions_crc(indexes, self.crc)
+        return torch.from_numpy(self.decoder.decode(indexes.numpy(), *self.tables)).view(indexes.shape)
+
+    def finish(self):
+        check_decisions(self.crc, self.expected)
+
+
+@contextlib.contextmanager
+def decoding_errors():
+    """A failure while decoding a file whose checksum was intact becomes one BitstreamError that says why."""
+    try:
+        yield
+    except ValueError as error:
+        if isinstance(error, BitstreamError):
+            raise
+        raise BitstreamError(f"the file's checksum is intact, yet decoding failed ({error}): this machine's "
+                             f"arithmetic differs from the encoder's, or the file is forged") from error
 
 
 def decisions_crc(indexes, crc=0):

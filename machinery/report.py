@@ -7,9 +7,8 @@ import os
 import numpy as np
 import torch
 
-import codec
-import metrics
-
+from machinery import checkpoints, metrics
+from machinery.images import as_rgb, read_image
 
 REFERENCE = {   # published Kodak figures: the released TACO files measured by a third party, CompressAI's
     # Minnen 2018 model zoo results, and the ELIC paper (He et al., CVPR 2022, Kodak)
@@ -33,7 +32,7 @@ def write_report(args, images, store):
         groups.setdefault((row["checkpoint"], row["captions"]), []).append(row)
     report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
     for path in args.checkpoint:
-        model, _ = codec.load_checkpoint(path)
+        model, _ = checkpoints.load_checkpoint(path)
         entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}
         for run in ("given", "empty", "shuffled"):
             rows = sorted(groups.get((path, run), []), key=lambda r: order[r["image"]])
@@ -100,7 +99,7 @@ def baseline_curves(folder, images, pillows):
             continue
         per_quality = {}
         for name in images:
-            x = codec.as_rgb(codec.read_image(os.path.join(folder, name)))
+            x = as_rgb(read_image(os.path.join(folder, name)))
             for q in range(5, 100, 5):
                 bpp, decoded, encode, decode = metrics.pillow_codec(x, pillow, q)
                 quality = float(metrics.psnr(decoded, x)), float(metrics.ms_ssim(decoded, x))

@@ -1,13 +1,21 @@
 """Speed figures, printed, never asserted. Compare numbers from one run on one machine.
 
-    python bench.py coder        # the range coder on 300k Gaussian-conditional symbols (a 768x512 image's y)
-    python bench.py codec        # compress / decompress time and peak memory, with and without the adapter
-    python bench.py codec --backbone elic -N 192 -M 320     # the paper's model at the reference widths
-    python bench.py integer --checkpoint runs/demo/best.pt   # integer vs float entropy parameters
-    python bench.py release      # load a released-size checkpoint (tables rebuilt) and code its first image
-    python bench.py train        # training images/s and peak memory (demo and default configs)
-    python bench.py bands        # peak memory and time per megapixel at 2 and 16 MP: the growth per pixel
-    python bench.py bands --sizes 10000x10000     # a 100-megapixel image
+    python -m machinery.bench coder
+        # the range coder on 300k Gaussian-conditional symbols (a 768x512 image's y)
+    python -m machinery.bench codec
+        # compress / decompress time and peak memory, with and without the adapter
+    python -m machinery.bench codec --backbone elic -N 192 -M 320
+        # the paper's model at the reference widths
+    python -m machinery.bench integer --checkpoint runs/demo/best.pt
+        # integer vs float entropy parameters
+    python -m machinery.bench release
+        # load a released-size checkpoint (tables rebuilt) and code its first image
+    python -m machinery.bench train
+        # training images/s and peak memory (demo and default configs)
+    python -m machinery.bench bands
+        # peak memory and time per megapixel at 2 and 16 MP: the growth per pixel
+    python -m machinery.bench bands --sizes 10000x10000
+        # a 100-megapixel image
 """
 import argparse
 import multiprocessing
@@ -18,13 +26,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import captioner
-import clip_text
-import codec
 import data
 import entropy
 import rangecoder
 import taco
+from machinery import captioner, checkpoints, clip_text, images
 
 
 def best_time(fn, repeat):
@@ -84,7 +90,7 @@ def peak_mib():
 def codec_case(backbone, N, M, text_adapter, height, width, repeat, device, queue):
     torch.manual_seed(0)
     config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random", backbone=backbone)
-    model = codec.build_model(config).eval().update().to(device)
+    model = checkpoints.build_model(config).eval().update().to(device)
     if text_adapter:
         model.attach_text_encoder(clip_text.TextEncoder(config.clip_model, "random").to(device))   # full size
     x = torch.rand(1, 3, height, width)
@@ -115,7 +121,7 @@ def bench_codec(args):
 def release_case(path, height, width, queue):
     timings = {}
     start = time.perf_counter()
-    model, _ = codec.load_checkpoint(path)              # torch.load, strict key check, update() of every table
+    model, _ = checkpoints.load_checkpoint(path)              # torch.load, strict key check, update() of every table
     timings["load (tables rebuilt)"] = time.perf_counter() - start
     x, features = torch.rand(1, 3, height, width), torch.randn(1, 38, 512)     # CLIP token features given
     start = time.perf_counter()
@@ -133,7 +139,7 @@ def bench_release(args):
     import os
     import tempfile
 
-    import elic
+    from machinery import elic
     torch.manual_seed(0)
     state = elic.ElicTACO(elic.OFFICIAL).state_dict()
     with torch.no_grad():
@@ -184,12 +190,12 @@ def integer_case(checkpoint, backbone, repeat, queue):
     import skimage.data
 
     if checkpoint:
-        model, _ = codec.load_checkpoint(checkpoint)
+        model, _ = checkpoints.load_checkpoint(checkpoint)
         label = checkpoint
     else:
         torch.manual_seed(0)
         config = dict(N=192, M=320) if backbone == "elic" else {}
-        model = codec.build_model(taco.TacoConfig(clip_pretrained="random", backbone=backbone, **config))
+        model = checkpoints.build_model(taco.TacoConfig(clip_pretrained="random", backbone=backbone, **config))
         model.eval().update()
         label = f"{backbone}, random weights"
     if model.config.text_adapter:
@@ -199,7 +205,8 @@ def integer_case(checkpoint, backbone, repeat, queue):
     for path in ("integer", "float"):
         if path == "float":                  # the same code with the float networks: this machine only
             floats = float_path(model)
-            model.integer_networks = lambda fingerprint=None: floats
+            model.integer_networks = lambda: floats                  # what integer.networks() converts
+            model.__dict__.pop("_integer_networks", None)            # and its cache of the integer ones
         sizes, t_enc, t_dec = [], 0.0, 0.0
         for name, array in photos.items():
             x = torch.from_numpy(array[:, :, :3].copy()).permute(2, 0, 1)[None].float() / 255
@@ -228,8 +235,8 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
     """Training steps with every tower of the real architecture (random weights cost the same)."""
     import torchvision
 
-    import metrics
     import train
+    from machinery import metrics
     torch.manual_seed(0)
     clip = clip_text.load_clip("ViT-B-32-quickgelu", "random")
     encoder = clip_text.TextEncoder("ViT-B-32-quickgelu", "random", clip=clip) if text_adapter else None
@@ -302,28 +309,29 @@ def bands_case(backbone, N, M, memory, step, png, taco_file, queue):
     PNG): its time, and the peak RSS of the whole process and of the process with the model loaded."""
     torch.manual_seed(0)
     config = taco.TacoConfig(N=N, M=M, text_adapter=backbone == "elic", clip_pretrained="random", backbone=backbone)
-    model = codec.build_model(config).eval().update()
+    model = checkpoints.build_model(config).eval().update()
     features = torch.zeros(1, config.text_tokens, config.text_dim)      # the caption's features (no text tower)
     before = peak_mib()
     start = time.perf_counter()
     if step == "compress":
-        data = model.compress(codec.read_pixels(png, 1 << 28), features if config.text_adapter else "", memory=memory)
+        data = model.compress(images.read_pixels(png, 1 << 28), features if config.text_adapter else "", memory=memory)
         with open(taco_file, "wb") as f:
             f.write(data)
     else:
         with open(taco_file, "rb") as f:
             data = f.read()
-        codec.write_image(model.decompress(data, dtype=None, memory=memory, max_pixels=1 << 28), png + ".out.png")
+        images.write_image(model.decompress(data, dtype=None, memory=memory, max_pixels=1 << 28), png + ".out.png")
     queue.put((time.perf_counter() - start, before, peak_mib()))
 
 
 def bench_bands(args):
     import os
     import tempfile
+
     from PIL import Image
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     print(f"bands: {args.backbone} N={args.N} M={args.M}, --memory {args.memory or 'default'} (MiB), CPU "
-          f"({torch.get_num_threads()} threads), random weights, photo-like PNGs through codec.read_pixels / "
+          f"({torch.get_num_threads()} threads), random weights, photo-like PNGs through images.read_pixels / "
           f"write_image; each step in a fresh process; peak RSS of the whole process")
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -351,7 +359,7 @@ def bench_bands(args):
 
 
 def sets_case(n, dimensions, metric, queue):
-    import metrics
+    from machinery import metrics
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, dimensions, generator=g)                # float32, as eval.py reads the stored features
     b = a + 0.1 * torch.randn(n, dimensions, generator=g)

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_text
 import taco
+from machinery import clip_text
 
 # The per-image figures (the forward pass's likelihoods, MS-SSIM, LPIPS, explain.png) run in one piece, unlike
 # compress and decompress: above this size they refuse rather than exhaust the memory.

@@ -1,0 +1,38 @@
+"""Where coding runs. Transforms run on the model's device; the latents and the integer networks need exact
+float64, which some devices lack; a GPU is held to deterministic float settings while coding."""
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def deterministic_gpu():
+    """Coding runs in plain fp32 with deterministic cuDNN algorithms (as the reference): cuDNN may otherwise
+    pick another convolution algorithm from call to call, and TF32 (which training may enable) rounds
+    matmul inputs to 10 mantissa bits, so the encoder's and the decoder's float paths would drift further."""
+    flags = (torch.backends.cudnn, "deterministic", True), (torch.backends.cudnn, "allow_tf32", False), \
+        (torch.backends.cuda.matmul, "allow_tf32", False)
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
+def has_float64(device):
+    """False on devices without float64 (Apple's MPS refuses to create it)."""
+    try:
+        torch.zeros(1, dtype=torch.float64, device=device)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+def latent_device(model):
+    """Where the latents and the integer networks live: the model's device, or the CPU on a device without
+    float64 (Apple's MPS), since the integer arithmetic needs float64's exact integers."""
+    device = next(model.parameters()).device
+    return device if has_float64(device) else torch.device("cpu")

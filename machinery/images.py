@@ -1,0 +1,61 @@
+"""Image files in and out: 8-bit RGB, gray, 16-bit gray, float images; alpha is dropped. Images above Pillow's
+decompression-bomb limit are refused before they are decoded."""
+import numpy as np
+import torch
+
+PEAKS = {torch.uint8: 255, torch.uint16: 65535}     # integer pixels -> [0, 1]
+GRAY_MODES = {"1": np.uint8, "L": np.uint8, "LA": np.uint8, "I;16": np.uint16, "I;16B": np.uint16,
+              "I;16L": np.uint16, "I": np.uint16, "F": np.float32}
+
+
+def read_pixels(path, max_pixels=None):
+    """-> (1, C, H, W) as stored: uint8, uint16 for 16-bit grayscale, float32 in [0, 1] for float images; C = 1
+    for grayscale (with or without alpha), 3 otherwise (alpha is dropped). Images above Pillow's decompression-
+    bomb limit (twice Image.MAX_IMAGE_PIXELS, where Pillow itself raises), or above `max_pixels` when given, are
+    refused with one ValueError."""
+    import warnings
+
+    from PIL import Image
+    limit = 2 * Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)       # the limit is checked here
+            if limit is not None and image.width * image.height > limit:
+                raise ValueError(f"{path} has {image.width}x{image.height} pixels, more than the limit of "
+                                 f"{limit / 1e6:.0f} megapixels (Pillow's guard against decompression bombs); "
+                                 f"raise it with --max-image-pixels if you trust the file")
+            if image.mode in GRAY_MODES:
+                dtype = GRAY_MODES[image.mode]
+                image = image.convert("L") if image.mode in ("1", "LA") else image
+                array = np.array(image)                              # one writable copy, then Pillow's goes
+                array = np.clip(array, 0, 65535).astype(dtype) if dtype == np.uint16 else \
+                    np.clip(array, 0, 1).astype(dtype) if dtype == np.float32 else array
+            else:
+                array = np.array(image if image.mode == "RGB" else image.convert("RGB"))
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: {error}; raise the limit with --max-image-pixels if you trust the file") from error
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
+
+
+def to_unit(x):
+    """Pixels as stored (uint8, uint16, float) -> float32 in [0, 1]."""
+    return x.float() / PEAKS[x.dtype] if x.dtype in PEAKS else x.float()
+
+
+def as_rgb(x):
+    """(1, 1 or 3, H, W) -> (1, 3, H, W): gray repeated in the three channels (a view)."""
+    return x.expand(1, 3, *x.shape[-2:]) if x.shape[1] == 1 else x
+
+
+def read_image(path):
+    """-> (1, C, H, W) float32 in [0, 1] (see read_pixels); 16-bit values keep their precision (x / 65535)."""
+    return to_unit(read_pixels(path))
+
+
+def write_image(x, path):
+    """(1, C, H, W) uint8, uint16 (16-bit grayscale PNG) or float in [0, 1] (written as 8 bits) -> an image file."""
+    from PIL import Image
+    if x.dtype not in (torch.uint8, torch.uint16):
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    array = x[0].permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
