@@ -371,9 +371,9 @@ class TACO(nn.Module):
         grayscale and bit depth. A declared size above max_pixels is refused before anything is allocated."""
         fingerprint, memory = container.fingerprint(self), memory or self.default_memory
         info = container.unpack(data, fingerprint, max_pixels)   # every check of the file, before decoding
-        H, W = -(-info.height // 64), -(-info.width // 64)
+        z_size = -(-info.height // 64), -(-info.width // 64)                   # the padded image / 64
         with container.decoding_errors():
-            z_hat = self.entropy_bottleneck.decompress(info.z_bytes, (1, self.config.N, H, W))
+            z_hat = self.entropy_bottleneck.decompress(info.z_bytes, (1, self.config.N, *z_size))
             z_hat = z_hat.to(devices.latent_device(self))
             nets = integer.networks(self, fingerprint)
             y_hat = self.decode_y(info.y_bytes, z_hat, nets, info.decisions, memory, progress)

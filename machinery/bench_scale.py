@@ -1,0 +1,118 @@
+"""Figures at scale (python -m machinery.bench bands | sets | caption): large images through the user's path,
+set metrics over COCO-30k-sized sets, captions. Printed, never asserted."""
+import time
+
+import numpy as np
+import torch
+
+import data
+import taco
+from machinery import captioner, checkpoints, clip_text, images, metrics
+from machinery.measure import in_child, peak_mib
+
+
+def photo_like(height, width, seed=0):
+    """A uint8 image with smooth structure and grain, made band by band (never a float image whole)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 64 + 2, width // 64 + 2, 3)).astype(np.float32)
+    x = np.empty((height, width, 3), dtype=np.uint8)
+    columns = np.arange(width) / 64
+    for r0 in range(0, height, 256):
+        rows = np.arange(r0, min(r0 + 256, height)) / 64
+        top, left = rows.astype(int), columns.astype(int)
+        fy, fx = (rows - top)[:, None, None], (columns - left)[None, :, None]
+        band = (coarse[top][:, left] * (1 - fy) * (1 - fx) + coarse[top + 1][:, left] * fy * (1 - fx)
+                + coarse[top][:, left + 1] * (1 - fy) * fx + coarse[top + 1][:, left + 1] * fy * fx)
+        band += rng.normal(0, 6, band.shape).astype(np.float32)
+        x[r0:r0 + len(rows)] = np.clip(band, 0, 255)
+    return torch.from_numpy(x).permute(2, 0, 1)[None]
+
+
+def bands_case(backbone, N, M, memory, step, png, taco_file, queue):
+    """One step of the user's path in a fresh process (codec.py compress: PNG -> .taco, or decompress: .taco ->
+    PNG): its time, and the peak RSS of the whole process and of the process with the model loaded."""
+    torch.manual_seed(0)
+    config = taco.TacoConfig(N=N, M=M, text_adapter=backbone == "elic", clip_pretrained="random", backbone=backbone)
+    model = checkpoints.build_model(config).eval().update()
+    features = torch.zeros(1, config.text_tokens, config.text_dim)      # the caption's features (no text tower)
+    before = peak_mib()
+    start = time.perf_counter()
+    if step == "compress":
+        data = model.compress(images.read_pixels(png, 1 << 28), features if config.text_adapter else "", memory=memory)
+        with open(taco_file, "wb") as f:
+            f.write(data)
+    else:
+        with open(taco_file, "rb") as f:
+            data = f.read()
+        images.write_image(model.decompress(data, dtype=None, memory=memory, max_pixels=1 << 28), png + ".out.png")
+    queue.put((time.perf_counter() - start, before, peak_mib()))
+
+
+def bench_bands(args):
+    import os
+    import tempfile
+
+    from PIL import Image
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    print(f"bands: {args.backbone} N={args.N} M={args.M}, --memory {args.memory or 'default'} (MiB), CPU "
+          f"({torch.get_num_threads()} threads), random weights, photo-like PNGs through images.read_pixels / "
+          f"write_image; each step in a fresh process; peak RSS of the whole process")
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for width, height in sizes:
+            png, taco_file = os.path.join(folder, f"{width}x{height}.png"), os.path.join(folder, "image.taco")
+            Image.fromarray(photo_like(height, width)[0].permute(1, 2, 0).numpy()).save(png, compress_level=1)
+            for step in ("compress", "decompress"):
+                seconds, before, peak = in_child(bands_case, args.backbone, args.N, args.M,
+                                                 args.memory and args.memory * 2 ** 20,
+                                                 step, png, taco_file)
+                results[width, height, step] = seconds, peak
+                print(f"  {width}x{height} ({width * height / 1e6:.1f} MP) {step:10s} {seconds:7.1f} s "
+                      f"({seconds / (width * height / 1e6):.2f} s/MP), peak RSS {peak:6.0f} MiB "
+                      f"(model loaded: {before:.0f} MiB)")
+    if len(sizes) >= 2:
+        (w0, h0), (w1, h1) = sizes[0], sizes[-1]
+        if w0 != w1:
+            print("  (the widths differ, so do the bands' shapes: part of the growth may be theirs)")
+        for step in ("compress", "decompress"):
+            (t0, p0), (t1, p1) = results[w0, h0, step], results[w1, h1, step]
+            slope = (p1 - p0) * 2 ** 20 / (w1 * h1 - w0 * h0)
+            ratio = (t1 / (w1 * h1)) / (t0 / (w0 * h0))
+            print(f"  {step:10s} peak RSS grows {slope:5.1f} bytes per extra pixel; time per megapixel "
+                  f"{ratio:.2f}x from {w0 * h0 / 1e6:.0f} to {w1 * h1 / 1e6:.0f} MP")
+
+
+def sets_case(n, dimensions, metric, queue):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, dimensions, generator=g)                # float32, as eval.py reads the stored features
+    b = a + 0.1 * torch.randn(n, dimensions, generator=g)
+    before = peak_mib()
+    start = time.perf_counter()
+    value = getattr(metrics, metric)(a, b)
+    queue.put((value, time.perf_counter() - start, before, peak_mib()))
+
+
+def bench_sets(args):
+    print(f"set metrics: CMMD on {args.clip_dim}-d CLIP embeddings, FID on {args.inception_dim}-d Inception "
+          f"features, random sets, CPU ({torch.get_num_threads()} threads); each in a fresh process, peak RSS")
+    for metric, dimensions in (("cmmd", args.clip_dim), ("fid", args.inception_dim)):
+        for n in args.sizes:
+            value, seconds, before, peak = in_child(sets_case, n, dimensions, metric)
+            print(f"  {metric} {n:6d} x {n:6d}: {seconds:6.1f} s, peak RSS {peak:6.0f} MiB (the two feature sets "
+                  f"loaded: {before:.0f} MiB), value {value:.6g}")
+
+
+def bench_caption(args):
+    """The default captioner (or --captioner) on the four photos: seconds per caption, where its weights exist."""
+    try:
+        model = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)
+    except clip_text.WeightsUnavailable as error:
+        print(f"caption: not measured here: {error}")
+        return
+    print(f"caption: {args.captioner} ({args.captioner_pretrained}), beam search of {model.beams}, on {args.device} "
+          f"({torch.get_num_threads()} threads)")
+    for name in ("coffee", "chelsea", "astronaut", "rocket"):
+        pixels = torch.from_numpy(data.skimage_photo(name)[:, :, :3].copy()).permute(2, 0, 1)[None]
+        start = time.perf_counter()
+        caption = model(pixels)
+        print(f"  {name:10s} {time.perf_counter() - start:6.2f} s  \"{caption}\"")
