@@ -16,17 +16,22 @@ class WeightsUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
+def reachable(url, timeout=3.0):
+    """Does the host of `url` accept a connection (HTTPS) within `timeout` seconds?"""
+    try:
+        socket.create_connection((urllib.parse.urlparse(url).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def hub_offline_unless_reachable(timeout=3.0):
     """Without network, make the Hugging Face hub read its local cache at once instead of retrying for a
     minute: the weights still load when they were downloaded before."""
     from huggingface_hub import constants
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
     saved = constants.HF_HUB_OFFLINE
-    if not saved:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-        except OSError:
-            constants.HF_HUB_OFFLINE = True
+    if not saved and not reachable(constants.ENDPOINT, timeout):
+        constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:

@@ -48,8 +48,8 @@ def write_report(args, images, store):
     pillows = [c.strip().upper() for c in args.baselines.split(",") if c.strip()]
     report["baselines"] = baseline_curves(args.images, images, pillows)
     report["bd"] = bjontegaard(curves_by_label, report["baselines"])
-    for name, value in report["bd"].items():
-        print(f"{name}: {value}")
+    for line in comparison_lines(curves_by_label, report["bd"]):
+        print(line)
     for pillow, curve in report["baselines"].items():
         encode, decode = (np.mean([c[k] for c in curve]) for k in ("encode_s", "decode_s"))
         print(f"{pillow} (Pillow), mean over images and qualities: encode {encode:.4f} s, decode {decode:.4f} s "
@@ -124,8 +124,29 @@ def bjontegaard(curves_by_label, baselines):
                                                   "bd_psnr_db": metrics.bd_psnr(anchor, sorted(points))}
             else:
                 report[f"{label} vs {pillow}"] = {
-                    "psnr_of_baseline_at_our_bpp": [metrics.psnr_at_bpp(anchor, b) for b, _ in points]}
+                    "psnr_of_baseline_at_our_bpp": [metrics.psnr_at_bpp(anchor, b) for b, _ in sorted(points)]}
     return report
+
+
+def comparison_lines(curves_by_label, bd):
+    """bjontegaard()'s figures as a person reads them: BD-rate and BD-PSNR with their sign spelled out, or each of
+    our rate points against the baseline's PSNR at that bpp."""
+    lines = []
+    for name, value in bd.items():
+        label, pillow = name.split(" vs ")
+        if "bd_rate_percent" in value:
+            rate, gain = value["bd_rate_percent"], value["bd_psnr_db"]
+            lines.append(f"{name}: BD-rate {rate:+.1f}% ({abs(rate):.1f}% {'fewer' if rate < 0 else 'more'} bits for "
+                         f"the same PSNR), BD-PSNR {gain:+.2f} dB ({'higher' if gain > 0 else 'lower'} PSNR at the "
+                         f"same rate)")
+            continue
+        for (bpp, ours), theirs in zip(sorted(curves_by_label[label]), value["psnr_of_baseline_at_our_bpp"]):
+            if theirs is None:
+                lines.append(f"{pillow} at {bpp:.3f} bpp: outside its quality range ({label} {ours:.2f} dB)")
+            else:
+                lines.append(f"{pillow} at {bpp:.3f} bpp: {theirs:.2f} dB ({label} {ours:.2f} dB: "
+                             f"{ours - theirs:+.2f} dB)")
+    return lines
 
 
 def plot(results, curves, png, reference):

@@ -11,7 +11,7 @@ from skimage.metrics import structural_similarity
 
 import eval as evaluation
 import taco
-from machinery import checkpoints, images, metrics
+from machinery import checkpoints, clip_text, images, metrics, report
 
 
 def pair(seed=0, size=(2, 3, 96, 112)):
@@ -184,6 +184,35 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
     rows = (out / "results.csv").read_text().splitlines()
     assert any(r.startswith("JPEG (Pillow),quality 50,mean of 3") for r in rows)
     assert (out / "rd.png").stat().st_size > 10_000 and (out / "results.csv").exists()
+
+
+def test_offline_eval_says_once_what_is_missing_and_compares_with_jpeg_in_sentences(folder, tmp_path, capfd,
+                                                                                   monkeypatch):
+    """No network and an empty download cache: one note per missing tower, never torchvision's "Downloading"
+    line; the comparison with JPEG is a sentence per rate point, not a Python dict."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(clip_text, "reachable", lambda url, timeout=3.0: False)
+    evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
+                     str(folder / "captions.json"), "--baselines", "JPEG", "--out", str(tmp_path / "out")])
+    out, err = capfd.readouterr()
+    assert "Downloading" not in out + err
+    assert out.count("note: LPIPS skipped") == 1 and out.count("note: FID skipped") == 1
+    assert "cannot be downloaded" in out and "--alexnet-weights" in out and "--inception-weights" in out
+    comparison = [line for line in out.splitlines() if line.startswith("JPEG at ")]
+    assert len(comparison) == 1 and "{" not in out
+    report_bpp = json.loads((tmp_path / "out" / "results.json").read_text())["checkpoints"][str(folder / "tiny.pt")]
+    assert f"JPEG at {report_bpp['given']['mean']['bpp']:.3f} bpp: " in comparison[0]
+
+
+def test_bd_rate_is_printed_with_its_sign_spelled_out():
+    """Our curve is JPEG's with 10% fewer bits at every PSNR: BD-rate -10.0%, said as fewer bits."""
+    jpeg = [{"bpp": r, "psnr": p} for r, p in [(0.2, 26.0), (0.4, 29.0), (0.8, 32.5), (1.6, 36.0), (3.2, 39.0)]]
+    ours = [(0.9 * c["bpp"], c["psnr"]) for c in jpeg[:4]]
+    bd = report.bjontegaard({"TACO (ours)": ours}, {"JPEG": jpeg})
+    assert np.isclose(bd["TACO (ours) vs JPEG"]["bd_rate_percent"], -10.0, atol=0.5)
+    line, = report.comparison_lines({"TACO (ours)": ours}, bd)
+    assert line.startswith("TACO (ours) vs JPEG: BD-rate -10.") and "fewer bits for the same PSNR" in line
+    assert "higher PSNR at the same rate" in line
 
 
 def test_bad_inputs_stop_with_a_clear_message(folder, tmp_path):

@@ -160,6 +160,15 @@ def test_builtin_demo_runs_end_to_end_and_compares_with_jpeg(tmp_path, capsys):
     assert checkpoint["train_config"]["steps"] == 4
 
 
+def test_an_offline_demo_names_its_stand_ins_once_and_never_announces_a_download(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(clip_text, "reachable", lambda url, timeout=3.0: False)
+    run_train(["--steps", "1", "--val-every", "10"], tmp_path, "demo")
+    out, err = capfd.readouterr()
+    assert "Downloading" not in out + err
+    assert out.count("STAND-IN: AlexNet") == 1 and out.index("STAND-IN: AlexNet") < out.index("training on")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
