@@ -197,8 +197,10 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
             bar.update(1)
     share = set(share)
     mine = [r for r in store.rows() if r["checkpoint"] == path and r["captions"] == "given" and r["image"] in share]
-    bar.write(f"{path}: {len(mine)} images{' (this process)' if len(share) < len(images) else ''}: "
-              f"{np.mean([r['bpp'] for r in mine]):.4f} bpp, {np.mean([r['psnr'] for r in mine]):.2f} dB")
+    bpp, estimate = (np.mean([r[k] for r in mine]) for k in ("bpp", "bpp_estimate"))
+    bar.write(f"{path}: {len(mine)} images{' (this process)' if len(share) < len(images) else ''}: {bpp:.4f} bpp "
+              f"(the model's estimate {estimate:.4f}: {100 * (bpp / estimate - 1):+.2f}%), "
+              f"{np.mean([r['psnr'] for r in mine]):.2f} dB")
 
 
 def auto_captions(args, images, rank, world, barrier):

@@ -8,6 +8,8 @@
         # the paper's model at the reference widths
     python -m machinery.bench integer --checkpoint runs/demo/best.pt
         # integer vs float entropy parameters
+    python -m machinery.bench gap --checkpoint runs/demo/best.pt
+        # real y and z streams against the model's own -sum log2 p, and the table choice's share of the gap
     python -m machinery.bench release
         # load a released-size checkpoint (tables rebuilt) and code its first image
     python -m machinery.bench train
@@ -24,10 +26,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import data
 import entropy
 import rangecoder
 import taco
-from machinery import captioner, checkpoints, clip_text
+from machinery import captioner, checkpoints, clip_text, container
 from machinery.bench_scale import bench_bands, bench_caption, bench_sets
 from machinery.measure import best_time, in_child, peak_mib
 
@@ -152,10 +155,9 @@ def float_path(model):
                               for k, v in nets.items()})
 
 
-def integer_case(checkpoint, backbone, repeat, queue):
-    """Integer vs float entropy parameters on photos: real file sizes, compress / decompress times."""
-    import skimage.data
-
+def coding_model(checkpoint, backbone):
+    """-> a checkpoint's model (or one of random weights at the reference widths) ready to code, its label. A
+    text adapter reads captions through a text tower of random weights (the weights need a download)."""
     if checkpoint:
         model, _ = checkpoints.load_checkpoint(checkpoint)
         label = checkpoint
@@ -167,6 +169,14 @@ def integer_case(checkpoint, backbone, repeat, queue):
         label = f"{backbone}, random weights"
     if model.config.text_adapter:
         model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, "random", model.config.text_tokens))
+    return model, label
+
+
+def integer_case(checkpoint, backbone, repeat, queue):
+    """Integer vs float entropy parameters on photos: real file sizes, compress / decompress times."""
+    import skimage.data
+
+    model, label = coding_model(checkpoint, backbone)
     photos = {name: getattr(skimage.data, name)() for name in ("coffee", "chelsea", "astronaut", "rocket")}
     rows = {}
     for path in ("integer", "float"):
@@ -196,6 +206,64 @@ def bench_integer(args):
     print(f"  total bpp {100 * (sum(int_bpp) / sum(float_bpp) - 1):+.2f}%; compress {int_enc * 1e3:.0f} vs "
           f"{float_enc * 1e3:.0f} ms ({100 * (int_enc / float_enc - 1):+.1f}%), decompress {int_dec * 1e3:.0f} vs "
           f"{float_dec * 1e3:.0f} ms ({100 * (int_dec / float_dec - 1):+.1f}%)")
+
+
+def rounded_up_indexes(gaussian, scales):
+    """Format version 4's table choice (and CompressAI's), for comparison: the first table scale >= s."""
+    scales = scales.detach().cpu().double().contiguous().clamp_min(gaussian.scale_bound)
+    table = gaussian.scale_table.detach().cpu().double()
+    return torch.bucketize(scales, table).clamp_max(len(table) - 1).to(torch.int32)
+
+
+def gap_case(checkpoint, backbone, queue):
+    """Real y and z streams against the model's own estimate -sum log2 p, and how often y escapes its table,
+    with the nearest-in-log table choice and with the rounded-up one."""
+    model, label = coding_model(checkpoint, backbone)
+    photos = {name: data.skimage_photo(name)[:, :, :3] for name in ("coffee", "chelsea", "astronaut", "rocket")}
+    escapes, rows = {}, {name: {} for name in photos}
+    encode = container.CheckedEncoder.encode
+
+    def counting(coder, symbols, indexes):                # every y symbol passes here, in coding order
+        _, lengths, offsets = coder.tables
+        k = indexes.numpy()
+        shifted = symbols.numpy() - offsets[k]
+        escapes[rule][0] += int(((shifted < 0) | (shifted >= lengths[k] - 2)).sum())
+        escapes[rule][1] += shifted.size
+        encode(coder, symbols, indexes)
+    container.CheckedEncoder.encode = counting
+    for rule in ("nearest", "rounded up"):
+        escapes[rule] = [0, 0]
+        if rule == "rounded up":
+            gaussian = model.gaussian_conditional
+            gaussian.build_indexes = lambda scales: rounded_up_indexes(gaussian, scales)
+        for name, array in photos.items():
+            x = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+            *_, z_bytes, y_bytes = container.HEADER.unpack_from(model.compress(x, name))
+            rows[name][rule] = 8 * y_bytes, 8 * z_bytes
+            if rule == "nearest":
+                with torch.no_grad():
+                    text = [name] if model.config.text_adapter else None
+                    likelihoods = model(taco.pad_to_64(x.float() / 255), text)["likelihoods"]
+                rows[name]["estimate"] = [float(-torch.log2(likelihoods[k]).sum()) for k in ("y", "z")]
+    queue.put((label, rows, escapes))
+
+
+def bench_gap(args):
+    label, rows, escapes = in_child(gap_case, args.checkpoint, args.backbone)
+    print(f"real streams against the model's own estimate -sum log2 p: {label}, 4 photos")
+    print(f"  {'photo':10s} {'y estimate':>11s} {'y stream':>17s} {'(rounded up)':>17s} {'z estimate':>11s} "
+          f"{'z stream':>17s}")
+    total = np.zeros(5)
+    for name, row in rows.items():
+        (y_est, z_est), (y, z), (y_up, _) = row["estimate"], row["nearest"], row["rounded up"]
+        total += (y_est, y, y_up, z_est, z)
+        print(f"  {name:10s} {y_est:11.0f} {y:9.0f} ({100 * (y / y_est - 1):+.2f}%) {y_up:9.0f} "
+              f"({100 * (y_up / y_est - 1):+.2f}%) {z_est:11.0f} {z:9.0f} ({100 * (z / z_est - 1):+.2f}%)")
+    y_est, y, y_up, z_est, z = total
+    print(f"  {'all':10s} y {100 * (y / y_est - 1):+.2f}% (rounded up: {100 * (y_up / y_est - 1):+.2f}%), "
+          f"z {100 * (z / z_est - 1):+.2f}%")
+    for rule, (escaped, n) in escapes.items():
+        print(f"  y symbols outside their table ({rule}): {escaped} of {n} ({100 * escaped / n:.4f}%)")
 
 
 def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
@@ -275,6 +343,11 @@ def main():
     exact.add_argument("--backbone", default="hyperprior", help="without --checkpoint: hyperprior or elic")
     exact.add_argument("--repeat", type=int, default=2, help="runs per figure; the fastest is reported")
     exact.set_defaults(run=bench_integer)
+    gap = sub.add_parser("gap", help="real y / z streams against the model's own -sum log2 p, table choices "
+                                     "side by side, escapes")
+    gap.add_argument("--checkpoint", help="a trained checkpoint (e.g. runs/demo/best.pt); default random weights")
+    gap.add_argument("--backbone", default="hyperprior", help="without --checkpoint: hyperprior or elic")
+    gap.set_defaults(run=bench_gap)
     release = sub.add_parser("release", help="load a released-size checkpoint and code its first image")
     release.add_argument("--height", type=int, default=512)
     release.add_argument("--width", type=int, default=768)

@@ -191,3 +191,11 @@ def scale_table(low=0.11, high=256.0, levels=64):
     """The log-spaced scales exp(linspace(ln low, ln high, levels)) in float32 (CompressAI's get_scale_table)."""
     step = (log(high) - log(low)) / (levels - 1)
     return exp(log(low) + np.arange(levels) * step).astype(np.float32)
+
+
+def scale_midpoints(scales):
+    """The geometric midpoints sqrt(s_i s_(i+1)) of consecutive table scales (float32), in float64: where a scale
+    stops being nearest in log s to one level and becomes nearest to the next. The product of two float32 numbers
+    is exact in float64 and IEEE-754 rounds sqrt correctly, so these are the same bits on every machine."""
+    s = np.asarray(scales, dtype=np.float32).astype(np.float64)
+    return np.sqrt(s[:-1] * s[1:])

@@ -185,6 +185,23 @@ def test_quantize_modes():
 
 
 @pytest.mark.core
+def test_each_scale_codes_with_the_table_level_nearest_in_log_scale():
+    gaussian = GaussianConditional()
+    table = gaussian.scale_table.double().numpy()
+    scales = np.exp(np.random.default_rng(0).uniform(np.log(0.05), np.log(400), 20000))
+    distance = np.abs(np.log(scales)[:, None] - np.log(table)[None, :])             # (scales, levels)
+    two_nearest = np.sort(distance, 1)[:, :2]
+    clear = two_nearest[:, 1] - two_nearest[:, 0] > 1e-9             # not within log's rounding of a tie
+    chosen = gaussian.build_indexes(torch.from_numpy(scales)).numpy()
+    assert clear.mean() > 0.99 and np.array_equal(chosen[clear], distance.argmin(1)[clear])
+    assert gaussian.build_indexes(torch.tensor([1e-3, 0.11, 256.0, 1e4])).tolist() == [0, 0, 63, 63]  # the ends
+    assert gaussian.build_indexes(torch.from_numpy(table)).tolist() == list(range(64))
+    midpoints = np.sqrt(table[:-1] * table[1:])                      # exact ties: the wider level
+    assert gaussian.build_indexes(torch.from_numpy(midpoints)).tolist() == list(range(1, 64))
+    assert gaussian.build_indexes(torch.from_numpy(np.nextafter(midpoints, 0))).tolist() == list(range(63))
+
+
+@pytest.mark.core
 def test_gaussian_likelihood_matches_scipy():
     v = torch.linspace(-6, 6, 25, dtype=torch.float64)
     scales = torch.full_like(v, 1.7)

@@ -140,6 +140,28 @@ def test_file_size_matches_the_likelihood_estimate(trained_model):
 
 
 @pytest.mark.core
+def test_real_y_stream_is_within_half_a_percent_of_the_models_own_estimate(encoder):
+    """-sum log2 p(y_hat) from the eval-mode forward's likelihoods (the model's own estimate), against the bytes
+    of y in the file, on a model moved to look trained: y's channels spread over 0.11-10 and h_s predicts each
+    channel's mean and scale."""
+    model = tiny_model(encoder)
+    M, x, caption = model.config.M, natural_image(512, 512, seed=3), ["a photo"]
+    sigma = torch.exp(torch.linspace(np.log(0.11), np.log(10), M))
+    last, hyper = model.g_a.stages[3], model.h_s[-1]
+    with torch.no_grad():
+        y = model.g_a(x, *model.read_text(caption, "cpu"))
+        gain = sigma / y.std(dim=(0, 2, 3))
+        last.weight.mul_(gain.view(-1, 1, 1, 1)), last.bias.mul_(gain)
+        y = model.g_a(x, *model.read_text(caption, "cpu"))
+        hyper.weight.mul_(0.05)
+        hyper.bias.copy_(torch.cat([sigma, y.mean(dim=(0, 2, 3))]))
+        estimate = float(-torch.log2(model(x, caption)["likelihoods"]["y"]).sum())
+    y_bytes = container.HEADER.unpack_from(model.compress(x, caption[0]))[-1]
+    assert estimate > 20_000
+    assert estimate <= 8 * y_bytes <= 1.005 * estimate
+
+
+@pytest.mark.core
 def test_gdn_follows_its_formula():
     torch.manual_seed(0)
     gdn = GDN(4)
