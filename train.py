@@ -155,12 +155,7 @@ def build_model(cfg, config, device, say):
     torch.manual_seed(cfg.seed)
     model = checkpoints.build_model(config)
     if cfg.init_from and not cfg.resume:
-        source, _ = checkpoints.load_checkpoint(cfg.init_from)
-        if (source.config.backbone, source.config.N, source.config.M) != (cfg.backbone, cfg.N, cfg.M):
-            raise SystemExit(f"error: {cfg.init_from} is a {source.config.backbone} model with N={source.config.N}"
-                             f", M={source.config.M}; pass the same --backbone, --N and --M")
-        model.load_state_dict(source.state_dict())
-        say(f"starting from the weights of {cfg.init_from}")
+        training.start_from(model, cfg.init_from, say)      # e.g. a pretrained hyperprior: the adapter starts fresh
     model.to(device)
     if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -1,6 +1,8 @@
-"""Checkpoints: ours ({"config", "state_dict", ...}, written atomically) and the reference TACO's released
-files (lambda_*.pth.tar: a bare training state, loaded into the ELIC backbone with its coding tables rebuilt).
-Every load is strict: a missing, unexpected, misshapen or non-finite tensor is one CheckpointError naming it."""
+"""Checkpoints: ours ({"config", "state_dict", ...}, written atomically), the reference TACO's released files
+(lambda_*.pth.tar: a bare training state, loaded into the ELIC backbone) and CompressAI's mbt2018-mean files (its
+MeanScaleHyperprior: our hyperprior without the text adapter, layer for layer), coding tables rebuilt by our
+update(). Every load is strict: a missing, unexpected, misshapen or non-finite tensor is one CheckpointError
+naming it, and another architecture is refused with what was found."""
 import dataclasses
 import os
 
@@ -27,16 +29,22 @@ def save_checkpoint(path, model, **extra):
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (TACO in eval mode, the whole checkpoint dict). Ours ({"config", "state_dict", ...}) or a released
-    lambda_*.pth.tar of the reference ({"state_dict", optimizer states, epoch})."""
+    """-> (TACO in eval mode, the whole checkpoint dict). Ours ({"config", "state_dict", ...}), a released
+    lambda_*.pth.tar of the reference ({"state_dict", optimizer states, epoch}), or CompressAI's mbt2018-mean
+    (a zoo file's bare state dict, or examples/train.py's {"state_dict", "optimizer", ...})."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no such checkpoint: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__})") from error
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint and "config" not in checkpoint:
-        return load_released(path, checkpoint).to(device).eval(), checkpoint
+    if isinstance(checkpoint, dict) and "config" not in checkpoint:
+        state = checkpoint.get("state_dict", checkpoint)      # CompressAI's examples/train.py wraps it; its zoo not
+        keys = [k.removeprefix("module.") for k in state] if isinstance(state, dict) else []
+        if any(k.startswith("g_a.analysis_transform.") for k in keys):
+            return load_released(path, checkpoint).to(device).eval(), checkpoint
+        if any(k.startswith(("g_a.", "entropy_bottleneck.")) for k in keys):
+            return load_compressai(path, state).to(device).eval(), checkpoint
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a TACO checkpoint (no config and state_dict)")
     try:
@@ -55,15 +63,26 @@ def load_checkpoint(path, device="cpu"):
 def load_released(path, checkpoint):
     """A released TACO file -> ElicTACO. The files are saved from the training model, before any update():
     CompressAI's coding tables are empty and the scale table may be too (the reference builds
-    GaussianConditional(None)); either way our update() rebuilds them. Every other key must match exactly, in
-    any of CompressAI's naming generations (released_key)."""
+    GaussianConditional(None)); our update() rebuilds the tables, and the standard scale table is ours whether
+    the file's is empty or filled (standard_scale_table). Every other key must match exactly, in any of
+    CompressAI's naming generations (released_key)."""
     state = {released_key(k): v for k, v in checkpoint["state_dict"].items()}
     state = {k: v for k, v in state.items() if k is not None}
-    if state.get("gaussian_conditional.scale_table", torch.ones(1)).numel() == 0:
-        del state["gaussian_conditional.scale_table"]                   # never filled: keep our (equal) table
     model = elic.ElicTACO(elic.OFFICIAL)
+    table = state.get("gaussian_conditional.scale_table")
+    if table is not None and standard_scale_table(table, model.gaussian_conditional.scale_table):
+        del state["gaussian_conditional.scale_table"]     # ours: the same table, the same bits on every machine
     load_weights(model, state, path, rebuilt=TABLE_BUFFERS + ("gaussian_conditional.scale_table",))
     return model.update()
+
+
+def standard_scale_table(table, ours):
+    """Is a file's scale table empty (never filled) or the standard one -- the same bounds and number of levels
+    as ours, equal to float32 rounding (CompressAI's update() fills it with torch.exp's float32 values, which
+    differ from ours by a few units in the last place and from CPU to CPU)? Then the same weights give the same
+    model, fingerprint and files whichever form they arrive in. Any other table is data of the file, kept."""
+    return table.numel() == 0 or (table.shape == ours.shape and torch.allclose(table.double(), ours.double(),
+                                                                             rtol=1e-6, atol=0))
 
 
 def load_weights(model, state, path, rebuilt=()):
@@ -114,3 +133,57 @@ def released_key(key):
         if module == "entropy_bottleneck" and name.startswith(old):
             return f"{module}.{new}{name[len(old):]}"
     return key
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CompressAI's mbt2018-mean (MeanScaleHyperprior), as its zoo and its examples/train.py write it
+# ----------------------------------------------------------------------------------------------------------
+SUPPORTED = ("this code reads its own checkpoints, the reference TACO's released files and CompressAI's "
+             "mbt2018-mean (MeanScaleHyperprior)")
+
+
+def load_compressai(path, state):
+    """CompressAI's MeanScaleHyperprior -> our TACO without a text adapter, N and M read off the shapes. Its
+    g_a is one Sequential (conv, GDN, conv, GDN, conv, GDN, conv), ours four stages; its GDN keeps beta and gamma
+    reparametrized exactly as our NonNegative does (sqrt(v + 2**-36)), under other names."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    found = compressai_architecture(state)
+    if found:
+        raise CheckpointError(f"{path} holds CompressAI's {found}; {SUPPORTED}")
+    N, M = state["g_a.0.weight"].shape[0], state["g_a.6.weight"].shape[0]
+    model = taco.TACO(taco.TacoConfig(N=N, M=M, text_adapter=False))
+    mapped = {ours: value for key, value in state.items() if (ours := compressai_key(key)) is not None}
+    table = mapped.get("gaussian_conditional.scale_table")
+    if table is not None and standard_scale_table(table, model.gaussian_conditional.scale_table):
+        del mapped["gaussian_conditional.scale_table"]
+    load_weights(model, mapped, path, rebuilt=TABLE_BUFFERS + ("gaussian_conditional.scale_table",
+                                                               "entropy_bottleneck.target"))
+    return model.update()
+
+
+def compressai_architecture(state):
+    """None for a MeanScaleHyperprior's keys; else what CompressAI model they are."""
+    if any(k.startswith("context_prediction.") for k in state):
+        return ("cheng2020 model (residual transforms and a context model)" if "g_a.0.conv1.weight" in state
+                else "mbt2018 (a context model over y)")
+    if "g_a.0.weight" not in state or "g_a.6.weight" not in state:
+        return "model with other transforms than conv + GDN"
+    if not any(k.startswith("h_s.") for k in state):
+        return "bmshj2018-factorized (no hyperprior)"
+    if "h_s.4.weight" in state and state["h_s.4.weight"].shape[0] != 2 * state["g_a.6.weight"].shape[0]:
+        return "bmshj2018-hyperprior (its h_s gives scales only, no means)"
+    return None
+
+
+def compressai_key(key):
+    """A MeanScaleHyperprior key -> ours; None for constants, coding tables and GDN's reparametrization buffers."""
+    key = released_key(key)
+    if key is None or "_reparam." in key:
+        return None
+    parts = key.split(".")
+    if parts[0] in ("g_a", "g_s") and len(parts) == 3 and parts[2] in ("beta", "gamma"):
+        parts.append("param")                                 # g_a.1.beta -> g_a.1.beta.param (NonNegative)
+    if parts[0] == "g_a" and parts[1].isdigit():
+        i = int(parts[1])                                     # conv at 0, 2, 4, 6; GDN at 1, 3, 5
+        parts[1:2] = ["stages", str(i // 2)] + ([] if i == 6 else [str(i % 2)])
+    return ".".join(parts)

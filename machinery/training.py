@@ -78,6 +78,25 @@ def compare_with_jpeg(items, rows):
         print(f"{os.path.basename(name)[:28]:28s} {row['bpp']:7.3f} {row['psnr']:6.2f} dB {jpeg_text:>22s}")
 
 
+def start_from(model, path, say):
+    """--init-from: every weight of the checkpoint at `path` (ours, a released TACO file or CompressAI's
+    mbt2018-mean) into `model`; a text adapter the checkpoint lacks keeps the fresh model's initialisation
+    (gammas 0). Anything else that differs -- backbone, N, M, an adapter the model lacks -- stops the run."""
+    source, _ = checkpoints.load_checkpoint(path)
+    c, s = model.config, source.config
+    if (s.backbone, s.N, s.M) != (c.backbone, c.N, c.M):
+        raise SystemExit(f"error: {path} is a {s.backbone} model with N={s.N}, M={s.M}; pass the same --backbone, "
+                         f"--N and --M")
+    weights, ours = source.state_dict(), model.state_dict()
+    fresh = [k for k in ours if k not in weights]
+    if any(k not in ours for k in weights) or not all(k.startswith(("g_a.inject_", "g_a.extract_")) for k in fresh):
+        raise SystemExit(f"error: {path} does not fit this model (its text adapter differs: pass --text-adapter "
+                         f"or --no-text-adapter as it was trained)")
+    model.load_state_dict(weights, strict=False)
+    say(f"starting from {path}: {len(weights)} tensors from {path}" +
+        (f"; the text adapter initialised ({len(fresh)} tensors, gammas 0)" if fresh else ""))
+
+
 def setup_distributed():
     """-> rank, world size, device. torchrun sets RANK; a plain `python train.py` is a world of one."""
     if "RANK" not in os.environ:

@@ -156,6 +156,35 @@ def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_pa
     assert torch.equal(model.decompress(data), expected)
 
 
+def test_the_same_released_weights_write_the_same_file_whether_or_not_update_filled_the_scale_table(tmp_path):
+    """A released file as the reference saves it (empty tables) and after CompressAI's update() (the scale table
+    filled with torch.exp's float32 values) are one model: one fingerprint, one file. A genuinely different scale
+    table is the file's own, kept: another model."""
+    forms = {}
+    for form in ("as trained", "after update", "custom table"):
+        path = str(tmp_path / f"{form}.pth.tar")
+        fake_release(path, updated=form != "as trained")
+        if form == "custom table":
+            checkpoint = torch.load(path, weights_only=True)
+            checkpoint["state_dict"]["module.gaussian_conditional.scale_table"] = torch.exp(
+                torch.linspace(np.log(0.2), np.log(64), 64))
+            torch.save(checkpoint, path)
+        forms[form], _ = checkpoints.load_checkpoint(path)
+    filled = torch.load(str(tmp_path / "after update.pth.tar"), weights_only=True)["state_dict"]
+    assert not torch.equal(filled["module.gaussian_conditional.scale_table"],
+                           forms["as trained"].gaussian_conditional.scale_table)       # the float32 exp's table
+    fingerprints = {form: container.fingerprint(model) for form, model in forms.items()}
+    assert fingerprints["as trained"] == fingerprints["after update"] != fingerprints["custom table"]
+    assert torch.allclose(forms["custom table"].gaussian_conditional.scale_table[[0, -1]], torch.tensor([0.2, 64.0]))
+    features, x = torch.randn(1, 38, 512), torch.rand(1, 3, 64, 64)
+    files = {form: model.compress(x, features) for form, model in forms.items()}
+    assert files["as trained"] == files["after update"] != files["custom table"]
+    assert torch.equal(forms["after update"].decompress(files["as trained"]), forms["as trained"].decompress(
+        files["after update"]))
+    with pytest.raises(container.BitstreamError, match="another model"):
+        forms["custom table"].decompress(files["as trained"])
+
+
 @pytest.mark.parametrize("damage", ["missing", "misshapen", "unexpected"])
 def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, damage):
     shapes = reference_shapes()
