@@ -123,7 +123,7 @@ DECODE_ELSEWHERE = textwrap.dedent("""
     sys.path.insert(0, %r)
     torch.set_num_threads(int(sys.argv[3]))
     torch.backends.mkldnn.enabled = sys.argv[4] == "on"
-    import codec
+    from machinery import checkpoints
     model, _ = checkpoints.load_checkpoint(sys.argv[1])
     data = open(sys.argv[2], "rb").read()
     y_hat, _ = model.decode_latents(data)

@@ -59,7 +59,8 @@ def spread_out(state, prefix=""):
 TABLES_ELSEWHERE = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, %r)
-    import codec, entropy
+    import entropy
+    from machinery import checkpoints, container
     model, _ = checkpoints.load_checkpoint(sys.argv[1])
     model.update()
     keep = entropy.TABLE_BUFFERS + ("scale_table",)
