@@ -369,9 +369,12 @@ def main():
     banded.add_argument("--memory", type=int, help="the bands' working memory in MiB (codec.py --memory; default: "
                                                     "the model's)")
     banded.set_defaults(run=bench_bands)
-    caption = sub.add_parser("caption", help="seconds per caption of the captioner (--caption auto)")
+    caption = sub.add_parser("caption", help="seconds per caption of the captioner (--caption auto): cached against "
+                                             "uncached, one photo at a time against side by side")
     captioner.add_arguments(caption)
     caption.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    caption.add_argument("--photos", type=int, default=64, help="photos captioned one at a time and side by side")
+    caption.add_argument("--uncached", type=int, default=2, help="photos captioned by the uncached loop (slow)")
     caption.set_defaults(run=bench_caption)
     sets = sub.add_parser("sets", help="CMMD and FID over large sets: time and peak memory (COCO-30k: 30000)")
     sets.add_argument("--sizes", nargs="+", type=int, default=[3000, 30000], help="images per set")

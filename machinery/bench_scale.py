@@ -103,17 +103,50 @@ def bench_sets(args):
                   f"loaded: {before:.0f} MiB), value {value:.6g}")
 
 
-def bench_caption(args):
-    """The default captioner (or --captioner) on the four photos: seconds per caption, where its weights exist."""
+def caption_case(name, pretrained, device, mode, photos, batch, queue):
+    """In a fresh process: `photos` of the four photos (cycled) captioned, 'uncached' (the whole prefix through
+    CoCa at every step) or 'cached', `batch` at a time -> seconds per caption, peak RSS, the captions. Random
+    weights never end a caption early: every caption runs the full max_tokens."""
     try:
-        model = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)
+        model = captioner.Captioner(name, pretrained, device)
     except clip_text.WeightsUnavailable as error:
-        print(f"caption: not measured here: {error}")
+        queue.put(str(error))
         return
-    print(f"caption: {args.captioner} ({args.captioner_pretrained}), beam search of {model.beams}, on {args.device} "
-          f"({torch.get_num_threads()} threads)")
-    for name in ("coffee", "chelsea", "astronaut", "rocket"):
-        pixels = torch.from_numpy(data.skimage_photo(name)[:, :, :3].copy()).permute(2, 0, 1)[None]
-        start = time.perf_counter()
-        caption = model(pixels)
-        print(f"  {name:10s} {time.perf_counter() - start:6.2f} s  \"{caption}\"")
+    if mode == "uncached":
+        model.decoder = lambda latent, embeddings: captioner.Uncached(model.model, latent, embeddings)
+    four = [torch.from_numpy(data.skimage_photo(n)[:, :, :3].copy()).permute(2, 0, 1)[None]
+            for n in ("coffee", "chelsea", "astronaut", "rocket")]
+    pixels = [four[i % 4] for i in range(photos)]
+    start, captions = time.perf_counter(), []
+    for first in range(0, photos, batch):
+        captions += model.caption_many(pixels[first:first + batch])
+    queue.put(((time.perf_counter() - start) / photos, peak_mib(), captions, model.beams, model.bytes_per_photo()))
+
+
+def bench_caption(args):
+    """Seconds per caption: the uncached loop against the cached decoder in the same run, one photo at a time;
+    then --photos photos one at a time against side by side at caption_images' batch; peak RSS of each."""
+    where = f"{args.device} ({torch.get_num_threads()} threads)"
+    runs = [("uncached, 1 at a time", "uncached", args.uncached, 1), ("cached, 1 at a time", "cached", args.photos, 1)]
+    results = {}
+    for label, mode, photos, batch in runs:
+        result = in_child(caption_case, args.captioner, args.captioner_pretrained, args.device, mode, photos, batch)
+        if isinstance(result, str):
+            print(f"caption: not measured here: {result}")
+            return
+        results[label] = result
+    beams, per_photo = results["cached, 1 at a time"][3:]
+    batch = max(1, min(args.photos, captioner.CAPTION_MEMORY // per_photo))
+    label = f"cached, {batch} side by side"
+    results[label] = in_child(caption_case, args.captioner, args.captioner_pretrained, args.device, "cached",
+                              args.photos, batch)
+    print(f"caption: {args.captioner} ({args.captioner_pretrained}), beam search of {beams}, on {where}; batch "
+          f"{batch} from a {captioner.CAPTION_MEMORY >> 20} MiB budget at {per_photo / 2 ** 20:.0f} MiB per photo")
+    uncached = results["uncached, 1 at a time"][0]
+    one = results["cached, 1 at a time"][0]
+    for label, (seconds, peak, captions, *_) in results.items():
+        print(f"  {label:28s} {seconds:6.2f} s per caption ({uncached / seconds:5.1f}x the uncached loop, "
+              f"{seconds / one:.2f}x cached one at a time), peak RSS {peak:6.0f} MiB")
+    same = results["uncached, 1 at a time"][2] == results["cached, 1 at a time"][2][:args.uncached]
+    print(f"  the same captions cached and uncached: {same}; side by side and one at a time: "
+          f"{results[label][2] == results['cached, 1 at a time'][2]}")

@@ -204,3 +204,81 @@ def test_a_caption_log_cut_off_mid_line_is_continued(tmp_path, weights):
     c = captioner.Captioner(TINY_COCA, weights)
     assert table == {"0.png": "a kept caption", "1.png": c(images.read_pixels(str(tmp_path / "photos" / "1.png")))}
     assert captioner.read_logs(str(log), TINY_COCA, weights) == table
+
+
+def decode_both_ways(c, latent, embeddings):
+    """The beam search's tokens with CoCa's cached decoder and with its own uncached forward."""
+    cached = c.beam_search_many(latent, embeddings)
+    c.decoder = lambda latent, embeddings: captioner.Uncached(c.model, latent, embeddings)
+    try:
+        return cached, c.beam_search_many(latent, embeddings)
+    finally:
+        del c.decoder
+
+
+@pytest.mark.parametrize("beams", [1, 6], ids=["greedy", "beam search"])
+def test_the_cached_decoder_gives_the_uncached_loops_tokens_on_several_photos(weights, beams):
+    c = captioner.Captioner(TINY_COCA, weights, beams=beams, max_tokens=20)
+    assert captioner.CachedDecoder.fits(c.model)
+    for seed in range(4):
+        latent, embeddings = encoded(c, photo(seed))
+        cached, uncached = decode_both_ways(c, latent, embeddings)
+        assert cached == uncached and len(cached[0]) > 0
+
+
+def test_cached_scores_agree_with_the_whole_prefix_forward_at_every_position(weights):
+    """Along one sequence (padding-id tokens included, which CoCa's text tower masks as keys), and after the rows
+    were reordered as beams are."""
+    c = captioner.Captioner(TINY_COCA, weights)
+    latent, embeddings = encoded(c, photo(1))
+    latent, embeddings = latent.expand(3, -1), embeddings.expand(3, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.cat([torch.full((3, 1), c.start), torch.randint(1, 49000, (3, 11), generator=g)], dim=1)
+    tokens[1, 4] = tokens[2, 7] = c.model.text.pad_id
+    cached, uncached = captioner.CachedDecoder(c.model, embeddings), captioner.Uncached(c.model, latent, embeddings)
+    for length in range(1, 13):
+        rows = [2, 0, 1] if length == 6 else [0, 1, 2]                 # a reordering midway
+        if length == 6:
+            cached.reorder(rows)
+            tokens, latent, embeddings = tokens[rows], latent[rows], embeddings[rows]
+            uncached = captioner.Uncached(c.model, latent, embeddings)
+        a = torch.log_softmax(cached.logits(tokens[:, :length], [0, 1, 2]), -1)
+        b = torch.log_softmax(uncached.logits(tokens[:, :length], [0, 1, 2]), -1)
+        assert torch.allclose(a, b, atol=1e-5), length
+
+
+def test_the_cached_decoder_agrees_with_ties_and_with_an_early_end(weights):
+    c = captioner.Captioner(TINY_COCA, weights, beams=4, max_tokens=12, min_tokens=3)
+    projection = c.model.text_decoder.text_projection
+    with torch.no_grad():
+        for a, b in [(320, 321), (1000, 1001), (2000, 2001)]:          # pairs of tokens with equal logits
+            projection[:, b] = projection[:, a]
+    latent, embeddings = encoded(c, photo(2))
+    cached, uncached = decode_both_ways(c, latent, embeddings)
+    assert cached == uncached
+    with torch.no_grad():                                               # the end token wins as early as allowed:
+        c.model.text_decoder.ln_final.bias.fill_(1.0)                  # features near +1 everywhere, and the end
+        projection[:, c.end] = 10.0                                     # token's logit their sum times 10
+    cached, uncached = decode_both_ways(c, latent, embeddings)
+    assert cached == uncached and len(cached[0]) == 2
+
+
+def test_many_photos_at_once_get_the_captions_of_one_at_a_time(weights):
+    c = captioner.Captioner(TINY_COCA, weights, max_tokens=15)
+    photos = [photo(seed) for seed in range(5)]
+    assert c.caption_many(photos) == [c(p) for p in photos]
+
+
+def test_caption_images_batches_within_its_memory_budget_and_logs_every_caption(tmp_path, weights):
+    (tmp_path / "photos").mkdir()
+    names = [f"{seed}.png" for seed in range(5)]
+    for seed, name in enumerate(names):
+        Image.fromarray(photo(seed)[0].permute(1, 2, 0).numpy()).save(tmp_path / "photos" / name)
+    per_photo = captioner.Captioner(TINY_COCA, weights).bytes_per_photo()
+    tables = {}
+    for batch in (1, 2, 5):
+        log = str(tmp_path / f"captions-{batch}.jsonl")
+        tables[batch] = captioner.caption_images(str(tmp_path / "photos"), names, images.read_pixels, log, log,
+                                                 TINY_COCA, weights, memory=batch * per_photo)
+        assert captioner.read_logs(log, TINY_COCA, weights) == tables[batch]
+    assert tables[1] == tables[2] == tables[5] and len(set(tables[1].values())) > 1
