@@ -15,7 +15,6 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (no network, no local file)."""
 
 
-@contextlib.contextmanager
 def reachable(url, timeout=3.0):
     """Does the host of `url` accept a connection (HTTPS) within `timeout` seconds?"""
     try:
@@ -25,6 +24,7 @@ def reachable(url, timeout=3.0):
         return False
 
 
+@contextlib.contextmanager
 def hub_offline_unless_reachable(timeout=3.0):
     """Without network, make the Hugging Face hub read its local cache at once instead of retrying for a
     minute: the weights still load when they were downloaded before."""

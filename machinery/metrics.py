@@ -123,21 +123,22 @@ class LPIPS(nn.Module):
 
 
 def torchvision_state(weights, path, what, flag):
-    """A torchvision state dict from a local file, or from torchvision's download cache (network on first use).
-    A download is tried only when its host answers: offline, torchvision would first announce one
-    ("Downloading: ...") and then fail, and a reader would believe it under way."""
+    """A torchvision state dict from a local file, or from torchvision's download cache, fetched into it on first
+    use. Fetched here rather than by torchvision's loader, which announces "Downloading: ..." before it tries:
+    offline a reader would believe a download under way, then read that it failed."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    advice = f"run once with network access (torchvision caches it as {cached}) or pass that file as {flag}"
-    if not path and not os.path.exists(cached) and not clip_text.reachable(weights.url):
-        raise clip_text.WeightsUnavailable(f"{what} weights are not on this machine and cannot be downloaded: "
-                                           f"{advice}")
     try:
         if path:
             return torch.load(path, map_location="cpu", weights_only=True)
-        return weights.get_state_dict(progress=False)
+        if not os.path.exists(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            digest = torch.hub.HASH_REGEX.search(os.path.basename(cached))          # torchvision names the hash
+            torch.hub.download_url_to_file(weights.url, cached, digest and digest.group(1), progress=False)
+        return torch.load(cached, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise clip_text.WeightsUnavailable(f"could not load {what} weights ({type(error).__name__}): {advice}") \
-            from error
+        raise clip_text.WeightsUnavailable(
+            f"could not load {what} weights ({type(error).__name__}): run once with network access (torchvision "
+            f"caches the file as {cached}) or pass that file as {flag}") from error
 
 
 def load_lpips(convention="standard", alexnet_weights=None):

@@ -338,6 +338,15 @@ def test_missing_pretrained_weights_fail_at_once_with_instructions(tmp_path, mon
         clip_text.load_clip(TacoConfig().clip_model, "openai")
 
 
+def test_without_network_the_hugging_face_hub_reads_its_cache_at_once_and_is_restored(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(clip_text, "reachable", lambda url, timeout=3.0: False)
+    with clip_text.hub_offline_unless_reachable():
+        assert constants.HF_HUB_OFFLINE
+    assert not constants.HF_HUB_OFFLINE
+
+
 def test_openai_weights_are_never_paired_with_the_wrong_gelu():
     """OpenAI's CLIP was trained with QuickGELU; open_clip's plain ViT-B-32 would silently use GELU."""
     import open_clip
