@@ -96,7 +96,8 @@ def main(argv=None):
     c.add_argument("--caption", help="the caption that guides the encoder (not stored in the file); 'auto': "
                                      "written by a captioner (CoCa, --captioner), and printed")
     c.add_argument("--caption-file", help="read the caption from this UTF-8 text file instead")
-    c.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    c.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py, a released "
+                                                       "lambda_*.pth.tar or CompressAI's mbt2018-mean file")
     captioner.add_arguments(c)
     c.add_argument("--clip-pretrained", help="CLIP weights: a local file or open_clip tag "
                                              "(default: the one the checkpoint was trained with)")

@@ -49,7 +49,8 @@ class TrainConfig:
     # model (TacoConfig)
     backbone: str = option("hyperprior", "hyperprior (GDN mean-scale) or elic (the paper's model; use --N 192 "
                                          "--M 320)")
-    init_from: str = option("", "start from these weights: our checkpoint or a released lambda_*.pth.tar")
+    init_from: str = option("", "start from these weights: ours, a released lambda_*.pth.tar, or CompressAI's "
+                                "mbt2018-mean (a new text adapter starts fresh)")
     N: int = option(128, "transform channels")
     M: int = option(192, "latent channels")
     text_adapter: bool = option(True, "CLIP text adapter in g_a")

@@ -10,6 +10,8 @@
         # integer vs float entropy parameters
     python -m machinery.bench gap --checkpoint runs/demo/best.pt
         # real y and z streams against the model's own -sum log2 p, and the table choice's share of the gap
+    python -m machinery.bench zoo
+        # a CompressAI mbt2018-mean-sized file against our own checkpoint: load, compress, decompress
     python -m machinery.bench release
         # load a released-size checkpoint (tables rebuilt) and code its first image
     python -m machinery.bench train
@@ -31,7 +33,7 @@ import entropy
 import rangecoder
 import taco
 from machinery import captioner, checkpoints, clip_text, container
-from machinery.bench_scale import bench_bands, bench_caption, bench_sets
+from machinery.bench_scale import bench_bands, bench_caption, bench_sets, bench_train
 from machinery.measure import best_time, in_child, peak_mib
 
 
@@ -95,7 +97,7 @@ def release_case(path, height, width, queue):
     timings["load (tables rebuilt)"] = time.perf_counter() - start
     x, features = torch.rand(1, 3, height, width), torch.randn(1, 38, 512)     # CLIP token features given
     start = time.perf_counter()
-    data = model.compress(x, features)
+    data = model.compress(x, features if model.config.text_adapter else "")
     timings["first compress"] = time.perf_counter() - start
     start = time.perf_counter()
     model.decompress(data)
@@ -129,6 +131,42 @@ def bench_release(args):
           f"CPU ({torch.get_num_threads()} threads):")
     for name, seconds in timings.items():
         print(f"  {name:24s} {seconds * 1e3:8.0f} ms")
+
+
+def compressai_layout(state):
+    """Our adapter-free hyperprior's state dict as CompressAI's MeanScaleHyperprior writes it in its zoo files:
+    g_a as one Sequential, GDN's beta / gamma under their own names beside their parametrizers' buffers."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[:2] == ["g_a", "stages"]:
+            stage, rest = int(parts[2]), parts[3:]
+            parts = ["g_a", "6", *rest] if stage == 3 else ["g_a", str(2 * stage + int(rest[0])), *rest[1:]]
+        if parts[-1] == "param":                                  # GDN's NonNegative: CompressAI keeps it bare
+            parts = parts[:-1]
+            for bound in ("pedestal", "lower_bound.bound"):
+                out[".".join(parts[:-1] + [f"{parts[-1]}_reparam", bound])] = torch.tensor([2.0 ** -36])
+        out[".".join(parts)] = value
+    return out
+
+
+def bench_zoo(args):
+    """A zoo-sized CompressAI mbt2018-mean file (N=128, M=192, random weights, after update()) against our own
+    checkpoint of the same model: load, first compress, first decompress, each in a fresh process."""
+    import os
+    import tempfile
+    torch.manual_seed(0)
+    model = taco.TACO(taco.TacoConfig(text_adapter=False)).eval().update()
+    with tempfile.TemporaryDirectory() as folder:
+        ours, zoo = os.path.join(folder, "ours.pt"), os.path.join(folder, "mbt2018-mean-3-0000.pth.tar")
+        checkpoints.save_checkpoint(ours, model)
+        torch.save(compressai_layout(model.state_dict()), zoo)
+        timings = {name: in_child(release_case, path, args.height, args.width)
+                   for name, path in (("ours", ours), ("CompressAI zoo file", zoo))}
+    print(f"mbt2018-mean-sized checkpoint (N=128, M=192), {args.width}x{args.height}, CPU "
+          f"({torch.get_num_threads()} threads): ours / CompressAI's zoo layout")
+    for step, seconds in timings["ours"].items():
+        print(f"  {step:24s} {seconds * 1e3:8.0f} ms / {timings['CompressAI zoo file'][step] * 1e3:8.0f} ms")
 
 
 class InFloat32(torch.nn.Module):
@@ -266,62 +304,6 @@ def bench_gap(args):
         print(f"  y symbols outside their table ({rule}): {escaped} of {n} ({100 * escaped / n:.4f}%)")
 
 
-def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
-    """Training steps with every tower of the real architecture (random weights cost the same)."""
-    import torchvision
-
-    import train
-    from machinery import metrics
-    torch.manual_seed(0)
-    clip = clip_text.load_clip("ViT-B-32-quickgelu", "random")
-    encoder = clip_text.TextEncoder("ViT-B-32-quickgelu", "random", clip=clip) if text_adapter else None
-    model = taco.TACO(taco.TacoConfig(N=N, M=M, text_adapter=text_adapter)).train()
-    if encoder:
-        model.attach_text_encoder(encoder)
-    lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
-    criterion = train.JointLoss(0.004, 3.5, 0.0025, lpips if joint else None, clip.visual if joint else None)
-    for module in (model, criterion, encoder):
-        if module is not None:
-            module.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-    x, captions = torch.rand(batch, 3, crop, crop, device=device), [f"caption {i}" for i in range(batch)]
-    on_gpu = device.startswith("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True         # as train.py
-
-    def step():
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=on_gpu and bf16):
-            text = encoder(captions) if encoder else None
-            loss, _ = criterion(model(x, text[:2] if text else None), x, text[2] if text else None)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    step()                                                                       # warm-up
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if on_gpu else peak_mib()
-    queue.put((batch * steps / (time.perf_counter() - start), memory))
-
-
-def bench_train(args):
-    where = args.device if args.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)"
-    memory = "peak GPU memory" if args.device != "cpu" else "peak RSS"
-    print(f"training on {where}, random weights, {args.steps} steps per figure" +
-          (f", bf16 {'on' if args.bf16 else 'off'}" if args.device != "cpu" else ""))
-    configs = {"demo (N=64 M=96, 8 x 128x128)": (64, 96, 128, 8),
-               "default (N=128 M=192, 8 x 256x256)": (128, 192, 256, 8)}
-    for name, (N, M, crop, batch) in configs.items():
-        for text_adapter, joint in ((False, False), (True, False), (True, True)):
-            speed, peak = in_child(train_case, N, M, crop, batch, text_adapter, joint, args.steps, args.device,
-                                   args.bf16)
-            terms = "rate+MSE" + ("+LPIPS+J" if joint else "")
-            print(f"  {name:36s} adapter={'on ' if text_adapter else 'off'} {terms:17s} "
-                  f"{speed:6.2f} images/s, {memory} {peak:.0f} MiB")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -352,6 +334,10 @@ def main():
     release.add_argument("--height", type=int, default=512)
     release.add_argument("--width", type=int, default=768)
     release.set_defaults(run=bench_release)
+    zoo = sub.add_parser("zoo", help="load and code a CompressAI mbt2018-mean-sized file against our own checkpoint")
+    zoo.add_argument("--height", type=int, default=512)
+    zoo.add_argument("--width", type=int, default=768)
+    zoo.set_defaults(run=bench_zoo)
     training = sub.add_parser("train", help="training throughput and peak memory, with and without the adapter "
                                             "and the joint loss")
     training.add_argument("--steps", type=int, default=3, help="timed steps per configuration")

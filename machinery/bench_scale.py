@@ -1,5 +1,5 @@
-"""Figures at scale (python -m machinery.bench bands | sets | caption): large images through the user's path,
-set metrics over COCO-30k-sized sets, captions. Printed, never asserted."""
+"""The slower figures (python -m machinery.bench train | bands | sets | caption): training throughput, large images
+through the user's path, set metrics over COCO-30k-sized sets, captions. Printed, never asserted."""
 import time
 
 import numpy as np
@@ -150,3 +150,59 @@ def bench_caption(args):
     same = results["uncached, 1 at a time"][2] == results["cached, 1 at a time"][2][:args.uncached]
     print(f"  the same captions cached and uncached: {same}; side by side and one at a time: "
           f"{results[label][2] == results['cached, 1 at a time'][2]}")
+
+
+def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
+    """Training steps with every tower of the real architecture (random weights cost the same)."""
+    import torchvision
+
+    import train
+    from machinery import metrics
+    torch.manual_seed(0)
+    clip = clip_text.load_clip("ViT-B-32-quickgelu", "random")
+    encoder = clip_text.TextEncoder("ViT-B-32-quickgelu", "random", clip=clip) if text_adapter else None
+    model = taco.TACO(taco.TacoConfig(N=N, M=M, text_adapter=text_adapter)).train()
+    if encoder:
+        model.attach_text_encoder(encoder)
+    lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
+    criterion = train.JointLoss(0.004, 3.5, 0.0025, lpips if joint else None, clip.visual if joint else None)
+    for module in (model, criterion, encoder):
+        if module is not None:
+            module.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    x, captions = torch.rand(batch, 3, crop, crop, device=device), [f"caption {i}" for i in range(batch)]
+    on_gpu = device.startswith("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True         # as train.py
+
+    def step():
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=on_gpu and bf16):
+            text = encoder(captions) if encoder else None
+            loss, _ = criterion(model(x, text[:2] if text else None), x, text[2] if text else None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    step()                                                                       # warm-up
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if on_gpu else peak_mib()
+    queue.put((batch * steps / (time.perf_counter() - start), memory))
+
+
+def bench_train(args):
+    where = args.device if args.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)"
+    memory = "peak GPU memory" if args.device != "cpu" else "peak RSS"
+    print(f"training on {where}, random weights, {args.steps} steps per figure" +
+          (f", bf16 {'on' if args.bf16 else 'off'}" if args.device != "cpu" else ""))
+    configs = {"demo (N=64 M=96, 8 x 128x128)": (64, 96, 128, 8),
+               "default (N=128 M=192, 8 x 256x256)": (128, 192, 256, 8)}
+    for name, (N, M, crop, batch) in configs.items():
+        for text_adapter, joint in ((False, False), (True, False), (True, True)):
+            speed, peak = in_child(train_case, N, M, crop, batch, text_adapter, joint, args.steps, args.device,
+                                   args.bf16)
+            terms = "rate+MSE" + ("+LPIPS+J" if joint else "")
+            print(f"  {name:36s} adapter={'on ' if text_adapter else 'off'} {terms:17s} "
+                  f"{speed:6.2f} images/s, {memory} {peak:.0f} MiB")
