@@ -151,6 +151,17 @@ class Captioner:
         return self.tokenizer.decode(tokens).replace("<end_of_text>", "").replace("<start_of_text>", "").strip()
 
 
+def runs(owner):
+    """[(image, slice of rows)] of the runs of equal images in `owner` (the beam search keeps each image's rows
+    together)."""
+    out, start = [], 0
+    for r in range(1, len(owner) + 1):
+        if r == len(owner) or owner[r] != owner[start]:
+            out.append((owner[start], slice(start, r)))
+            start = r
+    return out
+
+
 class Uncached:
     """CoCa's own forward over the whole prefix of every row (open_clip's layout does not matter)."""
 
@@ -231,11 +242,17 @@ class CachedDecoder:
         layers = len(text.transformer.resblocks)
         for i in range(layers):
             x = self.self_attend(i, x, mask)
+        groups = [(image, rows) for image, rows in runs(owner)]                # each image's rows, contiguous
         for i, block in enumerate(self.decoder.cross_attn):                     # x: the token's features
             x = self.self_attend(layers + i, x)
-            keys, values = (kv[owner] for kv in self.cross[i])
-            x = self.attend(block, x, keys, values)
+            x = torch.cat([self.cross_attend(block, x[rows], *(kv[image:image + 1] for kv in self.cross[i]))
+                           for image, rows in groups])
         return (self.decoder.ln_final(x) @ self.decoder.text_projection)[:, 0]   # (rows, vocabulary)
+
+    def cross_attend(self, block, x, keys, values):
+        """One image's rows x (rows, 1, D) attending to its keys / values (1, heads, T, d): the rows become the
+        queries of one attention, so the image's keys and values are read once, not copied per beam."""
+        return self.attend(block, x.transpose(0, 1), keys, values).transpose(0, 1)
 
     def reorder(self, rows):
         """The beams that live on, by row index (a row may be kept twice, or dropped)."""
