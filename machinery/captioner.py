@@ -115,9 +115,9 @@ class Captioner:
         while owner:
             scores = totals[:, None] + self.next_token_scores(decoder, live, owner)   # (rows, vocabulary)
             rows, tokens, kept, owners = [], [], [], []
-            for image in dict.fromkeys(owner):                                  # each live image, in order
-                mine = [r for r, o in enumerate(owner) if o == image]
-                step = self.step(scores[mine], live[mine], finished[image])
+            for image, own in runs(owner):                                      # each live image, in order
+                mine = list(range(own.start, own.stop))
+                step = self.step(scores[own], live[own], finished[image])
                 if step is not None:
                     rows += [mine[r] for r in step[0]]
                     tokens += step[1]

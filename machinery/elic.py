@@ -246,8 +246,8 @@ class ElicTACO(taco.TACO):
         second pass."""
         h, w = y_hat.shape[-2:]
         hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
-        for rows in banded.latent_bands(nets.h_s, h, w, self.config.M, memory):
-            hyper[:, :, rows] = to_grid(banded.hyper_rows(nets.h_s, z_hat, rows))
+        for rows, rows_hyper in banded.hyperprior_rows(nets.h_s, z_hat, self.config.M, memory):
+            hyper[:, :, rows] = to_grid(rows_hyper)
         starts = [sum(self.config.slices[:i]) for i in range(len(self.config.slices) + 1)]
         for i in range(len(self.config.slices)):
             own = slice(starts[i], starts[i + 1])
