@@ -7,6 +7,9 @@ GPU or several.
 
     loss = lambda * 255^2 * MSE(x_hat, x) + bpp + k_P * LPIPS(x_hat, x) + k_J * J(x_hat, x, caption)
     J    = InfoNCE(CLIP text t, CLIP image e_hat of x_hat) + 40 * ||e_hat - e||_2
+
+||e_hat - e||_2 is one Frobenius norm over the whole batch of (normalised) image embeddings, as the reference's
+torch.norm computes it: not a norm per image, and not a mean.
 """
 import argparse
 import dataclasses
@@ -85,6 +88,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     resume: bool = option(False, "continue the run in --out from latest.pt")
     stop_at: int = option(0, "stop at this step with a checkpoint (e.g. a job time limit); continue with --resume")
+    final_report: bool = option(True, "at the end of a run with held-out images: the JPEG comparison (a quality "
+                                      "sweep per image) and explain.png (--no-final-report skips both)")
 
 
 # `python train.py` with no --data: a run that does real work in a few CPU minutes, offline.
@@ -95,8 +100,9 @@ DEMO = dict(data="demo", crop=128, N=64, M=96, steps=800, batch_size=8, lr=1e-3,
 # The joint loss
 # ----------------------------------------------------------------------------------------------------------
 class JointLoss(nn.Module):
-    """lambda*255^2*MSE + bpp + k_P*LPIPS + k_J*(InfoNCE(t, e_hat) + 40*||e_hat - e||_2).
-    A term whose network is None is skipped (and reported as absent). The towers are frozen."""
+    """lambda*255^2*MSE + bpp + k_P*LPIPS + k_J*(InfoNCE(t, e_hat) + 40*||e_hat - e||_2), the norm taken once
+    over the whole batch (Frobenius, as the reference's torch.norm), not per image. A term whose network is None
+    is skipped (and reported as absent). The towers are frozen."""
 
     def __init__(self, lmbda, k_p, k_j, lpips=None, clip_visual=None):
         super().__init__()
@@ -114,7 +120,7 @@ class JointLoss(nn.Module):
         logits = 1 / 0.07 * t @ e_hat.T                                          # (B, B), pairs on the diagonal
         labels = torch.arange(len(x), device=x.device)
         info_nce = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        return info_nce + 40 * torch.linalg.norm(e_hat - e)
+        return info_nce + 40 * torch.linalg.norm(e_hat - e)                     # one norm over the batch (B, E)
 
     def terms(self, text_embedding=True):
         """Names of the terms this loss computes (with caption embeddings when `text_embedding`)."""
@@ -300,11 +306,11 @@ def optimization_step(model, optimizers, loss, clip_grad, world):
 
 
 def finish(model, cfg, val_items, val_rows, lpips):
-    """Rank 0, after the loop: the curves; at the end of a run with held-out images, the JPEG comparison and
-    the picture of where the first one's bits go (explain.py)."""
+    """Rank 0, after the loop: the curves; at the end of a run with held-out images (unless --no-final-report),
+    the JPEG comparison and the picture of where the first one's bits go (explain.py)."""
     training.plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
     print(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
-    if val_rows:
+    if val_rows and cfg.final_report:
         training.compare_with_jpeg(val_items, val_rows)
         source, captions = val_items[0]
         figure = os.path.join(cfg.out, "explain.png")

@@ -1,19 +1,39 @@
-"""Shared test setup: the suite never touches the network, runs from the repository root, and skips the
-tests marked gpu on machines without CUDA. Fixtures shared by several files live here; plain helpers in
-helpers.py."""
+"""Shared test setup: the suite is offline by construction, runs from the repository root, and skips the tests
+marked gpu on machines without CUDA. Fixtures shared by several files live here; plain helpers in helpers.py.
+
+Offline by construction: tests/netguard/sitecustomize.py runs in this process and, through PYTHONPATH, in every
+Python process a test starts. It refuses lookups of and connections to other hosts (loopback stays open) and
+logs each attempt; a test that made one fails, named, with the host. The project's own probe
+(clip_text.reachable) answers False under TACO_OFFLINE=1, torch.hub's downloader refuses at once, and the
+Hugging Face hub reads only its cache: code that would download takes its "unavailable" path."""
+import importlib.util
+import json
 import os
 import sys
+import tempfile
 
 import pytest
-import torch
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+GUARD = os.path.join(HERE, "netguard")
+NETWORK_LOG = os.path.join(tempfile.mkdtemp(prefix="taco-tests-"), "network-attempts.log")
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TACO_OFFLINE="1",
+                  TACO_NETWORK_LOG=NETWORK_LOG,
+                  PYTHONPATH=os.pathsep.join([GUARD] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+open(NETWORK_LOG, "w").close()
+_spec = importlib.util.spec_from_file_location("taco_netguard", os.path.join(GUARD, "sitecustomize.py"))
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))     # this process: guarded before torch loads
+sys.path.insert(0, os.path.dirname(HERE))
 
-from helpers import TINY_CLIP  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from helpers import TINY, TINY_CLIP, natural_image, tiny_model  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from machinery import clip_text  # noqa: E402  (importable once the repository root is on the path)
+import taco  # noqa: E402
+from machinery import checkpoints, clip_text  # noqa: E402  (importable once the repository root is on the path)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,7 +45,71 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_checked = [0]          # bytes of the attempts log already read: attempts in a fixture's setup count for its test
+
+
+def network_attempts():
+    with open(NETWORK_LOG, "rb") as log:
+        log.seek(_checked[0])
+        new = log.read()
+    _checked[0] += len(new)
+    return new.decode(errors="replace").splitlines()
+
+
+@pytest.fixture(autouse=True)
+def no_network(request):
+    """Fails the test that tried to reach another host, in this process or in one it started."""
+    network_attempts()
+    yield
+    attempts = network_attempts()
+    if attempts:
+        pytest.fail(f"{request.node.nodeid} tried to reach the network {len(attempts)} time(s): "
+                    + "; ".join(attempts[:3]), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def encoder():
     """The tiny random CLIP text tower (seeded: the same in every process)."""
     return clip_text.TextEncoder(TINY_CLIP, "random")
+
+
+@pytest.fixture(scope="session")
+def trained_model(encoder):
+    """A tiny model trained briefly for rate and distortion, so its likelihoods mean something."""
+    model = tiny_model(encoder).train()
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "quantiles" not in n], lr=3e-3)
+    aux = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=0.3)
+    images = torch.cat([natural_image(64, 64, seed) for seed in range(4)])
+    for _ in range(150):
+        out = model(images, ["a photo"] * 4)
+        bits = sum(-torch.log2(likelihood).sum() for likelihood in out["likelihoods"].values())
+        loss = bits / images[0, 0].numel() / 4 + 0.01 * 255 ** 2 * F.mse_loss(out["x_hat"], images)
+        optimizer.zero_grad(), aux.zero_grad()
+        loss.backward()
+        model.entropy_bottleneck.aux_loss().backward()
+        optimizer.step(), aux.step()
+    return model.eval().update()
+
+
+@pytest.fixture(scope="session")
+def weights_folder(tmp_path_factory):
+    """Three small real photos, a caption file, a tiny checkpoint and random-weight AlexNet and Inception files
+    (the local weights files eval.py takes), built once for the whole session."""
+    import skimage.data
+    root = tmp_path_factory.mktemp("eval")
+    (root / "images").mkdir()
+    photos = {"coffee.png": skimage.data.coffee()[::4, ::4], "cat.png": skimage.data.chelsea()[::3, ::3],
+              "rocket.png": skimage.data.rocket()[::4, ::4]}
+    for name, array in photos.items():
+        Image.fromarray(np.ascontiguousarray(array)).save(root / "images" / name)
+    (root / "captions.json").write_text(json.dumps({"coffee.png": "a cup of coffee", "cat.png": ["a cat", "x"],
+                                                    "rocket": "a rocket"}))
+    torch.manual_seed(0)
+    model = taco.TACO(taco.TacoConfig(**TINY)).attach_text_encoder()
+    for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
+        injector.gamma.data.normal_()
+    checkpoints.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(inception.state_dict(), root / "inception.pth")
+    return root

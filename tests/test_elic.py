@@ -1,5 +1,7 @@
 """Claims about elic.py: the released checkpoints' keys load strictly, and the two-pass checkerboard codes
 bit-exactly in the same order on both sides."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -96,12 +98,15 @@ GENERATIONS = {   # the factorized prior's matrices, biases and factors as each 
 def fake_release(path, shapes=None, prefix="module.", generation="1.2.6", updated=False):
     """A file laid out like the released ones, with random weights (and sane entropy-model values). As the
     reference's train.py writes it: net.state_dict() of the training model, never update()d, so CompressAI's
-    coding tables and the scale table are empty (shape (0,)); `updated` fills them in as update() would."""
+    coding tables and the scale table are empty (shape (0,)); `updated` fills them in as update() would.
+    `shapes`: reference_shapes() at some widths (the released ones by default)."""
     torch.manual_seed(0)
     state = {}
-    for key, shape in (shapes or reference_shapes()).items():
+    shapes = shapes or reference_shapes()
+    for key, shape in shapes.items():
         state[prefix + key] = torch.randn(shape) * 0.05
-    state[prefix + "entropy_bottleneck.quantiles"] = torch.tensor([-8.0, 0.0, 8.0]).repeat(192, 1, 1)
+    N = shapes["entropy_bottleneck.quantiles"][0]
+    state[prefix + "entropy_bottleneck.quantiles"] = torch.tensor([-8.0, 0.0, 8.0]).repeat(N, 1, 1)
     state[prefix + "entropy_bottleneck.target"] = torch.tensor([-21.4, 0.0, 21.4])
     state[prefix + "gaussian_conditional.scale_table"] = torch.exp(torch.linspace(np.log(0.11), np.log(256), 64))
     for key in ("entropy_bottleneck._cdf_length", "gaussian_conditional._cdf_length"):
@@ -118,6 +123,33 @@ def fake_release(path, shapes=None, prefix="module.", generation="1.2.6", update
     return state
 
 
+# The released layout at toy widths: every key of the released files, each tensor 6 to 10 times narrower (N, M,
+# the slices and CLIP's width; the channel context's 224 and 128 stay). The layout logic -- names, naming
+# generations, prefixes, rebuilt tables, strictness -- is the same at any width; only the test below needs the
+# released widths themselves.
+SMALL = dict(N=32, M=40, D=64, slices=(4, 4, 8, 8, 16))
+
+
+def released_config(state):
+    """The ELIC config a released state dict's shapes give (N, M, the slices, CLIP's width), else as released."""
+    shape = lambda key: state[next(k for k in state if k.removeprefix("module.") == key)].shape     # noqa: E731
+    slices = tuple(shape(f"local_context.{i}.weight")[1] for i in range(len(elic.OFFICIAL.slices)))
+    return dataclasses.replace(elic.OFFICIAL, N=shape("g_a.analysis_transform.0.weight")[0],
+                               M=shape("g_a.analysis_transform.16.weight")[0], slices=slices,
+                               text_dim=shape("g_a.analysis_transform.8.text_feature_dim_proj.weight")[1])
+
+
+@pytest.fixture
+def small_release(monkeypatch):
+    """fake_release at the SMALL widths; while the test runs, checkpoints.load_released builds ElicTACO with the
+    config read off the file's shapes instead of the released widths."""
+    def write(path, shapes=None, **kwargs):
+        state = fake_release(path, shapes or reference_shapes(**SMALL), **kwargs)
+        monkeypatch.setattr(elic, "OFFICIAL", released_config(state))
+        return state
+    return write
+
+
 def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
     ours = {k: tuple(v.shape) for k, v in elic.ElicTACO(elic.OFFICIAL).state_dict().items()}
     reference = {k: v for k, v in reference_shapes().items() if k not in checkpoints.COMPRESSAI_CONSTANTS}
@@ -129,9 +161,10 @@ def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
 
 @pytest.mark.parametrize("updated", [False, True], ids=["as trained", "after update"])
 @pytest.mark.parametrize("generation", GENERATIONS)
-def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_path, generation, updated):
+def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_path, small_release, generation,
+                                                                          updated):
     path = str(tmp_path / "lambda_0.004.pth.tar")
-    state = fake_release(path, generation=generation, updated=updated)
+    state = small_release(path, generation=generation, updated=updated)
     model, checkpoint = checkpoints.load_checkpoint(path)
     assert isinstance(model, elic.ElicTACO) and checkpoint["epoch"] == 49
     loaded = model.state_dict()
@@ -147,7 +180,8 @@ def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_pa
     for module in (model.entropy_bottleneck, model.gaussian_conditional):   # the file's tables were rebuilt
         rangecoder.check_cdfs(*module.tables())
         assert not (module._cdf_length == 7).all()
-    features = torch.randn(1, 38, 512)                             # precomputed CLIP token features
+    assert (model.config.N, model.config.M) == (SMALL["N"], SMALL["M"])
+    features = torch.randn(1, 38, SMALL["D"])                      # precomputed CLIP token features
     x = torch.rand(1, 3, 40, 72)
     data = model.compress(x, features)
     padded = F.pad(x, (0, 56, 0, 24), mode="replicate")
@@ -156,14 +190,15 @@ def test_a_released_file_loads_strictly_through_load_checkpoint_and_codes(tmp_pa
     assert torch.equal(model.decompress(data), expected)
 
 
-def test_the_same_released_weights_write_the_same_file_whether_or_not_update_filled_the_scale_table(tmp_path):
+def test_the_same_released_weights_write_the_same_file_whether_or_not_update_filled_the_scale_table(
+        tmp_path, small_release):
     """A released file as the reference saves it (empty tables) and after CompressAI's update() (the scale table
     filled with torch.exp's float32 values) are one model: one fingerprint, one file. A genuinely different scale
     table is the file's own, kept: another model."""
     forms = {}
     for form in ("as trained", "after update", "custom table"):
         path = str(tmp_path / f"{form}.pth.tar")
-        fake_release(path, updated=form != "as trained")
+        small_release(path, updated=form != "as trained")
         if form == "custom table":
             checkpoint = torch.load(path, weights_only=True)
             checkpoint["state_dict"]["module.gaussian_conditional.scale_table"] = torch.exp(
@@ -176,7 +211,7 @@ def test_the_same_released_weights_write_the_same_file_whether_or_not_update_fil
     fingerprints = {form: container.fingerprint(model) for form, model in forms.items()}
     assert fingerprints["as trained"] == fingerprints["after update"] != fingerprints["custom table"]
     assert torch.allclose(forms["custom table"].gaussian_conditional.scale_table[[0, -1]], torch.tensor([0.2, 64.0]))
-    features, x = torch.randn(1, 38, 512), torch.rand(1, 3, 64, 64)
+    features, x = torch.randn(1, 38, SMALL["D"]), torch.rand(1, 3, 64, 64)
     files = {form: model.compress(x, features) for form, model in forms.items()}
     assert files["as trained"] == files["after update"] != files["custom table"]
     assert torch.equal(forms["after update"].decompress(files["as trained"]), forms["as trained"].decompress(
@@ -186,15 +221,15 @@ def test_the_same_released_weights_write_the_same_file_whether_or_not_update_fil
 
 
 @pytest.mark.parametrize("damage", ["missing", "misshapen", "unexpected"])
-def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, damage):
-    shapes = reference_shapes()
+def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, small_release, damage):
+    shapes = reference_shapes(**SMALL)
     if damage == "missing":
         del shapes["g_a.analysis_transform.15.gamma"]
     elif damage == "misshapen":
-        shapes["g_a.analysis_transform.15.gamma"] = (128,)
+        shapes["g_a.analysis_transform.15.gamma"] = (SMALL["N"] + 1,)
     else:
         shapes["g_a.analysis_transform.18.weight"] = (3,)
-    fake_release(str(tmp_path / "bad.pth.tar"), shapes, prefix="")
+    small_release(str(tmp_path / "bad.pth.tar"), shapes, prefix="")
     with pytest.raises(checkpoints.CheckpointError, match=f"{damage}.*g_a.analysis_transform.1[58]"):
         checkpoints.load_checkpoint(str(tmp_path / "bad.pth.tar"))
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from helpers import TINY, TINY_ELIC, natural_image, tiny_model
 from PIL import Image
-from test_taco import trained_model  # noqa: F401 (a fixture)
 
 import eval as evaluation
 import taco

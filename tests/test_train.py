@@ -1,4 +1,5 @@
 """Claims about train.py: the joint loss trains the codec only, runs resume exactly, data loads or fails clearly."""
+import functools
 import json
 import os
 import socket
@@ -15,12 +16,13 @@ from PIL import Image
 import data
 import taco
 import train
-from machinery import checkpoints, clip_text, metrics, training
+from machinery import checkpoints, clip_text, elic, metrics, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Runs that do not check the end of a run skip its JPEG sweep and explain.png (the demo test keeps them).
 TINY_RUN = ["--N", "16", "--M", "24", "--clip-model", TINY_CLIP, "--clip-pretrained", "random", "--crop", "64",
-            "--batch-size", "2", "--log-every", "1"]
+            "--batch-size", "2", "--log-every", "1", "--no-final-report"]
 
 
 def tiny_towers():
@@ -122,14 +124,17 @@ def run_train(args, tmp_path, name):
     return checkpoints.load_checkpoint(str(tmp_path / name / "latest.pt"))
 
 
-@pytest.mark.parametrize("steps,stop", [pytest.param(6, 3, marks=pytest.mark.core), (8, 4), (12, 7)])
-def test_resume_after_interruption_continues_exactly(tmp_path, capsys, steps, stop):
-    """At any step, across epochs (6 images, 2 per step) and with validation mid-run."""
-    common = ["--steps", str(steps), "--val-every", "4"]
+@pytest.mark.core
+def test_resume_after_interruption_continues_exactly(tmp_path, capsys):
+    """Stopped mid-epoch (6 images, 2 per step: step 5 is the middle of the second epoch), in the third epoch
+    after the resume, with validation on both sides of the stop (steps 4 and 8)."""
+    common = ["--steps", "8", "--val-every", "4"]
     straight, _ = run_train(common, tmp_path, "straight")
-    run_train(common + ["--stop-at", str(stop)], tmp_path, "interrupted")
+    run_train(common + ["--stop-at", "5"], tmp_path, "interrupted")
     resumed, checkpoint = run_train(common + ["--resume"], tmp_path, "interrupted")
-    assert checkpoint["step"] == steps
+    validated = [row["step"] for row in map(json.loads, open(tmp_path / "interrupted" / "log.jsonl"))
+                 if "val_bpp" in row]
+    assert validated == [4, 5, 8] and checkpoint["step"] == 8
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -143,7 +148,7 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
 
 
 def test_builtin_demo_runs_end_to_end_and_compares_with_jpeg(tmp_path, capsys):
-    model, checkpoint = run_train(["--steps", "4", "--val-every", "2"], tmp_path, "demo")
+    model, checkpoint = run_train(["--steps", "4", "--val-every", "2", "--final-report"], tmp_path, "demo")
     out = capsys.readouterr().out
     try:
         metrics.load_lpips()
@@ -187,7 +192,7 @@ def test_two_processes_with_torchrun_and_gloo_write_one_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "curves.png", "explain.png", "latest.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["best.pt", "curves.png", "latest.pt", "log.jsonl"]
     model, checkpoint = checkpoints.load_checkpoint(str(tmp_path / "ddp" / "latest.pt"))
     assert checkpoint["step"] == 3
 
@@ -257,15 +262,22 @@ def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
     assert not {i for i, _ in rank0} & {i for i, _ in rank1}
 
 
-@pytest.mark.slow
-def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_path, capsys):
-    from test_elic import fake_release
-    fake_release(str(tmp_path / "lambda_0.004.pth.tar"))
-    model, checkpoint = run_train(["--backbone", "elic", "--N", "192", "--M", "320", "--clip-model", "ViT-B-32-quickgelu",
-                                   "--init-from", str(tmp_path / "lambda_0.004.pth.tar"), "--steps", "2",
-                                   "--val-every", "100", "--batch-size", "1"], tmp_path, "finetune")
-    assert f"starting from {tmp_path / 'lambda_0.004.pth.tar'}" in capsys.readouterr().out
-    assert model.config.backbone == "elic" and checkpoint["step"] == 2
+def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_path, capsys, monkeypatch):
+    """A file in the released layout at toy widths (test_elic.SMALL: train.py has no flag for ELIC's slices, so
+    the config it builds takes them here); every one of its tensors starts the run."""
+    from test_elic import SMALL, fake_release, reference_shapes, released_config
+    path = str(tmp_path / "lambda_0.004.pth.tar")
+    state = fake_release(path, reference_shapes(**SMALL))
+    monkeypatch.setattr(elic, "OFFICIAL", released_config(state))
+    monkeypatch.setattr(taco, "TacoConfig", functools.partial(taco.TacoConfig, slices=SMALL["slices"]))
+    model, checkpoint = run_train(["--backbone", "elic", "--N", str(SMALL["N"]), "--M", str(SMALL["M"]),
+                                   "--init-from", path, "--steps", "2", "--val-every", "100", "--batch-size", "1",
+                                   "--lr", "0"], tmp_path, "finetune")
+    weights = model.state_dict()
+    assert f"starting from {path}: {len(weights)} tensors from" in capsys.readouterr().out
+    assert model.config.backbone == "elic" and model.config.slices == SMALL["slices"] and checkpoint["step"] == 2
+    for key in ("g_a.analysis_transform.8.gamma", "channel_context.4.fushion.4.bias", "h_s.increase.4.weight"):
+        assert torch.equal(weights[key], state["module." + key]), key                 # lr 0: still the file's
 
 
 def test_an_epoch_is_a_pass_over_image_caption_pairs_as_in_the_reference(tmp_path):
