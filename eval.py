@@ -28,9 +28,12 @@ from machinery import images as image_files
 
 
 @torch.no_grad()
-def evaluate(model, images, captions, lpips_models, clip, inception, folder, save_dir=None):
+def evaluate(model, images, captions, lpips_models, clip, inception, folder, save_dir=None, own=None):
     """Real compress/decompress of every image -> (row of per-image metrics, features for the set metrics), one
-    image at a time."""
+    image at a time. `captions`: what the encoder reads; `own`: each image's own caption (default `captions`),
+    which the CLIP score is measured against in every caption mode of the ablation: the question is whether the
+    decoded image matches its true caption, whatever the encoder was shown."""
+    own = own or captions
     device = next(model.parameters()).device
     for name in images:
         x = image_files.read_image(os.path.join(folder, name)).to(device)
@@ -45,7 +48,8 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         padded = taco.pad_to_64(image_files.as_rgb(x))
         likelihoods = model(padded, [captions[name]] if model.config.text_adapter else None)["likelihoods"]
         x, x_hat = image_files.as_rgb(x), image_files.as_rgb(x_hat)
-        row = {"image": name, "caption": captions[name], "bytes": len(data), "bpp": 8 * len(data) / (H * W),
+        row = {"image": name, "caption": captions[name], "scored_against": own[name], "bytes": len(data),
+               "bpp": 8 * len(data) / (H * W),
                "bpp_estimate": sum(float(-torch.log2(l).sum()) for l in likelihoods.values()) / (H * W),
                "psnr": float(metrics.psnr(x_hat, x)), "ms_ssim": float(metrics.ms_ssim(x_hat, x)),
                "encode_s": encode, "decode_s": decode}
@@ -57,7 +61,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
                 features[side] = metrics.inception_features(inception, t)[0].cpu().numpy()
         if clip is not None:
             e_hat = clip.encode_image(metrics.clip_preprocess(x_hat))
-            similarity = F.cosine_similarity(e_hat, caption_embedding(clip, captions[name]))
+            similarity = F.cosine_similarity(e_hat, caption_embedding(clip, model.config.clip_model, own[name]))
             row["clip_score"] = float(100 * similarity.clamp_min(0))
             features["clip_x"] = clip.encode_image(metrics.clip_preprocess(x))[0].cpu().numpy()
             features["clip_x_hat"] = e_hat[0].cpu().numpy()
@@ -66,9 +70,9 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         yield row, features
 
 
-def caption_embedding(clip, caption):
-    import open_clip
-    tokens = open_clip.get_tokenizer("ViT-B-32-quickgelu")([caption])
+def caption_embedding(clip, clip_model, caption):
+    """CLIP's text embedding of `caption`, tokenized by the tokenizer of the CLIP the checkpoint names."""
+    tokens = clip_text.tokenizer(clip_model)([caption])
     return clip.encode_text(tokens.to(next(clip.parameters()).device))
 
 
@@ -192,7 +196,7 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
     for run, caps in runs.items():
         todo = [n for n in share if (path, run, n) not in store.done]
         for row, features in evaluate(model, todo, caps, lpips, clip, inception, args.images,
-                                      save_dir if run == "given" else None):
+                                      save_dir if run == "given" else None, own=captions):
             store.add(dict(row, checkpoint=path, captions=run), features)
             bar.update(1)
     share = set(share)
