@@ -2,6 +2,7 @@
 gives are the same bits on a CPU without AVX2 (torch's and numpy's vector kernels off) and at other thread
 counts -- for our checkpoints and for files laid out like the released ones, with a prior spread out as after
 training."""
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,10 @@ import torch
 from helpers import TINY, natural_image, tiny_model
 from numpy._core import _multiarray_umath
 from scipy import special
-from test_elic import fake_release
+from test_elic import SMALL, fake_release, reference_shapes, released_config
 
 import entropy
-from machinery import checkpoints, container, tables
+from machinery import checkpoints, container, elic, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,18 +57,28 @@ def spread_out(state, prefix=""):
     return state
 
 
+def coding_tables(paths):
+    """path -> the coding tables (and scale table) and fingerprint that loading the checkpoint gives."""
+    result = {}
+    for path in paths:
+        model, _ = checkpoints.load_checkpoint(path)
+        model.update()
+        keep = entropy.TABLE_BUFFERS + ("scale_table",)
+        result[path] = {k: v for k, v in model.state_dict().items() if k.endswith(keep)}
+        result[path]["fingerprint"] = torch.tensor(list(container.fingerprint(model)))
+    return result
+
+
 TABLES_ELSEWHERE = textwrap.dedent("""
-    import sys, torch
+    import dataclasses, json, sys, torch
     sys.path.insert(0, %r)
-    import entropy
-    from machinery import checkpoints, container
-    model, _ = checkpoints.load_checkpoint(sys.argv[1])
-    model.update()
-    keep = entropy.TABLE_BUFFERS + ("scale_table",)
-    result = {k: v for k, v in model.state_dict().items() if k.endswith(keep)}
-    result["fingerprint"] = torch.tensor(list(container.fingerprint(model)))
-    torch.save(result, sys.argv[2])
-""" % ROOT)
+    sys.path.insert(0, %r)
+    from machinery import elic
+    from test_tables import coding_tables
+    widths = json.loads(sys.argv[1])
+    elic.OFFICIAL = dataclasses.replace(elic.OFFICIAL, **dict(widths, slices=tuple(widths["slices"])))
+    torch.save(coding_tables(sys.argv[3:]), sys.argv[2])
+""" % (ROOT, os.path.dirname(os.path.abspath(__file__))))
 
 OTHER_MACHINES = {
     "no AVX2, 1 thread": {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "NPY_DISABLE_CPU_FEATURES":
@@ -78,29 +89,32 @@ OTHER_MACHINES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ours", "released"])
-def test_coding_tables_and_fingerprint_are_the_same_bits_on_other_cpus_and_thread_counts(kind, tmp_path):
-    path = str(tmp_path / ("model.pt" if kind == "ours" else "lambda_0.0004.pth.tar"))
-    if kind == "ours":
-        model = tiny_model(config=dict(TINY, N=64))
-        model.load_state_dict(spread_out(model.state_dict()))
-        checkpoints.save_checkpoint(path, model.update())
-    else:
-        fake_release(path)
-        checkpoint = torch.load(path, weights_only=True)
-        spread_out(checkpoint["state_dict"], prefix="module.")
-        torch.save(checkpoint, path)
-    model, _ = checkpoints.load_checkpoint(path)
-    here = {k: v for k, v in model.update().state_dict().items() if k.endswith(entropy.TABLE_BUFFERS + ("scale_table",))}
-    here["fingerprint"] = torch.tensor(list(container.fingerprint(model)))
-    assert len(here) == 8
+def test_coding_tables_and_fingerprint_of_ours_and_of_released_files_are_the_same_bits_on_other_cpus_and_thread_counts(
+        tmp_path, monkeypatch):
+    """One process per other machine reads both files: one of ours and one in the released layout (at toy
+    widths, test_elic.SMALL), each with a prior spread out as after training."""
+    ours, released = str(tmp_path / "model.pt"), str(tmp_path / "lambda_0.0004.pth.tar")
+    model = tiny_model(config=dict(TINY, N=64))
+    model.load_state_dict(spread_out(model.state_dict()))
+    checkpoints.save_checkpoint(ours, model.update())
+    fake_release(released, reference_shapes(**SMALL))
+    checkpoint = torch.load(released, weights_only=True)
+    spread_out(checkpoint["state_dict"], prefix="module.")
+    torch.save(checkpoint, released)
+    config = released_config(checkpoint["state_dict"])
+    monkeypatch.setattr(elic, "OFFICIAL", config)
+    here = coding_tables([ours, released])
+    assert [len(here[path]) for path in (ours, released)] == [8, 8]
+    widths = json.dumps({k: getattr(config, k) for k in ("N", "M", "slices", "text_dim")})
     for name, settings in OTHER_MACHINES.items():
-        run = subprocess.run([sys.executable, "-c", TABLES_ELSEWHERE, path, str(tmp_path / "there.pt")],
-                             env=dict(os.environ, **settings), capture_output=True, text=True, timeout=600)
+        run = subprocess.run([sys.executable, "-c", TABLES_ELSEWHERE, widths, str(tmp_path / "there.pt"), ours,
+                              released], env=dict(os.environ, **settings), capture_output=True, text=True,
+                             timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         there = torch.load(str(tmp_path / "there.pt"), weights_only=True)
-        for key, value in here.items():
-            assert torch.equal(there[key], value), (name, key)
+        for path, values in here.items():
+            for key, value in values.items():
+                assert torch.equal(there[path][key], value), (name, os.path.basename(path), key)
 
 
 def test_the_fingerprint_names_the_decoder_and_ignores_encoder_only_weights(encoder):
