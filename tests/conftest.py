@@ -113,3 +113,11 @@ def weights_folder(tmp_path_factory):
     inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     torch.save(inception.state_dict(), root / "inception.pth")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_elic():
+    """helpers.tiny_model of the ELIC backbone, built and converted to integer networks once: for tests that
+    only read it (none may change its weights)."""
+    from helpers import TINY_ELIC
+    return tiny_model(config=TINY_ELIC)

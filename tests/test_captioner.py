@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import natural_image, tiny_model
+from helpers import TINY, natural_image, tiny_model
 from PIL import Image
 
 import codec
@@ -148,8 +148,6 @@ def test_without_the_captioners_weights_one_error_line_and_nothing_written(tmp_p
 
 
 def test_eval_captions_each_image_once_and_reuses_the_captions(tmp_path, monkeypatch, weights):
-    from test_eval import TINY
-
     import taco
     (tmp_path / "images").mkdir()
     for seed in range(3):

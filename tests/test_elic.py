@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_CLIP, TINY_ELIC, tiny_model
+from helpers import TINY_CLIP
 
 import entropy
 import rangecoder
@@ -235,8 +235,8 @@ def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, small_relea
 
 
 @pytest.mark.parametrize("size", [(64, 64), (70, 100), (20, 36)])
-def test_decompress_equals_the_models_own_reconstruction_exactly(size):
-    model = tiny_model(config=TINY_ELIC)
+def test_decompress_equals_the_models_own_reconstruction_exactly(tiny_elic, size):
+    model = tiny_elic
     x = torch.rand(1, 3, *size)
     data = model.compress(x, "a lighthouse on a cliff")
     padded = F.pad(x, (0, -size[1] % 64, 0, -size[0] % 64), mode="replicate")
@@ -283,8 +283,9 @@ def test_the_local_contexts_anchor_taps_give_the_whole_convolution_at_the_non_an
 
 
 @pytest.mark.parametrize("corruption", ["swapped passes", "positions visited backwards"])
-def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_image(monkeypatch, corruption):
-    model = tiny_model(config=TINY_ELIC)
+def test_a_decoder_that_visits_symbols_in_another_order_does_not_reproduce_the_image(tiny_elic, monkeypatch,
+                                                                                   corruption):
+    model = tiny_elic
     x = torch.rand(1, 3, 64, 64)
     data = model.compress(x, "a boat")
     correct = model.decompress(data)

@@ -11,8 +11,9 @@ from machinery import checkpoints, explain
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
-def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass(config):
-    model, x = tiny_model(config=config), natural_image(70, 100)
+def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass(request, config):
+    model = request.getfixturevalue("tiny_elic") if config is TINY_ELIC else tiny_model(config=config)
+    x = natural_image(70, 100)
     result = explain.analyse(model, x, "a red barn")
     with torch.no_grad():
         likelihoods = model(taco.pad_to_64(x), ["a red barn"])["likelihoods"]

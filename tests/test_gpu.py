@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 from helpers import TINY, TINY_CLIP, TINY_ELIC
-from test_eval import folder  # noqa: F401  (a fixture: photos, captions, a tiny checkpoint, local weights)
 from test_train import ROOT, TINY_RUN, free_port
 
 import eval as evaluation
@@ -45,7 +44,8 @@ def test_compress_on_the_gpu_decodes_on_the_gpu_and_on_the_cpu(config):
     assert (on_gpu - on_cpu).abs().max() <= 2 / 255                     # g_s may round differently
 
 
-def test_eval_runs_its_networks_on_the_gpu(folder, tmp_path):  # noqa: F811
+def test_eval_runs_its_networks_on_the_gpu(weights_folder, tmp_path):
+    folder = weights_folder                       # photos, captions, a tiny checkpoint, local weights (conftest.py)
     evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
                   str(folder / "captions.json"), "--baselines", "", "--alexnet-weights", str(folder / "alexnet.pth"),
                   "--device", "cuda", "--out", str(tmp_path)])
