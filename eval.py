@@ -56,9 +56,10 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         for convention, lpips in lpips_models.items():
             row[f"lpips_{convention}"] = float(lpips(x_hat, x))
         features = {}
-        if inception is not None:
-            for side, t in (("inception_x", x), ("inception_x_hat", x_hat)):
-                features[side] = metrics.inception_features(inception, t)[0].cpu().numpy()
+        if inception is not None:                 # whole images, or --fid-patches: the patches of both, aligned
+            cut = metrics.patches if inception.patches else (lambda t: t)
+            for side, t in (("x", x), ("x_hat", x_hat)):
+                features[f"{inception.protocol}_{side}"] = metrics.fid_features(inception, cut(t)).numpy().ravel()
         if clip is not None:
             e_hat = clip.encode_image(metrics.clip_preprocess(x_hat))
             similarity = F.cosine_similarity(e_hat, caption_embedding(clip, model.config.clip_model, own[name]))
@@ -99,10 +100,15 @@ def load_towers(args, config):
     except clip_text.WeightsUnavailable as error:
         print(f"note: CLIP score and CMMD skipped, and captions cannot be read: {error}")
     inception = None
+    if refused := report.whole_image_fid_refusal(args.images_count, args.fid_patches, args.fid_few_images):
+        print(f"note: FID and KID skipped: {refused}")
+        return lpips, clip, pretrained, inception
     try:
-        inception = metrics.load_inception(args.inception_weights).to(args.device)
+        inception = metrics.load_fid_inception(args.fid_weights).to(args.device)
+        inception.patches = args.fid_patches
+        inception.protocol = "patches" if args.fid_patches else "inception"     # the stored features' names
     except clip_text.WeightsUnavailable as error:
-        print(f"note: FID skipped: {error}")
+        print(f"note: FID and KID skipped: {error}")
     return lpips, clip, pretrained, inception
 
 
@@ -131,10 +137,14 @@ def main(argv=None):
                         "checkpoints, CompressAI's Minnen 2018, ELIC) on the plot")
     parser.add_argument("--clip-pretrained", help="CLIP weights (tag or file) if not the checkpoint's")
     parser.add_argument("--alexnet-weights", help="torchvision AlexNet weights file for LPIPS")
-    parser.add_argument("--inception-weights", help="torchvision Inception-v3 weights file for FID (needs many "
-                        "images to mean anything: thousands, as COCO-30k)")
-    parser.add_argument("--save-reconstructions", action="store_true", help="write decoded PNGs (e.g. for "
-                        "TF-Inception FID with an external tool) under --out/<checkpoint name>/")
+    parser.add_argument("--fid-weights", help="torch-fidelity's TF-Inception weights file for FID and KID "
+                        "(weights-inception-2015-12-05-6726825d.pth) if not in its cache")
+    parser.add_argument("--fid-patches", action="store_true", help="FID and KID on 256x256 patches of the original "
+                        "and the decoded images at the same positions (HiFiC / MS-ILLM FID/256), for small sets")
+    parser.add_argument("--fid-few-images", action="store_true", help="whole-image FID and KID even on fewer "
+                        "images than the 2048 feature dimensions (a singular covariance: comparable with nothing)")
+    parser.add_argument("--save-reconstructions", action="store_true", help="write decoded PNGs (e.g. for an "
+                        "external FID tool) under --out/<checkpoint name>/")
     parser.add_argument("--out", default="results", help="folder for the rows as they finish, results.json, "
                         "results.csv, rd.png")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same settings)")
@@ -149,6 +159,7 @@ def main(argv=None):
         parser.error("--images is required (or --explain IMAGE)")
 
     images = data.list_images(args.images, args.image_list)
+    args.images_count = len(images)
     rank, world, barrier = setup_ranks(args)
     settings = run_settings(args, images)
     results.check(args.out, settings, args.resume, args.force)          # before anything is captioned or coded
@@ -244,7 +255,8 @@ def run_settings(args, images):
             "--captioner": args.captions == "auto" and [args.captioner, args.captioner_pretrained],
             "--allow-missing-captions": args.allow_missing_captions, "--ablation": args.ablation,
             "--clip-pretrained": args.clip_pretrained, "--alexnet-weights": args.alexnet_weights,
-            "--inception-weights": args.inception_weights}
+            "--fid-weights": args.fid_weights, "FID features": "torch-fidelity inception-v3-compat 2048",
+            "--fid-patches": args.fid_patches, "--fid-few-images": args.fid_few_images}
 
 
 def explain_one(args):

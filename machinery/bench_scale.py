@@ -89,18 +89,23 @@ def sets_case(n, dimensions, metric, queue):
     b = a + 0.1 * torch.randn(n, dimensions, generator=g)
     before = peak_mib()
     start = time.perf_counter()
-    value = getattr(metrics, metric)(a, b)
+    if metric == "fid+kid":              # as report.summarize runs them: FID, then KID on the same two sets
+        k = metrics.kid(a, b)
+        value = f"FID {metrics.fid(a, b):.6g}, KID {k['kid']:.6g} +- {k['kid_std']:.2g} (subsets of {k['kid_subset_size']})"
+    else:
+        value = f"{getattr(metrics, metric)(a, b):.6g}"
     queue.put((value, time.perf_counter() - start, before, peak_mib()))
 
 
 def bench_sets(args):
-    print(f"set metrics: CMMD on {args.clip_dim}-d CLIP embeddings, FID on {args.inception_dim}-d Inception "
-          f"features, random sets, CPU ({torch.get_num_threads()} threads); each in a fresh process, peak RSS")
-    for metric, dimensions in (("cmmd", args.clip_dim), ("fid", args.inception_dim)):
+    print(f"set metrics: CMMD on {args.clip_dim}-d CLIP embeddings, FID and KID (torch-fidelity) on "
+          f"{args.inception_dim}-d Inception features, random sets, CPU ({torch.get_num_threads()} threads); each "
+          f"in a fresh process, peak RSS")
+    for metric, dimensions in (("cmmd", args.clip_dim), ("fid+kid", args.inception_dim)):
         for n in args.sizes:
             value, seconds, before, peak = in_child(sets_case, n, dimensions, metric)
             print(f"  {metric} {n:6d} x {n:6d}: {seconds:6.1f} s, peak RSS {peak:6.0f} MiB (the two feature sets "
-                  f"loaded: {before:.0f} MiB), value {value:.6g}")
+                  f"loaded: {before:.0f} MiB), value {value}")
 
 
 def caption_case(name, pretrained, device, mode, photos, batch, queue):

@@ -1,6 +1,6 @@
 """Metrics on images and sets of images, each matched to the implementation users compare with: PSNR,
 MS-SSIM (pytorch_msssim), LPIPS (the lpips package), CLIP preprocessing (CLIP's own), CMMD (its paper's code),
-FID, BD-rate, the Pillow baselines, and a model's parameters and multiply-accumulates.
+FID and KID (torch-fidelity), BD-rate, the Pillow baselines, and a model's parameters and multiply-accumulates.
 Tensors are (B, 3, H, W) in [0, 1]."""
 import io
 import math
@@ -123,22 +123,28 @@ class LPIPS(nn.Module):
 
 
 def torchvision_state(weights, path, what, flag):
-    """A torchvision state dict from a local file, or from torchvision's download cache, fetched into it on first
-    use. Fetched here rather than by torchvision's loader, which announces "Downloading: ..." before it tries:
-    offline a reader would believe a download under way, then read that it failed."""
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    """A torchvision state dict from a local file, or from torchvision's download cache (cached_weights)."""
+    return torch.load(cached_weights(weights.url, path, what, flag, "torchvision"), map_location="cpu",
+                      weights_only=True)
+
+
+def cached_weights(url, path, what, flag, library):
+    """The path of a weights file: `path` if given, else the torch hub cache's copy of `url` (where torchvision and
+    torch-fidelity keep theirs), fetched into it on first use; checked to load with weights_only=True. Fetched here
+    rather than by the library's loader, which announces "Downloading: ..." before it tries: offline a reader
+    would believe a download under way, then read that it failed."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     try:
-        if path:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        if not os.path.exists(cached):
+        if not path and not os.path.exists(cached):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
-            digest = torch.hub.HASH_REGEX.search(os.path.basename(cached))          # torchvision names the hash
-            torch.hub.download_url_to_file(weights.url, cached, digest and digest.group(1), progress=False)
-        return torch.load(cached, map_location="cpu", weights_only=True)
+            digest = torch.hub.HASH_REGEX.search(os.path.basename(cached))          # the file names its hash
+            torch.hub.download_url_to_file(url, cached, digest and digest.group(1), progress=False)
+        torch.load(path or cached, map_location="cpu", weights_only=True)        # tensors only, or refuse
+        return path or cached
     except Exception as error:
         raise clip_text.WeightsUnavailable(
-            f"could not load {what} weights ({type(error).__name__}): run once with network access (torchvision "
-            f"caches the file as {cached}) or pass that file as {flag}") from error
+            f"could not load {what} weights ({type(error).__name__}): run once with network access ({library} "
+            f"caches the file as {cached}; docs/downloads.md) or pass that file as {flag}") from error
 
 
 def load_lpips(convention="standard", alexnet_weights=None):
@@ -243,52 +249,67 @@ def cmmd(a, b, sigma=10.0, scale=1000.0, block=2048):
     return float(scale * (kernel_mean(a, a) + kernel_mean(b, b) - 2 * kernel_mean(a, b)))
 
 
-def fid(a, b, block=4096):
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) (Heusel et al. 2017):
-    ||mu_a - mu_b||^2 + tr C_a + tr C_b - 2 tr (C_a C_b)^(1/2). With C = F F^T, the last trace is the sum of
-    the singular values of F_a^T F_b: no matrix square root, and small when there are few samples. Means and
-    covariances are accumulated over blocks of rows in float64 (nothing larger than the features is held)."""
-    mean_a, mean_b = _mean(a, block), _mean(b, block)
-    fa, fb = _covariance_factor(a, mean_a, block), _covariance_factor(b, mean_b, block)
-    trace_root = np.linalg.svd(fa.T @ fb, compute_uv=False).sum()
-    return float(((mean_a - mean_b) ** 2).sum() + (fa ** 2).sum() + (fb ** 2).sum() - 2 * trace_root)
+# FID and KID as torch-fidelity computes them: the TF-Inception network of the original FID
+# (pt_inception-2015-12-05, converted to PyTorch) and its pool3 features (2048-d), fed uint8 images that it
+# resizes to 299x299 itself (bilinear, as TensorFlow 1.x did) -- exactly what a torch-fidelity (or torchmetrics)
+# user gets, so the figures sit beside the literature's.
+FID_FEATURES = 2048
+KID_SUBSET_SIZE, KID_SUBSETS = 1000, 100          # torch-fidelity's defaults, the standard of Binkowski et al. 2018
+PATCH = 256                                        # the patch protocol's size (HiFiC, MS-ILLM: FID/256)
 
 
-def _mean(x, block):
-    return sum(np.asarray(x[i:i + block], dtype=np.float64).sum(0) for i in range(0, len(x), block)) / len(x)
+def load_fid_inception(weights=None):
+    """torch-fidelity's Inception feature extractor, its pool3 (2048-d) output. `weights`: a local file (--fid-
+    weights); else torch-fidelity's own cache (the torch hub cache), fetched into it on first use."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+    path = cached_weights(URL_INCEPTION_V3, weights, "TF-Inception (FID, KID)", "--fid-weights", "torch-fidelity")
+    # checked above with weights_only=True: torch-fidelity then loads the same file its own way
+    return FeatureExtractorInceptionV3("inception-v3-compat", [str(FID_FEATURES)], feature_extractor_weights_path=path)
 
 
-def _covariance_factor(x, mean, block):
-    """F with F F^T = cov(x): the scaled, centered samples (D, N) when N <= D, else from an eigendecomposition
-    of the covariance, summed over blocks of centered rows."""
-    if len(x) <= x.shape[1]:
-        return ((np.asarray(x, dtype=np.float64) - mean) / np.sqrt(len(x) - 1)).T
-    covariance = np.zeros((x.shape[1], x.shape[1]))
-    for i in range(0, len(x), block):
-        centered = np.asarray(x[i:i + block], dtype=np.float64) - mean
-        covariance += centered.T @ centered
-    values, vectors = np.linalg.eigh(covariance / (len(x) - 1))
-    return vectors * np.sqrt(np.clip(values, 0, None))
+def fid_features(model, x, batch=32):
+    """(B, 3, H, W) in [0, 1] -> (B, 2048) pool3 features: rounded to 8 bits, as the images torch-fidelity reads
+    from files (and as eval.py writes decoded images), then its own resize and scaling. `batch` at a time."""
+    device = next(model.parameters()).device
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return torch.cat([model(x[i:i + batch].to(device))[0].cpu() for i in range(0, len(x), batch)])
 
 
-def load_inception(weights=None):
-    """torchvision's Inception-v3 (ImageNet) without its classifier: 2048-d pool features for FID. These are
-    not the TF-Inception weights of the original FID, so compare its FID only with FID computed the same way."""
-    import torchvision
-    state = torchvision_state(torchvision.models.Inception_V3_Weights.IMAGENET1K_V1, weights, "Inception-v3 (FID)",
-                              "--inception-weights")
-    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
-    model.load_state_dict(state)
-    model.fc = nn.Identity()
-    return model.requires_grad_(False).eval()
+def patches(x, size=PATCH):
+    """The FID/256 patches of HiFiC (Mentzer et al. 2020) as MS-ILLM's code cuts them (NeuralCompression
+    update_patch_fid): the non-overlapping size x size grid from the top-left corner, then, for images at least
+    1.5 size on both sides, the same grid shifted by size / 2 in both directions; (P, 3, size, size). Cut from
+    the original and from the decoded image alike, the i-th patches of both lie at the same position."""
+    H, W = x.shape[-2:]
+    corners = [(r, c) for r in range(0, H - size + 1, size) for c in range(0, W - size + 1, size)]
+    if H >= 1.5 * size and W >= 1.5 * size:
+        half = size // 2
+        corners += [(r, c) for r in range(half, H - size + 1, size) for c in range(half, W - size + 1, size)]
+    if not corners:
+        return x.new_zeros(0, x.shape[1], size, size)
+    return torch.cat([x[:, :, r:r + size, c:c + size] for r, c in corners])
 
 
-def inception_features(model, x):
-    """(B, 3, H, W) in [0, 1] -> (B, 2048), at 299x299 with ImageNet normalization."""
-    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).to(x)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1).to(x)
-    return model((x - mean) / std)
+def fid(a, b):
+    """Frechet distance (Heusel et al. 2017) between two feature sets (N, D), by torch-fidelity's own statistics
+    and formula (float64 covariances; the trace of the square root from the eigenvalues of C_a C_b). At 30k x
+    2048 this holds the two float32 sets and one float64 copy at a time (python -m machinery.bench sets)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    stats = [fid_features_to_statistics(torch.as_tensor(np.asarray(t, dtype=np.float32))) for t in (a, b)]
+    return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+
+
+def kid(a, b, subset_size=KID_SUBSET_SIZE, subsets=KID_SUBSETS):
+    """Kernel Inception Distance (Binkowski et al. 2018) by torch-fidelity: the unbiased MMD^2 with the cubic
+    polynomial kernel over `subsets` random subsets of `subset_size` per side (its seed), their mean and standard
+    deviation. Sets smaller than `subset_size` use their own size (then every subset is the whole set and the
+    spread is 0): -> {"kid", "kid_std", "kid_subset_size"}."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    size = min(subset_size, len(a), len(b))
+    out = kid_features_to_metric(*(torch.as_tensor(np.asarray(t, dtype=np.float32)) for t in (a, b)),
+                                 kid_subset_size=size, kid_subsets=subsets, verbose=False)
+    return {"kid": float(out[KEY_METRIC_KID_MEAN]), "kid_std": float(out[KEY_METRIC_KID_STD]),
+            "kid_subset_size": size}
 
 
 def complexity(model, size=256):

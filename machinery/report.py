@@ -18,9 +18,22 @@ REFERENCE = {   # published Kodak figures: the released TACO files measured by a
 }
 
 
-# What a report holds per image (cmmd and fid: per set only), in the order printed and written to results.csv.
+# What a report holds per image (cmmd, fid, kid: per set only), in the order printed and written to results.csv.
 METRIC_KEYS = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "cmmd",
-               "fid", "encode_s", "decode_s")
+               "fid", "kid", "kid_std", "encode_s", "decode_s")
+PROTOCOLS = {  # the stored features' name -> what produced the FID / KID, said beside the number
+    "inception": "whole images",
+    "patches": f"{metrics.PATCH}x{metrics.PATCH} patches (HiFiC / MS-ILLM FID/{metrics.PATCH}: the grid and the grid "
+               f"shifted by {metrics.PATCH // 2})"}
+
+
+def whole_image_fid_refusal(images, patches, asked):
+    """Why whole-image FID is refused, or None: with fewer images than the 2048 feature dimensions the covariance
+    is singular and the figure is comparable with nothing published; --fid-patches or --fid-few-images."""
+    if patches or asked or images >= metrics.FID_FEATURES:
+        return None
+    return (f"{images} images, fewer than the {metrics.FID_FEATURES} dimensions of the Inception features that "
+            f"whole-image FID needs; pass --fid-patches (FID/256 of HiFiC and MS-ILLM) or --fid-few-images")
 
 
 def write_report(args, images, store):
@@ -70,11 +83,17 @@ def summarize(rows, store):
     stored = rows[0]["features"]["sizes"]
     if len(rows) < 2 or not stored:
         return mean
-    features = [store.features(r) for r in rows]                                # read once for both metrics
-    for metric, name in (("cmmd", "clip"), ("fid", "inception")):
-        if f"{name}_x" in stored:
-            sides = [torch.from_numpy(np.stack([f[f"{name}_{side}"] for f in features])) for side in ("x", "x_hat")]
-            mean[metric] = getattr(metrics, metric)(*sides)
+    features = [store.features(r) for r in rows]                                # read once for all metrics
+    if "clip_x" in stored:
+        mean["cmmd"] = metrics.cmmd(*(torch.from_numpy(np.stack([f[f"clip_{side}"] for f in features]))
+                                      for side in ("x", "x_hat")))
+    for protocol in PROTOCOLS:
+        if f"{protocol}_x" in stored:            # each image's features, one or (patches) several rows of 2048
+            x, x_hat = (np.concatenate([f[f"{protocol}_{side}"].reshape(-1, metrics.FID_FEATURES) for f in features])
+                        for side in ("x", "x_hat"))
+            if len(x) >= 2:
+                mean.update(fid=metrics.fid(x, x_hat), **metrics.kid(x, x_hat),
+                            fid_protocol=f"{PROTOCOLS[protocol]}, {len(x)} from {len(rows)} images")
     return mean
 
 
@@ -88,6 +107,10 @@ def print_entry(path, entry):
         if run in entry:
             mean = entry[run]["mean"]
             print("  " + f"{run:10s}" + "".join(f"{mean[k]:16.4f}" if k in mean else f"{'-':>16s}" for k in keys))
+    protocol = entry.get("given", {}).get("mean", {}).get("fid_protocol")
+    if protocol:
+        print(f"  FID and KID (torch-fidelity, TF-Inception pool3; KID subset size "
+              f"{entry['given']['mean']['kid_subset_size']}, {metrics.KID_SUBSETS} subsets, std over them) on {protocol}")
     if "verdict" in entry:
         print("  verdict: " + entry["verdict"]["sentence"])
 

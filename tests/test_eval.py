@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from helpers import TINY
+from test_fid import random_fid_weights
 from PIL import Image
 from skimage.metrics import structural_similarity
 
@@ -112,7 +113,6 @@ def test_fid_matches_the_frechet_formula_computed_by_eigenvalues(samples):
     trace_root = np.sqrt(np.clip(np.linalg.eigvals(ca @ cb).real, 0, None)).sum()   # tr((Ca Cb)^1/2)
     expected = ((an.mean(0) - bn.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * trace_root
     assert np.isclose(metrics.fid(a, b), expected, rtol=1e-6, atol=1e-9)
-    assert np.isclose(metrics.fid(a, b, block=7), expected, rtol=1e-6, atol=1e-9)             # in blocks
     assert abs(metrics.fid(a, a)) < 1e-6
 
 
@@ -153,8 +153,7 @@ def folder(tmp_path_factory):
         injector.gamma.data.normal_()
     checkpoints.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
-    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    torch.save(inception.state_dict(), root / "inception.pth")
+    random_fid_weights(str(root / "inception.pth"))
     return root
 
 
@@ -162,8 +161,8 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
     out = folder / "out"
     evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
                   str(folder / "captions.json"), "--ablation", "--baselines", "JPEG,WEBP", "--reference",
-                  "--alexnet-weights", str(folder / "alexnet.pth"), "--inception-weights",
-                  str(folder / "inception.pth"), "--out", str(out)])
+                  "--alexnet-weights", str(folder / "alexnet.pth"), "--fid-weights",
+                  str(folder / "inception.pth"), "--fid-few-images", "--out", str(out)])
     report = json.loads((out / "results.json").read_text())
     entry = report["checkpoints"][str(folder / "tiny.pt")]
     model, _ = checkpoints.load_checkpoint(str(folder / "tiny.pt"))
@@ -175,7 +174,7 @@ def test_report_bpp_is_the_real_file_size_and_outputs_are_written(folder):
         assert row["bytes"] == size and row["bpp"] == 8 * size / (x.shape[-1] * x.shape[-2])
         assert {"psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "bpp_estimate"} <= set(row)
     assert {"given", "empty", "shuffled"} <= set(entry)
-    assert {"fid", "cmmd", "lpips_reference"} <= set(entry["given"]["mean"])
+    assert {"fid", "kid", "kid_std", "cmmd", "lpips_reference"} <= set(entry["given"]["mean"])
     shuffled = [r["caption"] for r in entry["shuffled"]["per_image"]]
     assert all(s != captions[r["image"]] for s, r in zip(shuffled, entry["given"]["per_image"]))
     assert set(report["baselines"]) == {"JPEG", "WEBP"}
@@ -197,11 +196,13 @@ def test_offline_eval_says_once_what_is_missing_and_compares_with_jpeg_in_senten
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
-                     str(folder / "captions.json"), "--baselines", "JPEG", "--out", str(tmp_path / "out")])
+                     str(folder / "captions.json"), "--baselines", "JPEG", "--fid-patches", "--out",
+                     str(tmp_path / "out")])
     out, err = capfd.readouterr()
-    assert "Downloading" not in out + err
-    assert out.count("note: LPIPS skipped") == 1 and out.count("note: FID skipped") == 1
-    assert "run once with network access" in out and "--alexnet-weights" in out and "--inception-weights" in out
+    assert "Downloading" not in out + err and "No pretrained weights loaded" not in out + err
+    assert out.count("note: LPIPS skipped") == 1 and out.count("note: FID and KID skipped") == 1
+    assert "run once with network access" in out and "--alexnet-weights" in out and "--fid-weights" in out
+    assert "weights-inception-2015-12-05-6726825d.pth" in out and "docs/downloads.md" in out
     comparison = [line for line in out.splitlines() if line.startswith("JPEG at ")]
     assert len(comparison) == 1 and "{" not in out
     report_bpp = json.loads((tmp_path / "out" / "results.json").read_text())["checkpoints"][str(folder / "tiny.pt")]
