@@ -272,7 +272,8 @@ def fid_features(model, x, batch=32):
     from files (and as eval.py writes decoded images), then its own resize and scaling. `batch` at a time."""
     device = next(model.parameters()).device
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    return torch.cat([model(x[i:i + batch].to(device))[0].cpu() for i in range(0, len(x), batch)])
+    return torch.cat([torch.zeros(0, FID_FEATURES)]                     # an image smaller than a patch: none
+                     + [model(x[i:i + batch].to(device))[0].cpu() for i in range(0, len(x), batch)])
 
 
 def patches(x, size=PATCH):
