@@ -109,8 +109,9 @@ def print_entry(path, entry):
             print("  " + f"{run:10s}" + "".join(f"{mean[k]:16.4f}" if k in mean else f"{'-':>16s}" for k in keys))
     protocol = entry.get("given", {}).get("mean", {}).get("fid_protocol")
     if protocol:
-        print(f"  FID and KID (torch-fidelity, TF-Inception pool3; KID subset size "
-              f"{entry['given']['mean']['kid_subset_size']}, {metrics.KID_SUBSETS} subsets, std over them) on {protocol}")
+        size = entry["given"]["mean"]["kid_subset_size"]
+        print(f"  FID and KID (torch-fidelity, TF-Inception pool3; KID subset size {size}, {metrics.KID_SUBSETS} "
+              f"subsets, std over them) on {protocol}")
     if "verdict" in entry:
         print("  verdict: " + entry["verdict"]["sentence"])
 
