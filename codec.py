@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from machinery import banded, captioner, container, elic
+from machinery import banded, captioner, container, elic, files
 from machinery.checkpoints import CheckpointError, load_checkpoint
 from machinery.clip_text import TextEncoder, WeightsUnavailable
 from machinery.container import BitstreamError
@@ -34,19 +34,6 @@ class Progress:
             self.bar.close()
 
 
-def write_output(path, force, write):
-    """Refuse to overwrite unless forced; write next to the target, then move into place."""
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def command_compress(args):
     x = read_pixels(args.image, args.max_image_pixels)
     model, _ = load_checkpoint(args.checkpoint, args.device)
@@ -58,8 +45,7 @@ def command_compress(args):
             with open(args.caption_file, encoding="utf-8") as f:
                 args.caption = f.read().strip()
         if args.caption == "auto":                      # written by CoCa; costs nothing in the file
-            args.caption = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)(x)
-            print(f"caption: {args.caption}")
+            args.caption = captioner.auto_caption(args, x)
         clip = args.clip_pretrained or model.config.clip_pretrained
         model.attach_text_encoder(TextEncoder(model.config.clip_model, clip, model.config.text_tokens))
     output = args.output or os.path.splitext(args.image)[0] + ".taco"
@@ -68,7 +54,8 @@ def command_compress(args):
                           progress=progress)
     progress.close()
     seconds = time.perf_counter() - start
-    write_output(output, args.force, lambda p: open(p, "wb").write(data))
+    files.refuse_overwrite(output, args.force)
+    files.write_atomically(output, lambda path: open(path, "wb").write(data))
     H, W = x.shape[-2:]
     print(f"{output}: {len(data)} bytes, {8 * len(data) / (H * W):.4f} bpp ({W}x{H}), {seconds:.2f} s")
 
@@ -83,7 +70,8 @@ def command_decompress(args):
                              max_pixels=args.max_pixels, progress=progress)
     progress.close()
     seconds = time.perf_counter() - start
-    write_output(output, args.force, lambda p: write_image(x_hat, p))
+    files.refuse_overwrite(output, args.force)
+    files.write_atomically(output, lambda path: write_image(x_hat, path))
     print(f"{output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}, {seconds:.2f} s")
 
 

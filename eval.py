@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import data
 import taco
-from machinery import captioner, checkpoints, clip_text, container, explain, metrics, report, results
+from machinery import captioner, checkpoints, clip_text, container, explain, files, metrics, report, results
 from machinery import images as image_files
 
 
@@ -50,7 +50,7 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
         x, x_hat = image_files.as_rgb(x), image_files.as_rgb(x_hat)
         row = {"image": name, "caption": captions[name], "scored_against": own[name], "bytes": len(data),
                "bpp": 8 * len(data) / (H * W),
-               "bpp_estimate": sum(float(-torch.log2(l).sum()) for l in likelihoods.values()) / (H * W),
+               "bpp_estimate": sum(float(metrics.bits(l)) for l in likelihoods.values()) / (H * W),
                "psnr": float(metrics.psnr(x_hat, x)), "ms_ssim": float(metrics.ms_ssim(x_hat, x)),
                "encode_s": encode, "decode_s": decode}
         for convention, lpips in lpips_models.items():
@@ -261,11 +261,10 @@ def run_settings(args, images):
 
 def explain_one(args):
     """eval.py --explain: the figure of explain.py for one image and the first checkpoint."""
-    if os.path.exists(args.output) and not args.force:
-        raise SystemExit(f"error: {args.output} exists; pass --force to overwrite it")
     try:
+        files.refuse_overwrite(args.output, args.force)
         explain.check_output(args.output)
-    except ValueError as error:
+    except (FileExistsError, ValueError) as error:
         raise SystemExit(f"error: {error}")
     if not os.path.isfile(args.explain):
         raise SystemExit(f"error: no such image: {args.explain}")
@@ -284,9 +283,8 @@ def explain_one(args):
         lpips = None
     pixels, source = image_files.read_pixels(args.explain), None
     if args.caption == "auto" and config.text_adapter:
-        args.caption = captioner.Captioner(args.captioner, args.captioner_pretrained, args.device)(pixels)
+        args.caption = captioner.auto_caption(args, pixels)
         source = f"written by {args.captioner} ({args.captioner_pretrained})"
-        print(f"caption: {args.caption}")
     with_caption, empty = explain.explain(model, image_files.to_unit(pixels), args.caption, args.output, lpips, source)
     print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
           f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")

@@ -20,7 +20,7 @@ side by side, each with its own beams.
 import torch
 import torch.nn.functional as F
 
-from machinery import clip_text
+from machinery import clip_text, files
 
 OPEN_CLIP_LAYOUT = "3.3"        # the open_clip whose CoCa blocks CachedDecoder reads (open_clip.transformer)
 CAPTION_MEMORY = 1 << 30        # bytes that the photos decoded side by side may hold (caption_images)
@@ -270,21 +270,22 @@ def add_arguments(parser):
                         "tag, a local weights file, or 'random' (a stand-in whose captions mean nothing)")
 
 
+def auto_caption(args, pixels):
+    """A command line's caption 'auto' for one photo: written by --captioner with --captioner-pretrained, printed."""
+    caption = Captioner(args.captioner, args.captioner_pretrained, args.device)(pixels)
+    print(f"caption: {caption}")
+    return caption
+
+
 def read_logs(pattern, name, pretrained):
-    """{image: caption} from the caption logs (JSON lines) whose paths match the glob `pattern`, only those written
-    by this captioner and these weights; a line an interrupted run left unfinished is skipped."""
+    """{image: caption} from the caption logs (JSON lines, files.read_jsonl) whose paths match the glob `pattern`,
+    only those written by this captioner and these weights."""
     import glob
-    import json
     table = {}
     for path in sorted(glob.glob(pattern)):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if row.get("captioner") == name and row.get("pretrained") == pretrained:
-                    table[row["image"]] = row["caption"]
+        for row in files.read_jsonl(path):
+            if row.get("captioner") == name and row.get("pretrained") == pretrained:
+                table[row["image"]] = row["caption"]
     return table
 
 
@@ -304,9 +305,8 @@ def caption_images(folder, names, read, log, logs, name, pretrained, device="cpu
     if todo:
         captioner = Captioner(name, pretrained, device)        # without its weights: an error, nothing written
         os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+        files.cut_unfinished_line(log)                          # what an interrupted run left unfinished
         with open(log, "a", encoding="utf-8") as f:
-            if f.tell() and not ends_a_line(log):
-                f.write("\n")                                   # close a line an interrupted run left unfinished
             batch = max(1, min(len(todo), memory // captioner.bytes_per_photo()))
             bar = tqdm(total=len(todo), desc=f"captions ({name})", delay=2)
             for start in range(0, len(todo), batch):
@@ -322,8 +322,3 @@ def caption_images(folder, names, read, log, logs, name, pretrained, device="cpu
     table = read_logs(logs, name, pretrained)
     return {n: table[n] for n in names}
 
-
-def ends_a_line(path):
-    with open(path, "rb") as f:
-        f.seek(-1, 2)
-        return f.read(1) == b"\n"

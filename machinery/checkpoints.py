@@ -10,7 +10,7 @@ import torch
 
 import taco
 from entropy import TABLE_BUFFERS
-from machinery import elic
+from machinery import elic, files
 
 CHECKPOINT_FORMAT = 2      # 2: h_s gives (scales, means), as CompressAI and elic.py; 1 gave (means, scales)
 
@@ -23,9 +23,7 @@ def save_checkpoint(path, model, **extra):
     """Write atomically: a crash mid-write leaves the previous file intact."""
     payload = {"config": dataclasses.asdict(model.config), "state_dict": model.state_dict(),
                "format": CHECKPOINT_FORMAT, **extra}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    files.write_atomically(path, lambda temporary: torch.save(payload, temporary))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -68,11 +66,17 @@ def load_released(path, checkpoint):
     CompressAI's naming generations (released_key)."""
     state = {released_key(k): v for k, v in checkpoint["state_dict"].items()}
     state = {k: v for k, v in state.items() if k is not None}
-    model = elic.ElicTACO(elic.OFFICIAL)
+    return load_rebuilding_tables(elic.ElicTACO(elic.OFFICIAL), state, path)
+
+
+def load_rebuilding_tables(model, state, path, rebuilt=()):
+    """The tail of loading a file saved by CompressAI's code (the released files, its mbt2018-mean): a standard
+    scale table is replaced by ours (the same table, the same bits on every machine), the coding tables and the
+    keys `rebuilt` may be absent, and update() rebuilds them."""
     table = state.get("gaussian_conditional.scale_table")
     if table is not None and standard_scale_table(table, model.gaussian_conditional.scale_table):
-        del state["gaussian_conditional.scale_table"]     # ours: the same table, the same bits on every machine
-    load_weights(model, state, path, rebuilt=TABLE_BUFFERS + ("gaussian_conditional.scale_table",))
+        del state["gaussian_conditional.scale_table"]
+    load_weights(model, state, path, rebuilt=TABLE_BUFFERS + ("gaussian_conditional.scale_table",) + rebuilt)
     return model.update()
 
 
@@ -153,12 +157,7 @@ def load_compressai(path, state):
     N, M = state["g_a.0.weight"].shape[0], state["g_a.6.weight"].shape[0]
     model = taco.TACO(taco.TacoConfig(N=N, M=M, text_adapter=False))
     mapped = {ours: value for key, value in state.items() if (ours := compressai_key(key)) is not None}
-    table = mapped.get("gaussian_conditional.scale_table")
-    if table is not None and standard_scale_table(table, model.gaussian_conditional.scale_table):
-        del mapped["gaussian_conditional.scale_table"]
-    load_weights(model, mapped, path, rebuilt=TABLE_BUFFERS + ("gaussian_conditional.scale_table",
-                                                               "entropy_bottleneck.target"))
-    return model.update()
+    return load_rebuilding_tables(model, mapped, path, rebuilt=("entropy_bottleneck.target",))
 
 
 def compressai_architecture(state):

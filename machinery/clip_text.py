@@ -17,25 +17,25 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (no network, no local file)."""
 
 
-def reachable(url, timeout=3.0):
-    """Does the host of `url` accept a connection (HTTPS) within `timeout` seconds? With TACO_OFFLINE=1 in the
+def reachable(url):
+    """Does the host of `url` accept a connection (HTTPS) within 3 seconds? With TACO_OFFLINE=1 in the
     environment (the tests set it): no, without trying."""
     if os.environ.get("TACO_OFFLINE") == "1":
         return False
     try:
-        socket.create_connection((urllib.parse.urlparse(url).hostname, 443), timeout=timeout).close()
+        socket.create_connection((urllib.parse.urlparse(url).hostname, 443), timeout=3.0).close()
         return True
     except OSError:
         return False
 
 
 @contextlib.contextmanager
-def hub_offline_unless_reachable(timeout=3.0):
+def hub_offline_unless_reachable():
     """Without network, make the Hugging Face hub read its local cache at once instead of retrying for a
     minute: the weights still load when they were downloaded before."""
     from huggingface_hub import constants
     saved = constants.HF_HUB_OFFLINE
-    if not saved and not reachable(constants.ENDPOINT, timeout):
+    if not saved and not reachable(constants.ENDPOINT):
         constants.HF_HUB_OFFLINE = True
     try:
         yield

@@ -11,7 +11,6 @@ readable and bounded (at most 1280 x 2200 pixels as PNG). Any format matplotlib 
 the file appears only once complete.
 """
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import taco
-from machinery import container, metrics
+from machinery import container, files, metrics
 
 
 def injectors(model):
@@ -47,8 +46,8 @@ def analyse(model, x, caption):
             injector.record_attention, injector.attention = False, None
     data = model.compress(x, caption)
     x_hat = model.decompress(data).to(x.device)           # decoded images come back to the host
-    bits_y = -torch.log2(likelihoods["y"][0].double()).sum(0).cpu()            # (H'/16, W'/16)
-    bits_z = float(-torch.log2(likelihoods["z"].double()).sum())
+    bits_y = metrics.bits(likelihoods["y"][0].double(), dim=0).cpu()           # (H'/16, W'/16)
+    bits_z = float(metrics.bits(likelihoods["z"].double()))
     result = {"x": x.cpu(), "x_hat": x_hat.cpu(), "bits_y": bits_y, "bits_z": bits_z, "bytes": len(data),
               "bpp": 8 * len(data) / (H * W), "psnr": float(metrics.psnr(x_hat, x)), "caption": caption}
     if adapter:
@@ -101,20 +100,16 @@ def check_output(path):
 
 
 def save(fig, path):
-    """Write the figure to a temporary file beside `path`, then move it into place: a failure leaves no
-    partial file and whatever `path` held before. PNGs get 256 colours (a figure: a few hundred kB smaller)."""
+    """Write the figure atomically (files.write_atomically): a failure leaves no partial file and whatever `path`
+    held before. PNGs get 256 colours (a figure: a few hundred kB smaller)."""
     kind = check_output(path)
-    handle, temporary = tempfile.mkstemp(suffix="." + kind, dir=os.path.dirname(os.path.abspath(path)))
-    os.close(handle)
-    try:
+
+    def write(temporary):
         fig.savefig(temporary, dpi=80, format=kind)
         if kind == "png":
             with Image.open(temporary) as drawn:
                 drawn.convert("RGB").quantize(256).save(temporary, format="PNG", optimize=True)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    files.write_atomically(path, write)
 
 
 def show(fig, ax, picture, title, **style):

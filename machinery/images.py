@@ -11,12 +11,14 @@ GRAY_MODES = {"1": np.uint8, "L": np.uint8, "LA": np.uint8, "I;16": np.uint16, "
 def read_pixels(path, max_pixels=None):
     """-> (1, C, H, W) as stored: uint8, uint16 for 16-bit grayscale, float32 in [0, 1] for float images; C = 1
     for grayscale (with or without alpha), 3 otherwise (alpha is dropped). Images above Pillow's decompression-
-    bomb limit (twice Image.MAX_IMAGE_PIXELS, where Pillow itself raises), or above `max_pixels` when given, are
-    refused with one ValueError."""
+    bomb limit (twice Image.MAX_IMAGE_PIXELS, where Pillow itself raises; none when it is None), or above
+    `max_pixels` when given, are refused with one ValueError."""
     import warnings
 
     from PIL import Image
-    limit = 2 * Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = max_pixels
+    if limit is None and Image.MAX_IMAGE_PIXELS is not None:          # None: the user turned Pillow's guard off
+        limit = 2 * Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings(), Image.open(path) as image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)       # the limit is checked here

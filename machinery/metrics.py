@@ -35,6 +35,16 @@ def psnr(x_hat, x):
     return psnr_of_mse(((x_hat - x) ** 2).flatten(1).mean(1))
 
 
+def bits(likelihoods, dim=None):
+    """-sum log2 p: the code length in bits that a model's likelihoods give (its own estimate of the file), in
+    their dtype; a dict of them ({"y": ..., "z": ...}) gives the sum of its terms. Summed over everything, or over
+    `dim`; a tensor, which train.py's rate term differentiates."""
+    if isinstance(likelihoods, dict):
+        return sum(bits(likelihood, dim) for likelihood in likelihoods.values())
+    information = -torch.log2(likelihoods)
+    return information.sum() if dim is None else information.sum(dim)
+
+
 def psnr_of_mse(mse):
     """10 log10(1 / MSE), for images in [0, 1]."""
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
@@ -197,13 +207,18 @@ def pillow_codec(x, codec, quality):
     return 8 * buffer.tell() / (H * W), torch.from_numpy(decoded).permute(2, 0, 1)[None], encode, decode
 
 
-def baseline_curve(x, codec="JPEG", qualities=range(5, 100, 5)):
-    """[(bpp, psnr)] over a quality sweep, sorted by bpp."""
-    points = []
-    for q in qualities:
-        bpp, decoded, _, _ = pillow_codec(x, codec, q)
-        points.append((bpp, float(psnr(decoded, x))))
-    return sorted(points)
+QUALITIES = range(5, 100, 5)         # the Pillow baselines' quality sweep
+
+
+def pillow_sweep(x, codec):
+    """-> (quality, bpp, decoded image, encode s, decode s) of `codec` at each quality of the sweep, one at a time."""
+    for quality in QUALITIES:
+        yield (quality, *pillow_codec(x, codec, quality))
+
+
+def baseline_curve(x):
+    """JPEG's [(bpp, psnr)] over the quality sweep, sorted by bpp."""
+    return sorted((bpp, float(psnr(decoded, x))) for _, bpp, decoded, _, _ in pillow_sweep(x, "JPEG"))
 
 
 def psnr_at_bpp(curve, bpp):

@@ -178,8 +178,7 @@ def baseline_curves(folder, images, pillows):
         per_quality = {}
         for name in images:
             x = as_rgb(read_image(os.path.join(folder, name)))
-            for q in range(5, 100, 5):
-                bpp, decoded, encode, decode = metrics.pillow_codec(x, pillow, q)
+            for q, bpp, decoded, encode, decode in metrics.pillow_sweep(x, pillow):
                 quality = float(metrics.psnr(decoded, x)), float(metrics.ms_ssim(decoded, x))
                 per_quality.setdefault(q, []).append((bpp, *quality, encode, decode))
         curves[pillow] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}

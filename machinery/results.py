@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from machinery import files
+
 SETTINGS = "settings.json"
 
 
@@ -24,6 +26,11 @@ def key(row):
 def digest(names):
     """A short hash of a list of image names: the settings record which images a run covers."""
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def write_json(value, path):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
 
 
 def check(folder, settings, resume=False, force=False):
@@ -40,10 +47,12 @@ def check(folder, settings, resume=False, force=False):
                 raise SystemExit(f"error: {folder} was evaluated with {name} = {earlier.get(name)!r}, "
                                  f"not {value!r}: --resume needs the interrupted run's settings")
         return
-    earlier = glob.glob(os.path.join(folder, "rows-*.jsonl")) + glob.glob(os.path.join(folder, "results.json"))
-    if earlier and not force:                                   # a run that got nowhere is no loss
-        raise SystemExit(f"error: {folder} holds an earlier evaluation; pass --resume to continue it or --force "
-                         f"to start again")
+    try:                                                        # a run that got nowhere is no loss
+        files.refuse_overwrite(folder, force, earlier=("rows-*.jsonl", "results.json"),
+                               message=f"{folder} holds an earlier evaluation; pass --resume to continue it or "
+                                       f"--force to start again")
+    except FileExistsError as error:
+        raise SystemExit(f"error: {error}")
 
 
 class ResultStore:
@@ -57,7 +66,7 @@ class ResultStore:
         barrier()                                         # rank 0 has checked, cleaned and written the settings
         self.rows_path = os.path.join(folder, f"rows-{rank}.jsonl")
         self.features_path = os.path.join(folder, f"features-{rank}.f32")
-        self.drop_partial_line()
+        files.cut_unfinished_line(self.rows_path)
         self.done = {key(row) for row in self.rows()}
 
     def prepare(self, settings, resume, force):
@@ -67,30 +76,10 @@ class ResultStore:
         os.makedirs(self.folder, exist_ok=True)
         for old in self.files("rows-*.jsonl") + self.files("features-*.f32"):
             os.remove(old)
-        path = os.path.join(self.folder, SETTINGS)
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(path + ".tmp", path)
+        files.write_atomically(os.path.join(self.folder, SETTINGS), lambda path: write_json(settings, path))
 
     def files(self, pattern):
         return sorted(glob.glob(os.path.join(self.folder, pattern)))
-
-    def drop_partial_line(self):
-        """A process killed while writing leaves at most one unfinished last line: cut it off (read backwards
-        from the end: the file may hold hundreds of thousands of rows)."""
-        if not os.path.isfile(self.rows_path):
-            return
-        with open(self.rows_path, "rb+") as f:
-            position = f.seek(0, os.SEEK_END)
-            while position > 0:
-                step = min(position, 1 << 16)
-                position -= step
-                f.seek(position)
-                newline = f.read(step).rfind(b"\n")
-                if newline >= 0:
-                    f.truncate(position + newline + 1)
-                    return
-            f.truncate(0)
 
     def add(self, row, features):
         """Append one finished row; `features` {name: 1-d array} go to the binary file first."""
@@ -106,13 +95,7 @@ class ResultStore:
 
     def rows(self):
         """Every finished row of every rank (a half-written last line of another rank's file is skipped)."""
-        found = []
-        for path in self.files("rows-*.jsonl"):
-            with open(path) as f:
-                for line in f:
-                    if line.endswith("\n"):
-                        found.append(json.loads(line))
-        return found
+        return [row for path in self.files("rows-*.jsonl") for row in files.read_jsonl(path)]
 
     def features(self, row):
         """{name: float32 array} of one row, read from the binary file."""

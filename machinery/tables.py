@@ -94,21 +94,21 @@ def upper_normal_tail(t):
 # ----------------------------------------------------------------------------------------------------------
 # pmf -> integer CDF, and the tables of the two entropy models (entropy.py).
 # ----------------------------------------------------------------------------------------------------------
-def pmf_to_quantized_cdf(pmf, tail_mass, precision=PRECISION):
+def pmf_to_quantized_cdf(pmf, tail_mass):
     """Turn a float pmf plus the mass of its tails into an int32 CDF of length len(pmf) + 2.
 
     The tail mass becomes the escape symbol. Every symbol gets a frequency >= 1 and the total is exactly
-    2**precision. Rounding leaves an excess (or a shortfall); it is settled one unit at a time where a unit
+    2**PRECISION. Rounding leaves an excess (or a shortfall); it is settled one unit at a time where a unit
     costs the fewest bits: taking one from frequency f of a symbol with probability p costs p*log2(f/(f-1)) bits
     per coded symbol on average, giving one gains p*log2((f+1)/f). (Taking whole symbols down to frequency 1
     would cost far more at wide scales, where thousands of tail symbols each claim their minimum unit.)
     The sum is math.fsum (exact, then rounded once) and the costs use log() above: the same bits everywhere.
     """
     pmf = np.append(np.clip(np.asarray(pmf, dtype=np.float64), 0, None), max(float(tail_mass), 0.0))
-    total = 1 << precision
+    total = 1 << PRECISION
     mass = math.fsum(pmf) if np.isfinite(pmf).all() else math.nan
     if len(pmf) > total or not mass > 0:
-        raise ValueError("pmf must be finite, non-zero, and shorter than 2**precision")
+        raise ValueError("pmf must be finite, non-zero, and shorter than 2**PRECISION")
     p = pmf / mass
     freqs = np.maximum(1, np.round(p * total)).astype(np.int64)
     excess = int(freqs.sum()) - total
@@ -191,11 +191,3 @@ def scale_table(low=0.11, high=256.0, levels=64):
     """The log-spaced scales exp(linspace(ln low, ln high, levels)) in float32 (CompressAI's get_scale_table)."""
     step = (log(high) - log(low)) / (levels - 1)
     return exp(log(low) + np.arange(levels) * step).astype(np.float32)
-
-
-def scale_midpoints(scales):
-    """The geometric midpoints sqrt(s_i s_(i+1)) of consecutive table scales (float32), in float64: where a scale
-    stops being nearest in log s to one level and becomes nearest to the next. The product of two float32 numbers
-    is exact in float64 and IEEE-754 rounds sqrt correctly, so these are the same bits on every machine."""
-    s = np.asarray(scales, dtype=np.float32).astype(np.float64)
-    return np.sqrt(s[:-1] * s[1:])
