@@ -56,7 +56,8 @@ def lower_bound(x, bound):
 
 def to_cpu(t):
     """The one crossing from the model's device (CPU, GPU, ...) to the coder's world of numpy and integers:
-    a detached CPU copy. Everything the coder reads passes through here, inside the entropy models."""
+    a detached CPU copy. Everything the coder reads passes through here (the entropy models, and the code that
+    hands them symbols: machinery/banded.py, elic.py, container.py)."""
     return t.detach().to("cpu", copy=True)
 
 
@@ -233,15 +234,16 @@ class GaussianConditional(_CodingTables):
         number of geometric midpoints sqrt(s_i s_(i+1)) at or below s (a tie takes the wider table). Midpoints
         and scales on the integer grid are exact in float64, so every machine makes the same choice."""
         scales = to_cpu(scales).double().contiguous().clamp_min(self.scale_bound)
-        midpoints = torch.from_numpy(tables.scale_midpoints(to_cpu(self.scale_table).numpy()))
+        levels = to_cpu(self.scale_table).double()          # float32 levels: their products are exact in float64,
+        midpoints = torch.from_numpy(np.sqrt(levels[:-1].numpy() * levels[1:].numpy()))  # and IEEE rounds sqrt
         return torch.bucketize(scales, midpoints, right=True).to(torch.int32)
 
     def compress(self, y, indexes, means=None):
-        """y, means (B, M, h, w) on any device, indexes from build_indexes -> bytes."""
+        """y, means on any device, int32 indexes from build_indexes (all of one shape, in coding order) -> bytes."""
         symbols = quantize(to_cpu(y), "symbols", None if means is None else to_cpu(means))
         return encode_symbols(symbols.numpy(), indexes.numpy(), *self.tables())
 
     def decompress(self, data, indexes, means=None):
-        """bytes, indexes (B, M, h, w), means -> y_hat, with the means' device and precision."""
+        """bytes, indexes, means (of one shape) -> y_hat, with the means' device and precision."""
         symbols = torch.from_numpy(decode_symbols(data, indexes.numpy(), *self.tables())).view(indexes.shape)
         return symbols.float() if means is None else symbols.to(means) + means

@@ -17,6 +17,22 @@ Read me first -- the traps this file is built around:
      garbage shows for sure: a position in the rounding slack above the table, an escape length no int32 needs,
      a value outside int32.
 
+A worked example: one table (index 0) over the symbols 0, 1, 2, with frequencies 1/2, 1/4 and 16383/65536, and the
+escape (1/65536). Three symbols become one byte:
+
+    >>> import numpy as np
+    >>> cdfs = np.array([[0, 32768, 49152, 65535, 65536]], dtype=np.int32)     # (tables, entries)
+    >>> lengths, offsets, indexes = np.array([5]), np.array([0]), np.zeros(3, dtype=np.int32)
+    >>> data = encode_symbols(np.array([0, 1, 2], dtype=np.int32), indexes, cdfs, lengths, offsets)
+    >>> data
+    b'X'
+    >>> decode_symbols(data, indexes, cdfs, lengths, offsets)
+    array([0, 1, 2], dtype=int32)
+
+The interval [0, 1) narrows to [0, 1/2) for the 0, to [1/4, 3/8) for the 1, to [11/32, 11/32 + 16383/2**19) for
+the 2; the shortest byte string whose value lies inside (the decoder reads zeros past the end) is 0x58, 88/256 =
+11/32: the byte 'X', for 5.0001 bits of information.
+
 One stream may be written and read in several calls (`SymbolEncoder`, `SymbolDecoder`): a large image is coded
 band by band, and ELIC's later tables depend on values decoded earlier. The coder is plain Python over numpy
 arrays, compiled by numba. Set NUMBA_DISABLE_JIT=1 to step through it.

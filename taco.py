@@ -3,10 +3,11 @@ Pixel-level and Perceptual Fidelity", ICML 2024) on a GDN mean-scale hyperprior.
 
     image (H, W) --pad to 64--> x --g_a(x, caption tokens)--> y --h_a--> z
     z --EntropyBottleneck--> z_bytes;  h_s(z_hat) --> scales, means;  y --GaussianConditional--> y_bytes
-    file = header + z_bytes + y_bytes
+    file = header + z_bytes + y_bytes + CRC-32 of all of it (machinery/container.py)
 
 The caption enters only the encoder, through the text adapter inside g_a; the decoder rebuilds the image
-from the file alone. Backbone: Balle et al. 2017 (GDN), Balle et al. 2018 and Minnen et al. 2018 (mean-scale
+from the file alone. TACO.compress and decompress are these steps, in one piece; an image larger than the memory
+budget runs the same steps over bands (machinery/banded.py), into the same bytes. Backbone: Balle et al. 2017 (GDN), Balle et al. 2018 and Minnen et al. 2018 (mean-scale
 hyperprior). The paper's exact ELIC model subclasses TACO in machinery/elic.py; the command line is codec.py.
 """
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from entropy import EntropyBottleneck, GaussianConditional, lower_bound, quantize, to_cpu
-from machinery import banded, bands, container, devices, integer
+from machinery import banded, container, devices, integer
 from machinery.clip_text import TextEncoder
+from machinery.images import PEAKS
 
 
 @dataclass
@@ -55,15 +57,14 @@ class NonNegative(nn.Module):
 
 
 class GDN(nn.Module):
-    """y_i = x_i / sqrt(beta_i + sum_j gamma_ij x_j^2); the inverse (IGDN) multiplies instead."""
+    """y_i = x_i / sqrt(beta_i + sum_j gamma_ij x_j^2); the inverse (IGDN) multiplies instead. beta starts at 1
+    and stays above 1e-6, gamma starts at 0.1 I (Balle et al. 2017)."""
 
-    per_position = True              # mixes channels, never positions (for machinery/bands.py)
-
-    def __init__(self, channels, inverse=False, beta_min=1e-6, gamma_init=0.1):
+    def __init__(self, channels, inverse=False):
         super().__init__()
         self.inverse = inverse
-        self.beta = NonNegative(torch.ones(channels), minimum=beta_min)
-        self.gamma = NonNegative(gamma_init * torch.eye(channels))
+        self.beta = NonNegative(torch.ones(channels), minimum=1e-6)
+        self.gamma = NonNegative(0.1 * torch.eye(channels))
 
     def forward(self, x):
         C = x.shape[1]
@@ -97,9 +98,6 @@ class Injector(nn.Module):
     out = LN(image) + gamma * Attn(LN(image), LN(W t), LN(W t)), gamma per channel, initialised to 0
     (the residual starts from the *normalized* image, as in the reference)."""
 
-    per_position = True              # each image position queries the caption alone (for machinery/bands.py)
-    reads_text = True
-
     def __init__(self, dim, text_dim, heads):
         super().__init__()
         self.text_feature_dim_proj = nn.Linear(text_dim, dim)
@@ -124,11 +122,9 @@ class Extractor(nn.Module):
     """Image -> text: caption tokens query the projected image tokens, refreshing the text stream.
     out = LN(t) + Attn(LN(t), LN(W image), LN(W image)), Attn = softmax(q k^T / sqrt(d)) v per head.
 
-    The softmax is written out (rather than called through nn.MultiheadAttention) so that a large image can sum
-    the same softmax over blocks of positions (machinery/banded.py); the weights are nn.MultiheadAttention's."""
-
-    per_position = True              # x passes through unchanged (for machinery/bands.py)
-    refreshes_text = True
+    The weights are nn.MultiheadAttention's; its softmax is written out because it runs over every image position:
+    a large image sums the same exponentials over blocks of positions (machinery/banded.py, from `queries` and
+    `keys_values`), and one formula for both keeps their float rounding the same."""
 
     def __init__(self, dim, text_dim, heads):
         super().__init__()
@@ -139,32 +135,31 @@ class Extractor(nn.Module):
 
     def forward(self, x, text):
         text, q = self.queries(text)                                            # (B, T, D), (B, heads, T, d)
-        k, v = self.keys_values(x)                                              # (B, heads, H*W, d)
+        k, v = self.keys_values(x)                                              # 2 x (B, heads, H*W, d)
         logits = q @ k.transpose(-1, -2)                                        # (B, heads, T, H*W)
         p = torch.exp(logits - logits.amax(-1, keepdim=True))                   # softmax = p / sum(p)
-        return self.output(text, (p @ v) / p.sum(-1, keepdim=True))             # (B, T, D)
-
-    def heads(self, t):
-        B, L, D = t.shape
-        return t.view(B, L, self.cross_attn.num_heads, -1).transpose(1, 2)     # (B, heads, L, d)
+        attended = (p @ v) / p.sum(-1, keepdim=True)                            # (B, heads, T, d)
+        return text + self.cross_attn.out_proj(attended.transpose(1, 2).flatten(2))   # (B, T, D)
 
     def queries(self, text):
         """-> LN(t) (B, T, D), and its queries scaled by 1/sqrt(d) (B, heads, T, d)."""
         text = self.text_norm(text)
-        w_q, b_q = self.cross_attn.in_proj_weight.chunk(3)[0], self.cross_attn.in_proj_bias.chunk(3)[0]
-        q = self.heads(F.linear(text, w_q, b_q))
+        q = F.linear(text, self.cross_attn.in_proj_weight.chunk(3)[0], self.cross_attn.in_proj_bias.chunk(3)[0])
+        q = split_heads(q, self.cross_attn.num_heads)
         return text, q * q.shape[-1] ** -0.5
 
     def keys_values(self, x):
-        """x (B, C, H, W) -> keys and values of its positions, 2 x (B, heads, H*W, d)."""
+        """x (B, C, H, W) -> the keys and values of its positions, 2 x (B, heads, H*W, d)."""
         image = self.image_norm(self.image_feature_dim_proj(to_tokens(x)))      # (B, H*W, D)
         _, w_k, w_v = self.cross_attn.in_proj_weight.chunk(3)
         _, b_k, b_v = self.cross_attn.in_proj_bias.chunk(3)
-        return self.heads(F.linear(image, w_k, b_k)), self.heads(F.linear(image, w_v, b_v))
+        heads = self.cross_attn.num_heads
+        return split_heads(F.linear(image, w_k, b_k), heads), split_heads(F.linear(image, w_v, b_v), heads)
 
-    def output(self, text, attended):
-        """LN(t) (B, T, D) + the output projection of the heads' attended values (B, heads, T, d)."""
-        return text + self.cross_attn.out_proj(attended.transpose(1, 2).flatten(2))
+
+def split_heads(t, heads):
+    B, L, D = t.shape
+    return t.view(B, L, heads, -1).transpose(1, 2)                             # (B, heads, L, D/heads)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,13 +189,6 @@ class AnalysisTransform(nn.Module):
             text = self.extract_eighth(x, text)                                 # (B, T, D)
             x = self.inject_eighth(x, text, padding)
         return self.stages[3](x)                                                # (B, M, H/16, W/16)
-
-    def spatial_chain(self):
-        """The layers in the order x meets them (how machinery/bands.py walks g_a)."""
-        s = self.stages
-        if not self.text_adapter:
-            return [s[0], s[1], s[2], s[3]]
-        return [s[0], s[1], self.inject_quarter, s[2], self.extract_eighth, self.inject_eighth, s[3]]
 
 
 def synthesis_transform(N, M):
@@ -278,14 +266,15 @@ class TACO(nn.Module):
 
     def forward(self, x, text=None):
         """x (B, 3, H, W) in [0, 1], H and W multiples of 64 -> {"x_hat", "likelihoods": {"y", "z"}}."""
-        x = bands.coding_layout(x, self.training)    # eval: coding's memory layout, so x_hat is decompress's exactly
+        x = x if self.training else coding_layout(x)     # eval: coding's layout, so x_hat is decompress's exactly
         y = self.g_a(x, *self.read_text(text, x.device))                       # (B, M, H/16, W/16)
         z = self.h_a(y)                                                         # (B, N, H/64, W/64)
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
         # in eval mode the entropy parameters come from the integer networks, exactly as coding computes them
         nets = self.float_networks() if self.training else integer.estimate_networks(self, x.device)
         y_hat, y_likelihoods = self.y_model(y, nets.h_s(z_hat), nets)
-        x_hat = self.g_s(bands.coding_layout(y_hat.to(x.dtype), self.training))  # (B, 3, H, W)
+        y_hat = y_hat.to(x.dtype)
+        x_hat = self.g_s(y_hat if self.training else coding_layout(y_hat))     # (B, 3, H, W)
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     # The networks that give the entropy parameters: as trained (float), and in exact integer arithmetic for
@@ -296,35 +285,35 @@ class TACO(nn.Module):
     def integer_networks(self):
         return SimpleNamespace(h_s=integer.IntegerNetwork(self.h_s))
 
-    # How y is modelled and coded given the hyperprior's output; elic.py overrides these three.
+    # How y is modelled and coded given the hyperprior's output h_s(z_hat); elic.py overrides these.
     def y_model(self, y, hyper, nets):
         """y, h_s(z_hat) (B, 2M, h, w) -> y_hat, likelihoods: a Gaussian with the hyperprior's scales and means."""
         scales, means = hyper.chunk(2, dim=1)                                   # 2 x (B, M, h, w)
         return self.gaussian_conditional(y, scales, means)
 
-    def encode_y(self, y, z_hat, nets, memory, progress=None):
-        """-> y's bytes, the check of the coding decisions. Coding order: row by row of y, each row all
-        channels, left to right -- so that h_s can run over bands of rows and any band size codes the same."""
-        encoder = container.CheckedEncoder(self.gaussian_conditional.tables())
-        for rows, hyper in banded.hyperprior_rows(nets.h_s, z_hat, self.config.M, memory, progress):
-            scales, means = hyper.chunk(2, dim=1)                               # 2 x (1, M, rows, w)
-            indexes = self.gaussian_conditional.build_indexes(scales)
-            symbols = quantize(to_cpu(y[:, :, rows]), "symbols", to_cpu(means))
-            encoder.encode(raster(symbols), raster(indexes))                    # (1, rows, M, w)
-        return encoder.finish()
+    def encode_y(self, y, hyper, nets):
+        """y (1, M, h, w), h_s(z_hat) -> y's bytes and the check of the coding decisions (the tables chosen).
+        Coding order: row by row of y, each row all channels, left to right, so that a large image can code band
+        by band of rows into the same stream (machinery/banded.py)."""
+        scales, means = hyper.chunk(2, dim=1)                                   # 2 x (1, M, h, w)
+        indexes = self.gaussian_conditional.build_indexes(scales)               # (1, M, h, w): a table each
+        y_bytes = self.gaussian_conditional.compress(raster(y), raster(indexes), raster(means))
+        return y_bytes, container.decisions_crc(raster(indexes))
 
-    def decode_y(self, data, z_hat, nets, decisions, memory, progress=None):
-        """-> y_hat (1, M, h, w) in float64; the decoder's decisions are checked against the encoder's."""
-        decoder = container.CheckedDecoder(data, self.gaussian_conditional.tables(), decisions)
-        h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
-        y_hat = torch.empty(1, self.config.M, h, w, dtype=torch.float64, device=z_hat.device)
-        for rows, hyper in banded.hyperprior_rows(nets.h_s, z_hat, self.config.M, memory, progress):
-            scales, means = hyper.chunk(2, dim=1)
-            indexes = self.gaussian_conditional.build_indexes(scales)
-            symbols = decoder.decode(raster(indexes))                           # (1, rows, M, w)
-            y_hat[:, :, rows] = raster(symbols).to(means) + means
-        decoder.finish()
-        return y_hat
+    def decode_y(self, y_bytes, hyper, nets, decisions):
+        """The mirror of encode_y -> y_hat (1, M, h, w) in float64, on the integer networks' grid. The tables
+        chosen are checked against the encoder's before a symbol is decoded."""
+        scales, means = hyper.chunk(2, dim=1)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        container.check_decisions(container.decisions_crc(raster(indexes)), decisions)
+        return raster(self.gaussian_conditional.decompress(y_bytes, raster(indexes), raster(means)))
+
+    # The same two steps over bands of rows, for an image larger than one piece (machinery/banded.py)
+    def encode_y_in_bands(self, y, z_hat, nets, memory, progress=None):
+        return banded.encode_y(self, y, z_hat, nets, memory, progress)
+
+    def decode_y_in_bands(self, y_bytes, z_hat, nets, decisions, memory, progress=None):
+        return banded.decode_y(self, y_bytes, z_hat, nets, decisions, memory, progress)
 
     def update(self):
         """Freeze the integer coding tables (after training, before coding)."""
@@ -336,45 +325,70 @@ class TACO(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
+    def fits(self, height, width, memory):
+        """Does an image of height x width code in one piece within `memory` bytes? The transforms' widest
+        activations hold N channels at a quarter of the padded pixels in float32, about four at a time (a layer's
+        input and output, GDN's two temporaries): an estimate of 4 N bytes per pixel."""
+        return 4 * self.config.N * (-(-height // 64) * 64) * (-(-width // 64) * 64) <= memory
+
     @torch.no_grad()
     @devices.deterministic_gpu()
     def compress(self, x, caption="", memory=None, progress=None):
         """x (1, C, H, W): floats in [0, 1] or 8- or 16-bit integers (C = 1, 3 or 4; alpha is dropped), a caption
-        (or its CLIP token features (1, T, D)) -> the bytes of a .taco file. The networks run in bands within
-        about `memory` bytes (default: default_memory); progress(stage, done, total) hears of each band."""
-        memory, latents = memory or self.default_memory, devices.latent_device(self)
-        image = bands.Pixels(x, self.device)                 # read block by block: the float image is never whole
+        (or its CLIP token features (1, T, D)) -> the bytes of a .taco file, within about `memory` bytes of
+        working memory (default: default_memory); progress(stage, done, total) hears of each band."""
+        memory, image = memory or self.default_memory, container.describe(x)   # size, depth; refused if too large
         text = self.read_text(caption if isinstance(caption, torch.Tensor) else [caption], self.device)
-        y = banded.analysis(self, image, *text, memory, progress, latents)     # (1, M, H'/16, W'/16)
-        z = banded.apply(self.h_a, y, self.config.N, memory, self.device)     # (1, N, H'/64, W'/64)
+        if not self.fits(image.height, image.width, memory):   # a large image: the same steps over bands, same bytes
+            return banded.compress(self, x, image, text, memory, progress)
+        x = coding_layout(pad_to_64(as_float_rgb(x.to(self.device))))          # (1, 3, H', W')
+        y = self.g_a(x, *text)                                                  # (1, M, H'/16, W'/16)
+        z = self.h_a(y)                                                         # (1, N, H'/64, W'/64)
         z_bytes = self.entropy_bottleneck.compress(z)
-        z_hat = self.entropy_bottleneck.decompress(z_bytes, z.shape).to(latents)   # as the decoder will see it
+        z_hat = quantize(z, "dequantize", self.entropy_bottleneck.medians.view(1, -1, 1, 1))   # the decoder's
         fingerprint = container.fingerprint(self)            # the header names the model that can decode it
         nets = integer.networks(self, fingerprint)           # exact integers, so every machine picks the same tables
-        y_bytes, decisions = self.encode_y(y, z_hat, nets, memory, progress)
+        hyper = nets.h_s(z_hat.to(devices.latent_device(self)))                # (1, 2M, H'/16, W'/16)
+        y_bytes, decisions = self.encode_y(y, hyper, nets)
         return container.pack(fingerprint, image, decisions, z_bytes, y_bytes)
 
     @torch.no_grad()
     @devices.deterministic_gpu()
     def decompress(self, data, dtype=torch.float32, memory=None, max_pixels=container.MAX_PIXELS, progress=None):
         """bytes of a .taco file -> x_hat (1, 1 or 3, H, W) on the CPU: floats in [0, 1], or the integers of
-        `dtype` (torch.uint8, torch.uint16; None: the source's own depth, 8 or 16 bits). No caption needed."""
-        memory = memory or self.default_memory
-        y_hat, info = self.decode_latents(data, memory, max_pixels, progress)
-        dtype = dtype or (torch.uint16 if info.bits == 16 else torch.uint8)
-        return banded.synthesis(self.g_s, y_hat, info, dtype, memory, progress)   # g_s(y_hat), cropped
-
-    @torch.no_grad()
-    @devices.deterministic_gpu()
-    def decode_latents(self, data, memory=None, max_pixels=container.MAX_PIXELS, progress=None):
-        """bytes -> y_hat (1, M, H'/16, W'/16), identical on every machine, and the image's height, width,
-        grayscale and bit depth. A declared size above max_pixels is refused before anything is allocated."""
-        fingerprint, memory = container.fingerprint(self), memory or self.default_memory
+        `dtype` (torch.uint8, torch.uint16; None: the source's own depth, 8 or 16 bits). No caption needed.
+        A declared size above max_pixels is refused before anything is allocated."""
+        memory, fingerprint = memory or self.default_memory, container.fingerprint(self)
         info = container.unpack(data, fingerprint, max_pixels)   # every check of the file, before decoding
-        z_size = -(-info.height // 64), -(-info.width // 64)                   # the padded image / 64
+        dtype = dtype or (torch.uint16 if info.bits == 16 else torch.uint8)
+        if not self.fits(info.height, info.width, memory):     # a large image: the same steps over bands
+            return banded.decompress(self, info, fingerprint, dtype, memory, progress)
         with container.decoding_errors():
-            z_hat = self.entropy_bottleneck.decompress(info.z_bytes, (1, self.config.N, *z_size))
-            z_hat = z_hat.to(devices.latent_device(self))
+            z_size = (1, self.config.N, -(-info.height // 64), -(-info.width // 64))   # the padded image / 64
+            z_hat = self.entropy_bottleneck.decompress(info.z_bytes, z_size)
             nets = integer.networks(self, fingerprint)
-            y_hat = self.decode_y(info.y_bytes, z_hat, nets, info.decisions, memory, progress)
-        return y_hat, info
+            hyper = nets.h_s(z_hat.to(devices.latent_device(self)))            # (1, 2M, H'/16, W'/16)
+            y_hat = self.decode_y(info.y_bytes, hyper, nets, info.decisions)    # (1, M, H'/16, W'/16)
+        x_hat = self.g_s(coding_layout(y_hat.to(self.device, torch.float32)))  # (1, 3, H', W')
+        return as_pixels(x_hat[..., :info.height, :info.width], info.gray, dtype)
+
+
+def as_float_rgb(x):
+    """(1, C, H, W) as stored (floats in [0, 1], 8- or 16-bit integers) -> (1, 3, H, W) float32 in [0, 1]: gray
+    repeated in three channels, alpha dropped."""
+    x = x[:, :3].float() / PEAKS[x.dtype] if x.dtype in PEAKS else x[:, :3].float()
+    return x.expand(1, 3, *x.shape[-2:])
+
+
+def as_pixels(x_hat, gray, dtype):
+    """Decoded (1, 3, H, W) -> the image on the CPU, (1, 1 or 3, H, W): floats in [0, 1], or 8- or 16-bit integers;
+    a gray image is the mean of the three channels."""
+    x_hat = x_hat.clamp(0, 1)
+    x_hat = x_hat.mean(1, keepdim=True) if gray else x_hat
+    return (x_hat * PEAKS[dtype]).round().to(dtype).cpu() if dtype in PEAKS else x_hat.cpu()
+
+
+def coding_layout(x):
+    """Channels-last, where oneDNN's (CPU) and cuDNN's convolutions run fastest (g_s of a 448x640 image on 2
+    cores: 0.47 -> 0.34 s); coding and an eval-mode forward share it, so they compute the same floats."""
+    return x.contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,7 @@
-"""TACO's networks over a large image in bands (the geometry and the runner: bands.py). Only the latents y and
-z are whole; g_a, h_a, h_s and g_s run over blocks, each within a memory budget, and give what they give in one
-piece (exactly, for the integer networks; to float rounding for the transforms). A small image is one block.
+"""TACO's compress and decompress for an image larger than one piece (taco.py codes the others): the same steps
+with g_a, h_a, h_s and g_s over blocks, each within a memory budget (the geometry and the runner: bands.py), into
+the same bytes. Only the latents y and z are whole. The networks give what they give in one piece: exactly, for
+the integer networks; to float rounding for the transforms, which the tests hold to the same files.
 
 The one global step is the Extractor's attention: its softmax runs over every position of the 1/8-resolution
 features. A large image gives those positions block by block to an online softmax (Milakov and Gimelshein
@@ -10,7 +11,8 @@ import math
 
 import torch
 
-from machinery import bands
+from entropy import quantize, to_cpu
+from machinery import bands, container, devices, integer
 from machinery.images import PEAKS
 
 DEFAULT_MEMORY = 1 << 29       # bytes of working memory the hyperprior's bands may use (codec.py --memory)
@@ -21,13 +23,25 @@ def stage(progress, name):
     return None if progress is None else lambda done, total: progress(name, done, total)
 
 
+def analysis_layers(g_a):
+    """g_a's layers in the order x meets them: taco.AnalysisTransform's stages with the adapter between them, or
+    ELIC's one Sequential."""
+    if hasattr(g_a, "analysis_transform"):
+        return list(g_a.analysis_transform)
+    s = g_a.stages
+    if not g_a.text_adapter:
+        return list(s)
+    return [s[0], s[1], g_a.inject_quarter, s[2], g_a.extract_eighth, g_a.inject_eighth, s[3]]
+
+
 def run_analysis(layers, x, text, padding, refreshed=None):
     """x through g_a's layers in order: Injectors read the text, the Extractor refreshes it from x -- or, for a
     block of a large image, hands over the text `refreshed` beforehand from every position."""
     for layer in layers:
-        if getattr(layer, "reads_text", False):
+        kind = type(layer).__name__
+        if kind == "Injector":
             x = layer(x, text, padding)
-        elif getattr(layer, "refreshes_text", False):
+        elif kind == "Extractor":
             text = layer(x, text) if refreshed is None else refreshed
         else:
             x = layer(x)
@@ -57,21 +71,48 @@ class OnlineExtractor:
         self.maximum = maximum
 
     def finish(self):
-        return self.extractor.output(self.text, self.weighted / self.total)
+        """-> the refreshed text (B, T, D), as Extractor.forward ends."""
+        attended = self.weighted / self.total                                   # (B, heads, T, d)
+        return self.text + self.extractor.cross_attn.out_proj(attended.transpose(1, 2).flatten(2))
+
+
+def compress(model, x, image, text, memory, progress=None):
+    """TACO.compress's steps for a large image (image: container.describe(x)), each network in bands."""
+    latents = devices.latent_device(model)
+    y = analysis(model, bands.Pixels(x, image, model.device), *text, memory, progress, latents)   # (1, M, h, w)
+    z = apply(model.h_a, y, model.config.N, memory, model.device)
+    z_bytes = model.entropy_bottleneck.compress(z)
+    z_hat = model.entropy_bottleneck.decompress(z_bytes, z.shape).to(latents)
+    fingerprint = container.fingerprint(model)
+    nets = integer.networks(model, fingerprint)
+    y_bytes, decisions = model.encode_y_in_bands(y, z_hat, nets, memory, progress)
+    return container.pack(fingerprint, image, decisions, z_bytes, y_bytes)
+
+
+def decompress(model, info, fingerprint, dtype, memory, progress=None):
+    """TACO.decompress's steps for a large image (info: container.unpack's): y_hat, then g_s in bands."""
+    return synthesis(model.g_s, decode_latents(model, info, fingerprint, memory, progress), info, dtype, memory,
+                     progress)
+
+
+def decode_latents(model, info, fingerprint, memory, progress=None):
+    """-> y_hat (1, M, H'/16, W'/16), h_s over bands of rows of y: identical to one piece, on every machine."""
+    with container.decoding_errors():
+        z_hat = model.entropy_bottleneck.decompress(info.z_bytes, (1, model.config.N, -(-info.height // 64),
+                                                                   -(-info.width // 64)))
+        nets = integer.networks(model, fingerprint)
+        return model.decode_y_in_bands(info.y_bytes, z_hat.to(devices.latent_device(model)), nets,
+                                       info.decisions, memory, progress)
 
 
 def analysis(model, image, text, padding, memory, progress=None, device=None):
     """y = g_a(x, text) over blocks of y, x read from `image` (bands.Pixels) block by block; on `device`. With a
-    text adapter and several blocks, the Extractor first sees every position (one sweep over the 1/8 features),
-    then the blocks run with the refreshed text: the same y as in one piece."""
-    layers = model.g_a.spatial_chain()
+    text adapter, the Extractor first sees every position (one sweep over the 1/8 features), then the blocks run
+    with the refreshed text: the same y as in one piece."""
+    layers = analysis_layers(model.g_a)
     size = image.padded
     y_size = bands.output_size(layers, size)
-    extra = bands.halo(layers, 0), bands.halo(layers, 1)
-    if len(bands.blocks(*y_size, memory / bands.bytes_per_output(layers), 1, extra)) == 1:
-        y = model.g_a(bands.channels_last(image.read(slice(0, size[0]), slice(0, size[1]))), text, padding)
-        return y.to(device)
-    extractor = next((layer for layer in layers if getattr(layer, "refreshes_text", False)), None)
+    extractor = next((layer for layer in layers if type(layer).__name__ == "Extractor"), None)
     refreshed = None
     if extractor is not None:
         front = layers[:layers.index(extractor)]
@@ -126,6 +167,36 @@ def hyperprior_rows(h_s, z_hat, channels, memory, progress=None):
     height, width = bands.output_size(h_s, z_hat.shape[-2:])
     for rows in in_bands(h_s, height, width, channels, memory, progress):
         yield rows, hyper_rows(h_s, z_hat, rows)
+
+
+def encode_y(model, y, z_hat, nets, memory, progress=None):
+    """TACO.encode_y band by band of rows of y: the same stream, one band's h_s output at a time."""
+    encoder = container.CheckedEncoder(model.gaussian_conditional.tables())
+    for rows, hyper in hyperprior_rows(nets.h_s, z_hat, model.config.M, memory, progress):
+        scales, means = hyper.chunk(2, dim=1)                                   # 2 x (1, M, rows, w)
+        indexes = model.gaussian_conditional.build_indexes(scales)
+        symbols = quantize(to_cpu(y[:, :, rows]), "symbols", to_cpu(means))
+        encoder.encode(raster(symbols), raster(indexes))                        # (1, rows, M, w)
+    return encoder.finish()
+
+
+def decode_y(model, y_bytes, z_hat, nets, decisions, memory, progress=None):
+    """TACO.decode_y band by band of rows of y -> y_hat (1, M, h, w) in float64."""
+    decoder = container.CheckedDecoder(y_bytes, model.gaussian_conditional.tables(), decisions)
+    h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
+    y_hat = torch.empty(1, model.config.M, h, w, dtype=torch.float64, device=z_hat.device)
+    for rows, hyper in hyperprior_rows(nets.h_s, z_hat, model.config.M, memory, progress):
+        scales, means = hyper.chunk(2, dim=1)
+        indexes = model.gaussian_conditional.build_indexes(scales)
+        symbols = decoder.decode(raster(indexes))                               # (1, rows, M, w)
+        y_hat[:, :, rows] = raster(symbols).to(means) + means
+    decoder.finish()
+    return y_hat
+
+
+def raster(t):
+    """(1, C, rows, w) -> (1, rows, C, w): the coding order, as taco.raster."""
+    return t.transpose(1, 2)
 
 
 def synthesis(g_s, y_hat, info, dtype, memory, progress=None):

@@ -22,7 +22,7 @@ zeros where the whole has values, lie outside the window of every kept output. I
 integer networks) bands equal the whole bit for bit; in float32 they agree to rounding, as a matrix product of
 another size may sum in another order.
 
-The one global operation is the Extractor's attention, whose softmax runs over every position: taco.py feeds
+The one global operation is the Extractor's attention, whose softmax runs over every position: banded.py feeds
 it all positions block by block (an online softmax) before the bands that need its result.
 """
 import ctypes
@@ -33,11 +33,15 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from machinery import container
 from machinery.images import PEAKS
 from machinery.integer import IntegerConv, IntegerLeakyReLU, IntegerNetwork, IntegerReLU
 
-PER_POSITION = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Identity, IntegerReLU, IntegerLeakyReLU)
+# The layers that mix channels, never positions: activations, GDN, the Injector (each position queries the caption
+# alone), the Extractor (x passes through it unchanged). By class name: the models import this package.
+PER_POSITION = {"ReLU", "LeakyReLU", "Sigmoid", "Identity", "IntegerReLU", "IntegerLeakyReLU", "GDN", "Injector",
+                "Extractor"}
+# x + f(x) blocks (elic.py): the attributes holding their branches f, whose window is the block's
+RESIDUAL_BRANCHES = {"ResidualBottleneck": ("branch",), "ResidualUnit": ("conv",), "AttentionBlock": ("conv_a", "conv_b")}
 WORKING_COPIES = 4       # a layer's input, output and up to two temporaries (GDN's x*x and norm) live at once
 
 
@@ -52,20 +56,21 @@ def convolution(layer, dim):
 
 
 def chain(layer):
-    """The layers that x passes through in order, or None for a layer that is not a chain. A module that wraps a
-    single module (ELIC's `reduction`, `increase`, ...) is that module; modules with several parts say their
-    order with `spatial_chain()`."""
+    """The layers that x passes through in order, or None for a layer that is not a chain."""
     if isinstance(layer, (list, nn.Sequential)):
         return list(layer)
     if isinstance(layer, IntegerNetwork):
         return layer.layers
-    if hasattr(layer, "spatial_chain"):
-        return layer.spatial_chain()
-    if isinstance(layer, nn.Module) and not isinstance(layer, PER_POSITION) and \
-            not getattr(layer, "per_position", False) and not hasattr(layer, "residual_branches") and \
-            convolution(layer, 0) is None and len(children := list(layer.children())) == 1:
-        return children
     return None
+
+
+def per_position(layer):
+    return type(layer).__name__ in PER_POSITION
+
+
+def branches(layer):
+    """The residual branches of an x + f(x) block, as modules; () for any other layer."""
+    return [getattr(layer, name) for name in RESIDUAL_BRANCHES.get(type(layer).__name__, ())]
 
 
 def window(layer, lo, hi, dim):
@@ -80,10 +85,9 @@ def window(layer, lo, hi, dim):
         for part in reversed(parts):
             lo, hi = window(part, lo, hi, dim)
         return lo, hi
-    if isinstance(layer, PER_POSITION) or getattr(layer, "per_position", False):
+    if per_position(layer):
         return lo, hi
-    if hasattr(layer, "residual_branches"):                     # x + f(x, ...): the union of the windows
-        spans = [window(getattr(layer, name), lo, hi, dim) for name in layer.residual_branches]
+    if spans := [window(branch, lo, hi, dim) for branch in branches(layer)]:   # x + f(x): the union of windows
         return min([lo] + [a for a, _ in spans]), max([hi] + [b for _, b in spans])
     raise TypeError(f"no halo rule for {type(layer).__name__}: it cannot run in bands")
 
@@ -102,10 +106,10 @@ def grid(layer, dim):
             alignment = math.lcm(alignment, (Fraction(part_alignment) / scale).numerator)
             scale *= part_scale
         return scale, alignment
-    if hasattr(layer, "residual_branches"):
+    if parts := branches(layer):
         alignment = 1
-        for name in layer.residual_branches:
-            branch_scale, branch_alignment = grid(getattr(layer, name), dim)
+        for branch in parts:
+            branch_scale, branch_alignment = grid(branch, dim)
             assert branch_scale == 1, "a residual branch keeps the resolution"
             alignment = math.lcm(alignment, branch_alignment)
         return Fraction(1), alignment
@@ -140,12 +144,6 @@ def channels_last(x):
     if x.dim() == 4 and x.is_floating_point() and x.dtype != torch.float64 and x.device.type in ("cpu", "cuda"):
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def coding_layout(x, training):
-    """x as coding lays it out (channels_last) in eval mode, so that an eval-mode forward computes the same floats
-    as compress and decompress; as it is in training (train.py chooses its own layout)."""
-    return x if training else channels_last(x)
 
 
 def output_size(layer, size):
@@ -190,15 +188,11 @@ class Pixels:
     (1, 3, rows, columns) float32 in [0, 1] on `device`, padded to multiples of 64 by repeating the last row and
     column (as pad_to_64) and converted block by block: the float image never exists whole."""
 
-    def __init__(self, x, device):
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
-            raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
-        self.x, self.device, self.channels = x, device, min(x.shape[1], 3)
-        self.height, self.width = H, W = x.shape[-2:]
-        if H * W > container.MAX_PIXELS or max(H, W) > 0xFFFF:
-            raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
-        self.padded = (-(-H // 64) * 64, -(-W // 64) * 64)
-        self.bits = 16 if x.dtype == torch.uint16 else 8
+    def __init__(self, x, image, device):
+        """x, and container.describe(x)'s view of it."""
+        self.x, self.device, self.channels = x, device, 1 if image.gray else 3
+        self.height, self.width = image.height, image.width
+        self.padded = (-(-self.height // 64) * 64, -(-self.width // 64) * 64)
         self.peak = PEAKS.get(x.dtype, 1)
 
     def read(self, rows, columns):
@@ -261,8 +255,8 @@ def bytes_per_output(layer, value_bytes=4):
             for p in parts:
                 scale = visit(p, scale)
             return scale
-        for name in getattr(part, "residual_branches", ()):
-            visit(getattr(part, name), scale)
+        for branch in branches(part):
+            visit(branch, scale)
         return scale
     visit(layer, Fraction(1))
     return max(widest, 1.0)

@@ -46,9 +46,20 @@ def fingerprint(model):
     return h.digest()[:8]
 
 
+def describe(x):
+    """The header's view of an image to compress, (1, C, H, W) floats or 8- or 16-bit integers (C = 1, 3 or 4):
+    height, width, gray, bits. An image of another shape, or larger than the format holds, is refused."""
+    if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
+        raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H * W > MAX_PIXELS or max(H, W) > 0xFFFF:
+        raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
+    return SimpleNamespace(height=H, width=W, gray=x.shape[1] == 1, bits=16 if x.dtype == torch.uint16 else 8)
+
+
 def pack(fingerprint, image, decisions, z_bytes, y_bytes):
-    """The file's bytes: the header (image: bands.Pixels, for its size, channels and depth), the streams, a CRC."""
-    H, W, gray, bits = image.height, image.width, image.channels == 1, image.bits
+    """The file's bytes: the header (image: describe()'s), the streams, a CRC-32 of all of it."""
+    H, W, gray, bits = image.height, image.width, image.gray, image.bits
     flags = (GRAY if gray else 0) | (SIXTEEN_BITS if bits == 16 else 0)
     header = HEADER.pack(MAGIC, VERSION, fingerprint, H, W, flags, decisions, len(z_bytes), len(y_bytes))
     crc = zlib.crc32(y_bytes, zlib.crc32(z_bytes, zlib.crc32(header)))
@@ -136,5 +147,6 @@ def decisions_crc(indexes, crc=0):
 
 def check_decisions(crc, expected):
     if crc != expected:
-        raise BitstreamError("this machine's arithmetic differs from the encoder's: it would decode the file with "
-                             "other coding tables than it was written with (decisions check mismatch)")
+        raise BitstreamError("this machine's arithmetic differs from the encoder's, or the file was altered: it "
+                             "would decode the file with other coding tables than it was written with (decisions "
+                             "check mismatch)")

@@ -11,6 +11,7 @@ What changes from taco.py's hyperprior (the text adapter, the entropy coder and 
 Module names reproduce the reference's state-dict keys, which is how checkpoints.load_released loads the released
 files.
 """
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import torch
@@ -58,8 +59,6 @@ def bottleneck_branch(N):
 class ResidualBottleneck(nn.Module):
     """x + branch(x), the branch squeezing to N/2 channels (ELIC)."""
 
-    residual_branches = ("branch",)          # for bands.py: the halo is the branch's
-
     def __init__(self, N):
         super().__init__()
         self.branch = bottleneck_branch(N)
@@ -69,8 +68,6 @@ class ResidualBottleneck(nn.Module):
 
 
 class ResidualUnit(nn.Module):
-    residual_branches = ("conv",)
-
     def __init__(self, N):
         super().__init__()
         self.conv = bottleneck_branch(N)
@@ -81,8 +78,6 @@ class ResidualUnit(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Cheng et al. 2020's simplified attention: x + trunk(x) * sigmoid(mask(x)), no non-local part."""
-
-    residual_branches = ("conv_a", "conv_b")
 
     def __init__(self, N):
         super().__init__()
@@ -107,66 +102,47 @@ class ElicAnalysis(nn.Module):
             *stage(N, N), Extractor(N, D, heads), Injector(N, D, heads),                  # 10-15, 1/8
             conv(N, M), AttentionBlock(M))                                               # 16-17, 1/16
 
-    def spatial_chain(self):
-        return list(self.analysis_transform)
-
     def forward(self, x, text, padding=None):
-        return banded.run_analysis(self.spatial_chain(), x, text, padding)      # (B, M, H/16, W/16)
+        for layer in self.analysis_transform:    # Injectors read the text, the Extractor refreshes it from x
+            if isinstance(layer, Injector):
+                x = layer(x, text, padding)
+            elif isinstance(layer, Extractor):
+                text = layer(x, text)                                           # (B, T, D)
+            else:
+                x = layer(x)
+        return x                                                                # (B, M, H/16, W/16)
 
 
-class ElicSynthesis(nn.Module):
-    def __init__(self, N, M):
-        super().__init__()
-        blocks = lambda: [ResidualBottleneck(N), ResidualBottleneck(N), ResidualBottleneck(N)]
-        self.synthesis_transform = nn.Sequential(
-            AttentionBlock(M), deconv(M, N), *blocks(), deconv(N, N), AttentionBlock(N), *blocks(),
-            deconv(N, N), *blocks(), deconv(N, 3))
-
-    def forward(self, y_hat):
-        return self.synthesis_transform(y_hat)                                  # (B, 3, H, W)
+# The other networks are Sequentials named as the reference's modules, so that its state-dict keys load as they are
+def named(name, *layers):
+    return nn.Sequential(OrderedDict([(name, nn.Sequential(*layers))]))
 
 
-class ElicHyperAnalysis(nn.Module):
-    def __init__(self, N, M):
-        super().__init__()
-        self.reduction = nn.Sequential(conv3x3(M, N), nn.ReLU(), conv(N, N), nn.ReLU(), conv(N, N))
-
-    def forward(self, y):
-        return self.reduction(y)                                                # (B, N, H/64, W/64)
+def synthesis(N, M):
+    blocks = lambda: [ResidualBottleneck(N), ResidualBottleneck(N), ResidualBottleneck(N)]   # noqa: E731
+    return named("synthesis_transform", AttentionBlock(M), deconv(M, N), *blocks(), deconv(N, N), AttentionBlock(N),
+                 *blocks(), deconv(N, N), *blocks(), deconv(N, 3))                # (B, 3, H, W)
 
 
-class ElicHyperSynthesis(nn.Module):
-    def __init__(self, N, M):
-        super().__init__()
-        self.increase = nn.Sequential(deconv(N, M), nn.ReLU(), deconv(M, M * 3 // 2), nn.ReLU(),
-                                      deconv(M * 3 // 2, 2 * M, kernel=3, stride=1))
-
-    def forward(self, z_hat):
-        return self.increase(z_hat)                                             # (B, 2M, H/16, W/16)
+def hyper_analysis(N, M):
+    return named("reduction", conv3x3(M, N), nn.ReLU(), conv(N, N), nn.ReLU(), conv(N, N))   # (B, N, H/64, W/64)
 
 
-class ChannelContext(nn.Module):
-    """Slices decoded so far -> 2C context channels for the next slice."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.fushion = nn.Sequential(nn.Conv2d(cin, 224, 5, padding=2), nn.ReLU(),   # (sic: the reference's key)
-                                     nn.Conv2d(224, 128, 5, padding=2), nn.ReLU(), nn.Conv2d(128, cout, 5, padding=2))
-
-    def forward(self, y_hat_so_far):
-        return self.fushion(y_hat_so_far)
+def hyper_synthesis(N, M):
+    return named("increase", deconv(N, M), nn.ReLU(), deconv(M, M * 3 // 2), nn.ReLU(),
+                 deconv(M * 3 // 2, 2 * M, kernel=3, stride=1))                 # (B, 2M, H/16, W/16)
 
 
-class EntropyParameters(nn.Module):
+def channel_context(cin, cout):
+    """Slices decoded so far -> 2C context channels for the next slice ("fushion" (sic): the reference's key)."""
+    return named("fushion", nn.Conv2d(cin, 224, 5, padding=2), nn.ReLU(), nn.Conv2d(224, 128, 5, padding=2),
+                 nn.ReLU(), nn.Conv2d(128, cout, 5, padding=2))
+
+
+def entropy_parameters(cin, cout):
     """Context and hyperprior features -> (scales, means) of one slice and pass, by 1x1 convolutions."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.fusion = nn.Sequential(conv1x1(cin, cout * 5 // 3), nn.ReLU(), conv1x1(cout * 5 // 3, cout * 4 // 3),
-                                    nn.ReLU(), conv1x1(cout * 4 // 3, cout))
-
-    def forward(self, features):
-        return self.fusion(features)
+    return named("fusion", conv1x1(cin, cout * 5 // 3), nn.ReLU(), conv1x1(cout * 5 // 3, cout * 4 // 3), nn.ReLU(),
+                 conv1x1(cout * 4 // 3, cout))
 
 
 class ElicTACO(taco.TACO):
@@ -182,16 +158,16 @@ class ElicTACO(taco.TACO):
         if sum(slices) != M:
             raise ValueError(f"slices {slices} must add up to M = {M}")
         self.local_context = nn.ModuleList(nn.Conv2d(c, 2 * c, 5, padding=2) for c in slices)
-        self.channel_context = nn.ModuleList(ChannelContext(sum(slices[:i]), 2 * c) if i else None
+        self.channel_context = nn.ModuleList(channel_context(sum(slices[:i]), 2 * c) if i else None
                                              for i, c in enumerate(slices))
         self.entropy_parameters_anchor = nn.ModuleList(
-            EntropyParameters(2 * M + (2 * c if i else 0), 2 * c) for i, c in enumerate(slices))
+            entropy_parameters(2 * M + (2 * c if i else 0), 2 * c) for i, c in enumerate(slices))
         self.entropy_parameters_nonanchor = nn.ModuleList(
-            EntropyParameters(2 * M + (4 * c if i else 2 * c), 2 * c) for i, c in enumerate(slices))
+            entropy_parameters(2 * M + (4 * c if i else 2 * c), 2 * c) for i, c in enumerate(slices))
 
     def transforms(self, config):
         N, M = config.N, config.M
-        return ElicAnalysis(config), ElicSynthesis(N, M), ElicHyperAnalysis(N, M), ElicHyperSynthesis(N, M)
+        return ElicAnalysis(config), synthesis(N, M), hyper_analysis(N, M), hyper_synthesis(N, M)
 
     def float_networks(self):
         return SimpleNamespace(h_s=self.h_s, channel_context=self.channel_context, local_context=self.local_context,
@@ -234,20 +210,28 @@ class ElicTACO(taco.TACO):
         y_hat = self.checkerboard_passes(hyper, code, nets)
         return y_hat, torch.cat(likelihoods, dim=1)
 
-    def coding_passes(self, y_hat, z_hat, nets, memory, code, progress=None):
-        """The passes of checkerboard_passes in the same order, each over bands of rows of y, for compress and
-        decompress. code(i, kind, rows, scales, means) codes that pass's symbols in those rows (row by row, each
-        row all channels of the slice, left to right) and writes their values into y_hat (1, M, h, w), from
-        which the contexts read: int32 on the integer networks' grid (the means are on it, so y_hat is too),
-        exact in half the bytes of float64. The parameter networks (1x1 convolutions) run at the pass's
-        positions only, gathered (`gather`), where the float path computes every position and keeps half; so
-        scales and means come gathered. h_s(z_hat) is kept on the integer grid in int32 (exact), not
-        recomputed; so is each slice's channel context at the non-anchor positions, from its anchor pass to its
-        second pass."""
+    def coding_passes(self, y_hat, hyper, nets, code, memory=None, progress=None):
+        """The passes of checkerboard_passes in the same order, for compress and decompress, from h_s(z_hat) on
+        the integer grid (int32, exact; `hyper`). code(i, kind, rows, scales, means) codes that pass's symbols in
+        a band of rows (row by row, each row all channels of the slice, left to right) and writes their values
+        into y_hat (1, M, h, w), from which the contexts read: int32 on the integer networks' grid (the means are
+        on it, so y_hat is too), exact in half the bytes of float64. The parameter networks (1x1 convolutions)
+        run at the pass's positions only, gathered (`gather`), where the float path computes every position and
+        keeps half; so scales and means come gathered. Each slice's channel context at the non-anchor positions
+        is kept from its anchor pass to its second pass. memory None: every pass in one band of all rows, each
+        network over its whole input; else bands of rows within `memory` (machinery/banded.py)."""
         h, w = y_hat.shape[-2:]
-        hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=y_hat.device)
-        for rows, rows_hyper in banded.hyperprior_rows(nets.h_s, z_hat, self.config.M, memory):
-            hyper[:, :, rows] = to_grid(rows_hyper)
+        whole = slice(0, h), slice(0, w)
+
+        def row_bands(networks):
+            if memory is None:
+                return [whole[0]]
+            return banded.in_bands(max(networks, key=bands.bytes_per_output), h, w, self.config.M, memory, progress)
+
+        def run(network, read, rows):                  # network(input) at the rows `rows` of y, all columns
+            if memory is None:
+                return network(read(*whole))
+            return bands.run_block(network, read, (h, w), (rows.start, rows.stop), (0, w))
         starts = [sum(self.config.slices[:i]) for i in range(len(self.config.slices) + 1)]
         for i in range(len(self.config.slices)):
             own = slice(starts[i], starts[i + 1])
@@ -259,27 +243,35 @@ class ElicTACO(taco.TACO):
             for kind in (ANCHOR, NONANCHOR):
                 networks = [nets.h_s] + ([nets.channel_context[i]] if i and kind == ANCHOR else []) + \
                     ([nets.local_context[i]] if kind == NONANCHOR else [])
-                widest = max(networks, key=bands.bytes_per_output)
-                for rows in banded.in_bands(widest, h, w, self.config.M, memory, progress):
+                for rows in row_bands(networks):
                     top = rows.start
                     features = [from_grid(gather(hyper[:, :, rows], kind, top))]
                     if i and kind == ANCHOR:
                         read = lambda r, c: from_grid(y_hat[:, :starts[i], r, c])  # noqa: E731
-                        context = bands.run_block(nets.channel_context[i], read, (h, w), (top, rows.stop), (0, w))
+                        context = run(nets.channel_context[i], read, rows)
                         later[:, :, rows] = gather(to_grid(context), NONANCHOR, top)
                         features.insert(0, gather(context, ANCHOR, top))
                     elif i:
                         features.insert(0, from_grid(later[:, :, rows]))
                     if kind == NONANCHOR:
-                        local = bands.run_block(nets.local_context[i], anchors, (h, w), (top, rows.stop), (0, w))
+                        local = run(nets.local_context[i], anchors, rows)
                         features.insert(0, gather(local, NONANCHOR, top))
                     parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
                     scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, ~w/2)
                     code(own, kind, rows, scales, means)
 
-    def encode_y(self, y, z_hat, nets, memory, progress=None):
+    def hyper_in_bands(self, z_hat, nets, memory):
+        """h_s(z_hat) on the integer grid, int32 (1, 2M, h, w), computed over bands of rows of y."""
+        h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
+        hyper = torch.empty(1, 2 * self.config.M, h, w, dtype=torch.int32, device=z_hat.device)
+        for rows, rows_hyper in banded.hyperprior_rows(nets.h_s, z_hat, self.config.M, memory):
+            hyper[:, :, rows] = to_grid(rows_hyper)
+        return hyper
+
+    def encode_y(self, y, hyper, nets, memory=None, progress=None):
         """Consumes y (float32): y and y_hat share its buffer. A position holds y until it is coded, then y_hat
-        (int32 on the grid, the same 4 bytes); the contexts read coded positions only, through the int32 view."""
+        (int32 on the grid, the same 4 bytes); the contexts read coded positions only, through the int32 view.
+        hyper: h_s(z_hat) (float64, on the grid), or int32 on the grid (hyper_in_bands)."""
         if y.dtype != torch.float32:
             raise TypeError(f"encode_y takes y as g_a gives it, float32, not {y.dtype}")
         encoder = container.CheckedEncoder(self.gaussian_conditional.tables())
@@ -292,13 +284,13 @@ class ElicTACO(taco.TACO):
             symbols = taco.raster(quantize(to_cpu(values), "symbols", to_cpu(means)))[where]
             encoder.encode(symbols, indexes)
             scatter(to_grid(quantize(values, "dequantize", means)), kind, rows.start, y_hat[:, own, rows])
-        self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
+        self.coding_passes(y_hat, on_grid(hyper), nets, code, memory, progress)
         return encoder.finish()
 
-    def decode_y(self, data, z_hat, nets, decisions, memory, progress=None):
-        decoder = container.CheckedDecoder(data, self.gaussian_conditional.tables(), decisions)
-        h, w = bands.output_size(nets.h_s, z_hat.shape[-2:])
-        y_hat = torch.zeros(1, self.config.M, h, w, dtype=torch.int32, device=z_hat.device)
+    def decode_y(self, y_bytes, hyper, nets, decisions, memory=None, progress=None):
+        decoder = container.CheckedDecoder(y_bytes, self.gaussian_conditional.tables(), decisions)
+        h, w = hyper.shape[-2:]
+        y_hat = torch.zeros(1, self.config.M, h, w, dtype=torch.int32, device=hyper.device)
 
         def code(own, kind, rows, scales, means):
             where = in_raster(to_cpu(gathered(kind, rows, w)), scales.shape)
@@ -306,9 +298,20 @@ class ElicTACO(taco.TACO):
             values = torch.zeros(taco.raster(scales).shape, dtype=torch.float64)
             values[where] = decoder.decode(indexes).double()
             scatter(to_grid(taco.raster(values).to(means) + means), kind, rows.start, y_hat[:, own, rows])
-        self.coding_passes(y_hat, z_hat, nets, memory, code, progress)
+        self.coding_passes(y_hat, on_grid(hyper), nets, code, memory, progress)
         decoder.finish()
         return from_grid(y_hat)
+
+    def encode_y_in_bands(self, y, z_hat, nets, memory, progress=None):
+        return self.encode_y(y, self.hyper_in_bands(z_hat, nets, memory), nets, memory, progress)
+
+    def decode_y_in_bands(self, y_bytes, z_hat, nets, decisions, memory, progress=None):
+        return self.decode_y(y_bytes, self.hyper_in_bands(z_hat, nets, memory), nets, decisions, memory, progress)
+
+
+def on_grid(hyper):
+    """h_s's output as the passes keep it: int32 on the integer grid (exact)."""
+    return hyper if hyper.dtype == torch.int32 else to_grid(hyper)
 
 
 def in_raster(mask, shape):
