@@ -328,7 +328,8 @@ class TACO(nn.Module):
     def fits(self, height, width, memory):
         """Does an image of height x width code in one piece within `memory` bytes? The transforms' widest
         activations hold N channels at a quarter of the padded pixels in float32, about four at a time (a layer's
-        input and output, GDN's two temporaries): an estimate of 4 N bytes per pixel."""
+        input and output, GDN's two temporaries): 4 N bytes per pixel, the bands' own estimate for g_a and g_s
+        (machinery/bands.bytes_per_output) without a band's halo."""
         return 4 * self.config.N * (-(-height // 64) * 64) * (-(-width // 64) * 64) <= memory
 
     @torch.no_grad()

