@@ -11,6 +11,21 @@ from machinery import captioner, checkpoints, clip_text, images, metrics
 from machinery.measure import in_child, peak_mib
 
 
+PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")      # the benchmarks' photos (scikit-image's)
+
+
+def photo(name):
+    """One of scikit-image's photos as (1, 3, H, W) uint8."""
+    return torch.from_numpy(data.skimage_photo(name)[:, :, :3].copy()).permute(2, 0, 1)[None]
+
+
+def where(device):
+    """-> where a benchmark runs, and what its memory figure is."""
+    if device == "cpu":
+        return f"CPU ({torch.get_num_threads()} threads)", "peak RSS"
+    return device, "peak GPU memory"
+
+
 def photo_like(height, width, seed=0):
     """A uint8 image with smooth structure and grain, made band by band (never a float image whole)."""
     rng = np.random.default_rng(seed)
@@ -108,20 +123,16 @@ def bench_sets(args):
                   f"loaded: {before:.0f} MiB), value {value}")
 
 
-def caption_case(name, pretrained, device, mode, photos, batch, queue):
-    """In a fresh process: `photos` of the four photos (cycled) captioned, 'uncached' (the whole prefix through
-    CoCa at every step) or 'cached', `batch` at a time -> seconds per caption, peak RSS, the captions. Random
-    weights never end a caption early: every caption runs the full max_tokens."""
+def caption_case(name, pretrained, device, photos, batch, queue):
+    """In a fresh process: `photos` of the four photos (cycled) captioned `batch` at a time (caption_many) ->
+    seconds per caption, peak RSS, the captions. Random weights never end a caption early: every caption runs the
+    full max_tokens."""
     try:
         model = captioner.Captioner(name, pretrained, device)
     except clip_text.WeightsUnavailable as error:
         queue.put(str(error))
         return
-    if mode == "uncached":
-        model.decoder = lambda latent, embeddings: captioner.Uncached(model.model, latent, embeddings)
-    four = [torch.from_numpy(data.skimage_photo(n)[:, :, :3].copy()).permute(2, 0, 1)[None]
-            for n in ("coffee", "chelsea", "astronaut", "rocket")]
-    pixels = [four[i % 4] for i in range(photos)]
+    pixels = [photo(PHOTOS[i % len(PHOTOS)]) for i in range(photos)]
     start, captions = time.perf_counter(), []
     for first in range(0, photos, batch):
         captions += model.caption_many(pixels[first:first + batch])
@@ -129,32 +140,22 @@ def caption_case(name, pretrained, device, mode, photos, batch, queue):
 
 
 def bench_caption(args):
-    """Seconds per caption: the uncached loop against the cached decoder in the same run, one photo at a time;
-    then --photos photos one at a time against side by side at caption_images' batch; peak RSS of each."""
-    where = f"{args.device} ({torch.get_num_threads()} threads)"
-    runs = [("uncached, 1 at a time", "uncached", args.uncached, 1), ("cached, 1 at a time", "cached", args.photos, 1)]
-    results = {}
-    for label, mode, photos, batch in runs:
-        result = in_child(caption_case, args.captioner, args.captioner_pretrained, args.device, mode, photos, batch)
-        if isinstance(result, str):
-            print(f"caption: not measured here: {result}")
-            return
-        results[label] = result
-    beams, per_photo = results["cached, 1 at a time"][3:]
+    """Seconds per caption: --photos photos one at a time against side by side at caption_images' batch; peak RSS
+    of each."""
+    one = in_child(caption_case, args.captioner, args.captioner_pretrained, args.device, args.photos, 1)
+    if isinstance(one, str):
+        print(f"caption: not measured here: {one}")
+        return
+    beams, per_photo = one[3:]
     batch = max(1, min(args.photos, captioner.CAPTION_MEMORY // per_photo))
-    label = f"cached, {batch} side by side"
-    results[label] = in_child(caption_case, args.captioner, args.captioner_pretrained, args.device, "cached",
-                              args.photos, batch)
-    print(f"caption: {args.captioner} ({args.captioner_pretrained}), beam search of {beams}, on {where}; batch "
-          f"{batch} from a {captioner.CAPTION_MEMORY >> 20} MiB budget at {per_photo / 2 ** 20:.0f} MiB per photo")
-    uncached = results["uncached, 1 at a time"][0]
-    one = results["cached, 1 at a time"][0]
-    for label, (seconds, peak, captions, *_) in results.items():
-        print(f"  {label:28s} {seconds:6.2f} s per caption ({uncached / seconds:5.1f}x the uncached loop, "
-              f"{seconds / one:.2f}x cached one at a time), peak RSS {peak:6.0f} MiB")
-    same = results["uncached, 1 at a time"][2] == results["cached, 1 at a time"][2][:args.uncached]
-    print(f"  the same captions cached and uncached: {same}; side by side and one at a time: "
-          f"{results[label][2] == results['cached, 1 at a time'][2]}")
+    many = in_child(caption_case, args.captioner, args.captioner_pretrained, args.device, args.photos, batch)
+    print(f"caption: {args.captioner} ({args.captioner_pretrained}), beam search of {beams}, on {args.device} "
+          f"({torch.get_num_threads()} threads); batch {batch} from a {captioner.CAPTION_MEMORY >> 20} MiB budget at "
+          f"{per_photo / 2 ** 20:.0f} MiB per photo")
+    for label, (seconds, peak, *_) in (("1 at a time", one), (f"{batch} side by side", many)):
+        print(f"  {label:20s} {seconds:6.2f} s per caption ({seconds / one[0]:.2f}x one at a time), peak RSS "
+              f"{peak:6.0f} MiB")
+    print(f"  the same captions side by side and one at a time: {many[2] == one[2]}")
 
 
 def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queue):
@@ -162,7 +163,6 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
     import torchvision
 
     import train
-    from machinery import metrics
     torch.manual_seed(0)
     clip = clip_text.load_clip("ViT-B-32-quickgelu", "random")
     encoder = clip_text.TextEncoder("ViT-B-32-quickgelu", "random", clip=clip) if text_adapter else None
@@ -198,9 +198,8 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
 
 
 def bench_train(args):
-    where = args.device if args.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)"
-    memory = "peak GPU memory" if args.device != "cpu" else "peak RSS"
-    print(f"training on {where}, random weights, {args.steps} steps per figure" +
+    device, memory = where(args.device)
+    print(f"training on {device}, random weights, {args.steps} steps per figure" +
           (f", bf16 {'on' if args.bf16 else 'off'}" if args.device != "cpu" else ""))
     configs = {"demo (N=64 M=96, 8 x 128x128)": (64, 96, 128, 8),
                "default (N=128 M=192, 8 x 256x256)": (128, 192, 256, 8)}
