@@ -6,7 +6,6 @@ one run on one machine; docs/speed.md gives them with their commands.
     python -m machinery.bench bands --sizes 10000x10000                  # a 100-megapixel image
 """
 import argparse
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,9 +49,7 @@ def codec_case(backbone, N, M, text_adapter, height, width, repeat, device, queu
         model.attach_text_encoder(clip_text.TextEncoder(config.clip_model, "random").to(device))   # full size
     x = torch.rand(1, 3, height, width)
     loaded = peak_mib()
-    first = time.perf_counter()
-    data = model.compress(x, "a red barn in the snow")
-    first = time.perf_counter() - first
+    first, data = best_time(lambda: model.compress(x, "a red barn in the snow"), 1)
     t_enc, data = best_time(lambda: model.compress(x, "a red barn in the snow"), repeat)
     t_dec, _ = best_time(lambda: model.decompress(data), repeat)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else peak_mib()
@@ -74,16 +71,12 @@ def bench_codec(args):
 
 def release_case(path, height, width, queue):
     timings = {}
-    start = time.perf_counter()
-    model, _ = checkpoints.load_checkpoint(path)              # torch.load, strict key check, update() of every table
-    timings["load (tables rebuilt)"] = time.perf_counter() - start
+    # torch.load, the strict key check, update() of every table
+    timings["load (tables rebuilt)"], (model, _) = best_time(lambda: checkpoints.load_checkpoint(path), 1)
     x, features = torch.rand(1, 3, height, width), torch.randn(1, 38, 512)     # CLIP token features given
-    start = time.perf_counter()
-    data = model.compress(x, features if model.config.text_adapter else "")
-    timings["first compress"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model.decompress(data)
-    timings["first decompress"] = time.perf_counter() - start
+    caption = features if model.config.text_adapter else ""
+    timings["first compress"], data = best_time(lambda: model.compress(x, caption), 1)
+    timings["first decompress"], _ = best_time(lambda: model.decompress(data), 1)
     queue.put(timings)
 
 
