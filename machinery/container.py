@@ -52,8 +52,9 @@ def describe(x):
     if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
         raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
     H, W = x.shape[-2:]
-    if H * W > MAX_PIXELS or max(H, W) > 0xFFFF:
-        raise ValueError(f"image of {W}x{H} pixels is larger than this format allows")
+    if H * W > FORMAT_PIXELS or max(H, W) > 0xFFFF:
+        raise ValueError(f"image of {W}x{H} pixels is larger than this format allows ({FORMAT_PIXELS} pixels, "
+                         f"65535 a side)")
     return SimpleNamespace(height=H, width=W, gray=x.shape[1] == 1, bits=16 if x.dtype == torch.uint16 else 8)
 
 

@@ -169,6 +169,14 @@ def test_a_forged_size_above_the_limit_or_the_format_is_refused_before_anything_
         model.decompress(data, max_pixels=100)
 
 
+def test_the_format_takes_images_up_to_its_limit_and_refuses_larger_ones():
+    view = lambda h, w: torch.zeros(1, 3, 1, 1, dtype=torch.uint8).expand(1, 3, h, w)   # noqa: E731 (no memory)
+    assert container.describe(view(12000, 12000)).height == 12000          # 144 MP: above the decoder's default
+    for h, w in ((17000, 17000), (1, 70000)):
+        with pytest.raises(ValueError, match="larger than this format allows"):
+            container.describe(view(h, w))
+
+
 def test_progress_hears_every_band_and_the_library_is_quiet_by_default(encoder, capsys):
     model = tiny_model(encoder, config=TINY)
     heard = []
