@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from entropy import EntropyBottleneck, GaussianConditional, lower_bound, quantize, to_cpu
+from entropy import EntropyBottleneck, GaussianConditional, lower_bound, quantize
 from machinery import banded, container, devices, integer
 from machinery.clip_text import TextEncoder
 from machinery.images import PEAKS

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from machinery.images import PEAKS
-from machinery.integer import IntegerConv, IntegerLeakyReLU, IntegerNetwork, IntegerReLU
+from machinery.integer import IntegerConv, IntegerNetwork
 
 # The layers that mix channels, never positions: activations, GDN, the Injector (each position queries the caption
 # alone), the Extractor (x passes through it unchanged). By class name: the models import this package.
