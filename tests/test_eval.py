@@ -1,5 +1,6 @@
 """Claims about eval.py: metrics agree with independent computations, reports use the real file size."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -136,23 +137,11 @@ def test_complexity_counts_match_the_layer_formulas():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """Three small real photos, a caption file and a tiny checkpoint."""
-    import skimage.data
+def folder(weights_folder, tmp_path_factory):
+    """conftest's three photos, caption file and tiny checkpoint, with random weights in torch-fidelity's Inception
+    layout."""
     root = tmp_path_factory.mktemp("eval")
-    (root / "images").mkdir()
-    photos = {"coffee.png": skimage.data.coffee()[::4, ::4], "cat.png": skimage.data.chelsea()[::3, ::3],
-              "rocket.png": skimage.data.rocket()[::4, ::4]}
-    for name, array in photos.items():
-        Image.fromarray(np.ascontiguousarray(array)).save(root / "images" / name)
-    (root / "captions.json").write_text(json.dumps({"coffee.png": "a cup of coffee", "cat.png": ["a cat", "x"],
-                                                    "rocket": "a rocket"}))
-    torch.manual_seed(0)
-    model = taco.TACO(taco.TacoConfig(**TINY)).attach_text_encoder()
-    for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
-        injector.gamma.data.normal_()
-    checkpoints.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
+    shutil.copytree(weights_folder, root, dirs_exist_ok=True)
     random_fid_weights(str(root / "inception.pth"))
     return root
 
