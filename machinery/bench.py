@@ -15,7 +15,8 @@ import entropy
 import rangecoder
 import taco
 from machinery import captioner, checkpoints, clip_text, container, metrics
-from machinery.bench_scale import PHOTOS, bench_bands, bench_caption, bench_sets, bench_train, photo, where
+from machinery.bench_scale import (PHOTOS, bench_bands, bench_caption, bench_sets, bench_train, photo, random_model,
+                                   where)
 from machinery.measure import best_time, in_child, peak_mib
 
 
@@ -42,11 +43,9 @@ def bench_coder(args):
 
 
 def codec_case(backbone, N, M, text_adapter, height, width, repeat, device, queue):
-    torch.manual_seed(0)
-    config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random", backbone=backbone)
-    model = checkpoints.build_model(config).eval().update().to(device)
+    model = random_model(backbone, N, M, text_adapter).to(device)
     if text_adapter:
-        model.attach_text_encoder(clip_text.TextEncoder(config.clip_model, "random").to(device))   # full size
+        model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, "random").to(device))   # full size
     x = torch.rand(1, 3, height, width)
     loaded = peak_mib()
     first, data = best_time(lambda: model.compress(x, "a red barn in the snow"), 1)
@@ -132,10 +131,7 @@ def coding_model(checkpoint, backbone):
         model, _ = checkpoints.load_checkpoint(checkpoint)
         label = checkpoint
     else:
-        torch.manual_seed(0)
-        config = dict(N=192, M=320) if backbone == "elic" else {}
-        model = checkpoints.build_model(taco.TacoConfig(clip_pretrained="random", backbone=backbone, **config))
-        model.eval().update()
+        model = random_model(backbone, *((192, 320) if backbone == "elic" else (128, 192)))
         label = f"{backbone}, random weights"
     if model.config.text_adapter:
         model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, "random", model.config.text_tokens))

@@ -26,6 +26,13 @@ def where(device):
     return device, "peak GPU memory"
 
 
+def random_model(backbone="hyperprior", N=128, M=192, text_adapter=True):
+    """A codec of seeded random weights, ready to code (text_adapter: through a random CLIP text tower)."""
+    torch.manual_seed(0)
+    config = taco.TacoConfig(N=N, M=M, text_adapter=text_adapter, clip_pretrained="random", backbone=backbone)
+    return checkpoints.build_model(config).eval().update()
+
+
 def photo_like(height, width, seed=0):
     """A uint8 image with smooth structure and grain, made band by band (never a float image whole)."""
     rng = np.random.default_rng(seed)
@@ -46,9 +53,8 @@ def photo_like(height, width, seed=0):
 def bands_case(backbone, N, M, memory, step, png, taco_file, queue):
     """One step of the user's path in a fresh process (codec.py compress: PNG -> .taco, or decompress: .taco ->
     PNG): its time, and the peak RSS of the whole process and of the process with the model loaded."""
-    torch.manual_seed(0)
-    config = taco.TacoConfig(N=N, M=M, text_adapter=backbone == "elic", clip_pretrained="random", backbone=backbone)
-    model = checkpoints.build_model(config).eval().update()
+    model = random_model(backbone, N, M, text_adapter=backbone == "elic")
+    config = model.config
     features = torch.zeros(1, config.text_tokens, config.text_dim)      # the caption's features (no text tower)
     before = peak_mib()
     start = time.perf_counter()
