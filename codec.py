@@ -90,7 +90,8 @@ def main(argv=None):
     c.add_argument("--clip-pretrained", help="CLIP weights: a local file or open_clip tag "
                                              "(default: the one the checkpoint was trained with)")
     c.add_argument("--max-image-pixels", type=int, help="refuse input images above this many pixels (default: "
-                                                        "Pillow's decompression-bomb limit, about 179 million)")
+                                                        "Pillow's decompression-bomb limit, about 179 million; the "
+                                                        f"format holds up to {container.FORMAT_PIXELS})")
     c.add_argument("-o", "--output", help="output file (default: the image's name with .taco)")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.set_defaults(run=command_compress)
@@ -112,7 +113,7 @@ def main(argv=None):
                              help=f"working memory for the networks in MiB: large images run in bands of about this "
                                   f"size, with the same result (default {banded.DEFAULT_MEMORY // 2 ** 20} for the "
                                   f"hyperprior, {elic.ElicTACO.default_memory // 2 ** 20} for ELIC); the image and "
-                                  f"the latents come on top (about 9-23 bytes per pixel)")
+                                  f"the latents come on top (docs/speed.md measures them per pixel)")
     args = parser.parse_args(argv)
     try:
         args.run(args)
