@@ -46,7 +46,7 @@ def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(folder, t
 
 def arguments(folder, out, *extra):  # noqa: F811
     return ["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
-            str(folder / "captions.json"), "--ablation", "--baselines", "", "--out", str(out), *extra]
+            str(folder / "captions.json"), "--baselines", "", "--out", str(out), *extra]
 
 
 def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(folder, tmp_path):  # noqa: F811
@@ -54,8 +54,8 @@ def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(folde
     first = (tmp_path / "out" / "results.json").read_text()
     with pytest.raises(SystemExit, match="holds an earlier evaluation"):
         evaluation.main(arguments(folder, tmp_path / "out"))
-    with pytest.raises(SystemExit, match="evaluated with --ablation = True, not False"):
-        evaluation.main([a for a in arguments(folder, tmp_path / "out", "--resume") if a != "--ablation"])
+    with pytest.raises(SystemExit, match="evaluated with --ablation = False, not True"):
+        evaluation.main(arguments(folder, tmp_path / "out", "--resume", "--ablation"))
     (tmp_path / "list.json").write_text(json.dumps(["cat.png"]))
     with pytest.raises(SystemExit, match="images selected"):
         evaluation.main(arguments(folder, tmp_path / "out", "--resume", "--image-list", str(tmp_path / "list.json")))
@@ -63,13 +63,13 @@ def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(folde
     assert without_timings(json.loads((tmp_path / "out" / "results.json").read_text())) == \
         without_timings(json.loads(first))
     evaluation.main(arguments(folder, tmp_path / "out", "--force"))
-    assert len((tmp_path / "out" / "rows-0.jsonl").read_text().splitlines()) == 9
+    assert len((tmp_path / "out" / "rows-0.jsonl").read_text().splitlines()) == 3
 
 
 def without_timings(report):
     """results.json without wall times (which no two runs share) and the output folder's name."""
     for entry in report["checkpoints"].values():
-        for run in ("given", "empty", "shuffled"):
+        for run in ("given", "empty", "shuffled") if "empty" in entry else ("given",):
             for key in TIMINGS:
                 entry[run]["mean"].pop(key)
             for row in entry[run]["per_image"]:
@@ -101,9 +101,9 @@ def test_a_run_killed_after_its_first_image_resumes_to_the_results_of_an_uninter
         time.sleep(0.005)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert rows.read_text().count("\n") < 9 and not (tmp_path / "killed" / "results.json").exists()
+    assert rows.read_text().count("\n") < 3 and not (tmp_path / "killed" / "results.json").exists()
     finished(run([sys.executable, "eval.py", *arguments(folder, tmp_path / "killed", "--resume")]))
-    assert len(rows.read_text().splitlines()) == 9                             # every row once
+    assert len(rows.read_text().splitlines()) == 3                             # every row once
     whole, resumed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "killed"))
     assert without_timings(resumed) == without_timings(whole)
 
@@ -114,7 +114,7 @@ def test_two_torchrun_processes_share_the_images_and_give_the_results_of_one(fol
     finished(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
                   *arguments(folder, tmp_path / "two")]))
     shares = [len((tmp_path / "two" / f"rows-{rank}.jsonl").read_text().splitlines()) for rank in (0, 1)]
-    assert shares == [6, 3]                                                    # images 0, 2 and image 1, x3 modes
+    assert shares == [2, 1]                                                    # images 0, 2 and image 1
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert without_timings(two) == without_timings(one)
     assert "cmmd" in one["checkpoints"][str(folder / "tiny.pt")]["given"]["mean"]
