@@ -349,8 +349,9 @@ class TACO(nn.Module):
         z_hat = quantize(z, "dequantize", self.entropy_bottleneck.medians.view(1, -1, 1, 1))   # the decoder's
         fingerprint = container.fingerprint(self)            # the header names the model that can decode it
         nets = integer.networks(self, fingerprint)           # exact integers, so every machine picks the same tables
-        hyper = nets.h_s(z_hat.to(devices.latent_device(self)))                # (1, 2M, H'/16, W'/16)
-        y_bytes, decisions = self.encode_y(y, hyper, nets)
+        latents = devices.latent_device(self)    # float64 for the integers: the model's device, or the CPU (MPS)
+        hyper = nets.h_s(z_hat.to(latents))                                     # (1, 2M, H'/16, W'/16)
+        y_bytes, decisions = self.encode_y(y.to(latents), hyper, nets)
         return container.pack(fingerprint, image, decisions, z_bytes, y_bytes)
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import data
 import taco
-from machinery import captioner, checkpoints, clip_text, explain, metrics, training
+from machinery import captioner, checkpoints, clip_text, explain, files, metrics, training
 
 
 def option(default, help):
@@ -130,7 +130,7 @@ class JointLoss(nn.Module):
     def forward(self, out, x, text_embedding=None):
         B, _, H, W = x.shape
         x_hat = out["x_hat"].float()
-        terms = {"bpp": sum(-torch.log2(l).sum() for l in out["likelihoods"].values()) / (B * H * W),
+        terms = {"bpp": metrics.bits(out["likelihoods"]) / (B * H * W),
                  "mse": F.mse_loss(x_hat, x)}
         loss = terms["bpp"] + self.lmbda * 255 ** 2 * terms["mse"]
         if self.lpips is not None:
@@ -172,7 +172,7 @@ def build_model(cfg, config, device, say):
         latest = os.path.join(cfg.out, "latest.pt")
         checkpoint = torch.load(latest, map_location="cpu", weights_only=True)     # copied onto the device below
         training.check_resumable(checkpoint, config, cfg, latest)
-        model.load_state_dict(checkpoint["state_dict"])
+        checkpoints.load_weights(model, checkpoint["state_dict"], latest)     # a missing key is named
         for optimizer, key in zip(optimizers, ("optimizer", "aux_optimizer", "scheduler")):
             optimizer.load_state_dict(checkpoint[key])
         step, best = checkpoint["step"], checkpoint["best"]
@@ -242,6 +242,8 @@ def train(cfg):
         f"loss terms: {', '.join(criterion.terms(text_embedding=encoder is not None))}")
     from tqdm import tqdm
     progress = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    if rank == 0:                                  # a row that a kill cut off ends where the resumed run goes on
+        files.cut_unfinished_line(os.path.join(cfg.out, "log.jsonl"))
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     model.train()
     started, images_seen, val_rows = time.perf_counter(), 0, None

@@ -2,7 +2,6 @@
 training data, the distributed setup, resume checks, validation on real bitstreams, and the curves."""
 import dataclasses
 import glob
-import json
 import os
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from machinery import captioner, checkpoints, clip_text, metrics
+from machinery import captioner, checkpoints, clip_text, files, metrics
 from machinery.images import read_pixels
 
 
@@ -157,9 +156,12 @@ def check_resumable(checkpoint, config, cfg, path):
 def prepare_out(cfg, rank):
     """Never overwrite a run; resume only one that exists."""
     latest = os.path.join(cfg.out, "latest.pt")
-    if rank == 0 and os.path.exists(latest) and not cfg.resume:
-        raise SystemExit(f"error: {cfg.out} already holds a run; pass --resume to continue it, "
-                         f"or choose another --out")
+    try:
+        if rank == 0:
+            files.refuse_overwrite(cfg.out, cfg.resume, earlier=("latest.pt",), message=f"{cfg.out} already holds "
+                                   f"a run; pass --resume to continue it, or choose another --out")
+    except FileExistsError as error:
+        raise SystemExit(f"error: {error}")
     if cfg.resume and not os.path.exists(latest):
         raise SystemExit(f"error: nothing to resume: {latest} does not exist")
     os.makedirs(cfg.out, exist_ok=True)
@@ -170,8 +172,7 @@ def plot_log(log_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = files.read_jsonl(log_path)                     # a row a kill cut off is not plotted
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_bpp" in r]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
