@@ -233,7 +233,7 @@ def blocks(height, width, area, unit=1, extra=(0, 0)):
             for r in range(0, height, tile_h) for c in range(0, width, tile_w)]
 
 
-def bytes_per_output(layer, value_bytes=4):
+def bytes_per_output(layer):
     """Working memory per output position of `layer`, from its widest layer: the values held per output position
     (channels x positions per output position) times WORKING_COPIES; an integer layer also holds a zero-padded
     copy of its input, all in float64."""
@@ -249,7 +249,7 @@ def bytes_per_output(layer, value_bytes=4):
                 cout, cin = part.weight.shape[:2][::-1] if transposed else part.weight.shape[:2]
                 widest = max(widest, density * 8 * (cin / s ** 2 + cout * WORKING_COPIES))
             else:
-                widest = max(widest, density * part.out_channels * value_bytes * WORKING_COPIES)
+                widest = max(widest, density * part.out_channels * 4 * WORKING_COPIES)   # float32
             return out_scale
         if (parts := chain(part)) is not None:
             for p in parts:
