@@ -23,9 +23,9 @@ def build_towers(cfg, say):
         except clip_text.WeightsUnavailable as error:
             if not cfg.allow_missing_weights:
                 raise SystemExit(f"error: {error}; or pass --allow-missing-weights to train without it")
-            say(f"STAND-IN: CLIP {cfg.clip_model} weights unavailable; the adapter reads a randomly "
-                f"initialised text tower (captions still differ, but carry no learned meaning) and the "
-                f"joint image-text term J is dropped")
+            adapter = "the adapter reads a randomly initialised text tower (captions still differ, but carry no " \
+                "learned meaning) and " if cfg.text_adapter else ""
+            say(f"STAND-IN: CLIP {cfg.clip_model} weights unavailable; {adapter}the joint image-text term J is dropped")
             clip, text_pretrained = clip_text.load_clip(cfg.clip_model, "random"), "random"
     clip_visual = clip.visual if clip is not None and text_pretrained != "random" and cfg.k_j > 0 else None
     encoder = None               # captions are read for the adapter, or for J's text embeddings, or both

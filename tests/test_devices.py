@@ -84,6 +84,23 @@ def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_pa
     assert rows
 
 
+def test_without_clip_weights_the_stand_in_line_names_only_what_the_model_has(monkeypatch):
+    tiny = clip_text.load_clip
+
+    def unavailable(name, pretrained):
+        if pretrained != "random":
+            raise clip_text.WeightsUnavailable("no weights here")
+        return tiny(TINY_CLIP, "random")
+    monkeypatch.setattr(clip_text, "load_clip", unavailable)
+    for flags, adapter in (([], True), (["--no-text-adapter"], False)):
+        said = []
+        cfg = train.parse_args(TINY_RUN + flags + ["--clip-pretrained", "weights.bin", "--k-j", "0.1", "--k-p", "0",
+                                                   "--allow-missing-weights"])
+        training.build_towers(cfg, said.append)
+        line = next(s for s in said if s.startswith("STAND-IN: CLIP"))
+        assert ("the adapter reads" in line) == adapter and "J is dropped" in line
+
+
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_a_device_without_float64_codes_with_the_integer_networks_on_the_cpu(config):
     """Apple's MPS has no float64: the latents and the integer networks stay on the CPU there, the transforms
