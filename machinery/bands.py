@@ -138,9 +138,8 @@ def run_block(layer, read, size, rows, columns, compute=None):
 
 
 def channels_last(x):
-    """A block of float features in the channels-last layout, where oneDNN's (CPU) and cuDNN's convolutions run
-    faster (g_s of a 448x640 image on 2 cores: 0.47 -> 0.34 s); the values are the NCHW layout's up to float
-    rounding. The integer networks (float64 matrix products) lay out their own."""
+    """A block of float features in the channels-last layout, as taco.coding_layout lays out a whole image, so that
+    a block computes the floats of one piece. The integer networks (float64 matrix products) lay out their own."""
     if x.dim() == 4 and x.is_floating_point() and x.dtype != torch.float64 and x.device.type in ("cpu", "cuda"):
         return x.contiguous(memory_format=torch.channels_last)
     return x
