@@ -7,8 +7,9 @@ Pixel-level and Perceptual Fidelity", ICML 2024) on a GDN mean-scale hyperprior.
 
 The caption enters only the encoder, through the text adapter inside g_a; the decoder rebuilds the image
 from the file alone. TACO.compress and decompress are these steps, in one piece; an image larger than the memory
-budget runs the same steps over bands (machinery/banded.py), into the same bytes. Backbone: Balle et al. 2017 (GDN), Balle et al. 2018 and Minnen et al. 2018 (mean-scale
-hyperprior). The paper's exact ELIC model subclasses TACO in machinery/elic.py; the command line is codec.py.
+budget runs the same steps over bands (machinery/banded.py), into the same bytes. Backbone: Balle et al. 2017
+(GDN), Balle et al. 2018 and Minnen et al. 2018 (mean-scale hyperprior). The paper's exact ELIC model subclasses
+TACO in machinery/elic.py; the command line is codec.py.
 """
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -325,12 +326,12 @@ class TACO(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
-    def fits(self, height, width, memory):
-        """Does an image of height x width code in one piece within `memory` bytes? The transforms' widest
-        activations hold N channels at a quarter of the padded pixels in float32, about four at a time (a layer's
-        input and output, GDN's two temporaries): 4 N bytes per pixel, the bands' own estimate for g_a and g_s
+    def fits(self, image, memory):
+        """Does an image (container.describe's or unpack's) code in one piece within `memory` bytes? The transforms'
+        widest activations hold N channels at a quarter of the padded pixels in float32, about four at a time (a
+        layer's input and output, GDN's two temporaries): 4 N bytes per pixel, the bands' own estimate for g_a and g_s
         (machinery/bands.bytes_per_output) without a band's halo."""
-        return 4 * self.config.N * (-(-height // 64) * 64) * (-(-width // 64) * 64) <= memory
+        return 4 * self.config.N * image.padded[0] * image.padded[1] <= memory
 
     @torch.no_grad()
     @devices.deterministic_gpu()
@@ -340,7 +341,7 @@ class TACO(nn.Module):
         working memory (default: default_memory); progress(stage, done, total) hears of each band."""
         memory, image = memory or self.default_memory, container.describe(x)   # size, depth; refused if too large
         text = self.read_text(caption if isinstance(caption, torch.Tensor) else [caption], self.device)
-        if not self.fits(image.height, image.width, memory):   # a large image: the same steps over bands, same bytes
+        if not self.fits(image, memory):   # a large image: the same steps over bands, same bytes
             return banded.compress(self, x, image, text, memory, progress)
         x = coding_layout(pad_to_64(as_float_rgb(x.to(self.device))))          # (1, 3, H', W')
         y = self.g_a(x, *text)                                                  # (1, M, H'/16, W'/16)
@@ -363,10 +364,10 @@ class TACO(nn.Module):
         memory, fingerprint = memory or self.default_memory, container.fingerprint(self)
         info = container.unpack(data, fingerprint, max_pixels)   # every check of the file, before decoding
         dtype = dtype or (torch.uint16 if info.bits == 16 else torch.uint8)
-        if not self.fits(info.height, info.width, memory):     # a large image: the same steps over bands
+        if not self.fits(info, memory):     # a large image: the same steps over bands
             return banded.decompress(self, info, fingerprint, dtype, memory, progress)
         with container.decoding_errors():
-            z_size = (1, self.config.N, -(-info.height // 64), -(-info.width // 64))   # the padded image / 64
+            z_size = (1, self.config.N, info.padded[0] // 64, info.padded[1] // 64)
             z_hat = self.entropy_bottleneck.decompress(info.z_bytes, z_size)
             nets = integer.networks(self, fingerprint)
             hyper = nets.h_s(z_hat.to(devices.latent_device(self)))            # (1, 2M, H'/16, W'/16)

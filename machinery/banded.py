@@ -82,7 +82,7 @@ def compress(model, x, image, text, memory, progress=None):
     y = analysis(model, bands.Pixels(x, image, model.device), *text, memory, progress, latents)   # (1, M, h, w)
     z = apply(model.h_a, y, model.config.N, memory, model.device)
     z_bytes = model.entropy_bottleneck.compress(z)
-    z_hat = model.entropy_bottleneck.decompress(z_bytes, z.shape).to(latents)
+    z_hat = quantize(z, "dequantize", model.entropy_bottleneck.medians.view(1, -1, 1, 1)).to(latents)  # as taco
     fingerprint = container.fingerprint(model)
     nets = integer.networks(model, fingerprint)
     y_bytes, decisions = model.encode_y_in_bands(y, z_hat, nets, memory, progress)
@@ -98,8 +98,8 @@ def decompress(model, info, fingerprint, dtype, memory, progress=None):
 def decode_latents(model, info, fingerprint, memory, progress=None):
     """-> y_hat (1, M, H'/16, W'/16), h_s over bands of rows of y: identical to one piece, on every machine."""
     with container.decoding_errors():
-        z_hat = model.entropy_bottleneck.decompress(info.z_bytes, (1, model.config.N, -(-info.height // 64),
-                                                                   -(-info.width // 64)))
+        z_hat = model.entropy_bottleneck.decompress(info.z_bytes, (1, model.config.N, info.padded[0] // 64,
+                                                                   info.padded[1] // 64))
         nets = integer.networks(model, fingerprint)
         return model.decode_y_in_bands(info.y_bytes, z_hat.to(devices.latent_device(model)), nets,
                                        info.decisions, memory, progress)

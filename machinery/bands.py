@@ -41,7 +41,8 @@ from machinery.integer import IntegerConv, IntegerNetwork
 PER_POSITION = {"ReLU", "LeakyReLU", "Sigmoid", "Identity", "IntegerReLU", "IntegerLeakyReLU", "GDN", "Injector",
                 "Extractor"}
 # x + f(x) blocks (elic.py): the attributes holding their branches f, whose window is the block's
-RESIDUAL_BRANCHES = {"ResidualBottleneck": ("branch",), "ResidualUnit": ("conv",), "AttentionBlock": ("conv_a", "conv_b")}
+RESIDUAL_BRANCHES = {"ResidualBottleneck": ("branch",), "ResidualUnit": ("conv",),
+                     "AttentionBlock": ("conv_a", "conv_b")}
 WORKING_COPIES = 4       # a layer's input, output and up to two temporaries (GDN's x*x and norm) live at once
 
 
@@ -191,7 +192,7 @@ class Pixels:
         """x, and container.describe(x)'s view of it."""
         self.x, self.device, self.channels = x, device, 1 if image.gray else 3
         self.height, self.width = image.height, image.width
-        self.padded = (-(-self.height // 64) * 64, -(-self.width // 64) * 64)
+        self.padded = image.padded
         self.peak = PEAKS.get(x.dtype, 1)
 
     def read(self, rows, columns):

@@ -48,14 +48,16 @@ def fingerprint(model):
 
 def describe(x):
     """The header's view of an image to compress, (1, C, H, W) floats or 8- or 16-bit integers (C = 1, 3 or 4):
-    height, width, gray, bits. An image of another shape, or larger than the format holds, is refused."""
+    height, width, gray, bits, and the padded size the codec codes (multiples of 64). An image of another shape,
+    or larger than the format holds, is refused."""
     if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3, 4):
         raise ValueError(f"compress takes one image of shape (1, 1|3|4, H, W), got {tuple(x.shape)}")
     H, W = x.shape[-2:]
     if H * W > FORMAT_PIXELS or max(H, W) > 0xFFFF:
         raise ValueError(f"image of {W}x{H} pixels is larger than this format allows ({FORMAT_PIXELS} pixels, "
                          f"65535 a side)")
-    return SimpleNamespace(height=H, width=W, gray=x.shape[1] == 1, bits=16 if x.dtype == torch.uint16 else 8)
+    return SimpleNamespace(height=H, width=W, gray=x.shape[1] == 1, bits=16 if x.dtype == torch.uint16 else 8,
+                           padded=(-(-H // 64) * 64, -(-W // 64) * 64))           # the codec pads to 64
 
 
 def pack(fingerprint, image, decisions, z_bytes, y_bytes):
@@ -68,7 +70,8 @@ def pack(fingerprint, image, decisions, z_bytes, y_bytes):
 
 
 def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
-    """-> height, width, gray, bits, decisions (the CRC of the coding decisions), z_bytes, y_bytes; raises
+    """-> height, width, gray, bits, padded (height and width rounded up to 64, as describe()), decisions (the CRC of
+    the coding decisions), z_bytes, y_bytes; raises
     BitstreamError with the reason. A size above max_pixels is refused here, before anything is allocated."""
     if len(data) < 5 or data[:4] != MAGIC:
         raise BitstreamError("not a TACO file (no TACO header)")
@@ -93,8 +96,8 @@ def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
                              f"{max_pixels / 1e6:.0f} (raise it with --max-pixels if you trust the file)")
     z_end = HEADER.size + z_len
     return SimpleNamespace(height=H, width=W, gray=bool(flags & GRAY), bits=16 if flags & SIXTEEN_BITS else 8,
-                           decisions=decisions, z_bytes=view[HEADER.size:z_end],
-                           y_bytes=view[z_end:len(data) - CHECKSUM.size])
+                           padded=(-(-H // 64) * 64, -(-W // 64) * 64), decisions=decisions,
+                           z_bytes=view[HEADER.size:z_end], y_bytes=view[z_end:len(data) - CHECKSUM.size])
 
 
 class CheckedEncoder:

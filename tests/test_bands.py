@@ -113,7 +113,8 @@ def pair_case(encoder, config, kind, size, quarter=False):
     model = tiny_model(encoder, config=config)
     x = image_of(kind, size)
     limit = 4 * model.config.N * (-(-size[0] // 64) * 64) * (-(-size[1] // 64) * 64)   # taco.TACO.fits
-    assert model.fits(*size, limit) and not model.fits(*size, limit - 1)
+    image = container.describe(x)
+    assert model.fits(image, limit) and not model.fits(image, limit - 1)
     plain = model.compress(x, "a boat on a lake", memory=limit)
     pixels = model.decompress(plain, dtype=None, memory=limit)
     assert pixels.shape == x.shape and pixels.dtype == x.dtype
