@@ -18,11 +18,6 @@ from machinery.images import PEAKS
 DEFAULT_MEMORY = 1 << 29       # bytes of working memory the hyperprior's bands may use (codec.py --memory)
 
 
-def stage(progress, name):
-    """progress(name, done, total) as a callback of (done, total), or None."""
-    return None if progress is None else lambda done, total: progress(name, done, total)
-
-
 def analysis_layers(g_a):
     """g_a's layers in the order x meets them: taco.AnalysisTransform's stages with the adapter between them, or
     ELIC's one Sequential."""
@@ -119,11 +114,11 @@ def analysis(model, image, text, padding, memory, progress=None, device=None):
         online = OnlineExtractor(extractor, text)
         bands.run(front, image.read, size, bands.output_size(front, size), memory,
                   lambda rows, columns, features: online.attend(features),
-                  compute=lambda x: run_analysis(front, x, text, padding), progress=stage(progress, "text"))
+                  compute=lambda x: run_analysis(front, x, text, padding), progress=progress, stage="text")
         refreshed = online.finish()
     y = torch.empty(1, model.config.M, *y_size, device=device)
     bands.run(layers, image.read, size, y_size, memory, bands.into(y),
-              compute=lambda x: run_analysis(layers, x, text, padding, refreshed), progress=stage(progress, "g_a"))
+              compute=lambda x: run_analysis(layers, x, text, padding, refreshed), progress=progress, stage="g_a")
     return y
 
 
@@ -151,21 +146,10 @@ def hyper_rows(h_s, z_hat, rows):
     return bands.run_block(h_s, read, z_hat.shape[-2:], (rows.start, rows.stop), (0, w))
 
 
-def in_bands(network, height, width, channels, memory, progress=None):
-    """The bands of rows of latent_bands(), one at a time, each followed by the memory handed back and a word
-    to `progress`."""
-    bands_of_rows = latent_bands(network, height, width, channels, memory)
-    for done, rows in enumerate(bands_of_rows):
-        yield rows
-        bands.release_memory(len(bands_of_rows))
-        if progress is not None:
-            progress("coding", done + 1, len(bands_of_rows))
-
-
 def hyperprior_rows(h_s, z_hat, channels, memory, progress=None):
     """(rows, h_s(z_hat) at those rows of y (1, 2M, rows, w)) for each band of rows of y, in coding order."""
     height, width = bands.output_size(h_s, z_hat.shape[-2:])
-    for rows in in_bands(h_s, height, width, channels, memory, progress):
+    for rows in bands.each(latent_bands(h_s, height, width, channels, memory), "coding", progress):
         yield rows, hyper_rows(h_s, z_hat, rows)
 
 
@@ -217,5 +201,5 @@ def synthesis(g_s, y_hat, info, dtype, memory, progress=None):
         out[..., rows, columns] = (x_hat * peak).round().to(dtype).cpu() if peak else x_hat.cpu()
     read = lambda rows, columns: y_hat[..., rows, columns].float().to(device)   # noqa: E731
     size = bands.output_size(g_s, y_hat.shape[-2:])                             # (H', W'): one band is one piece
-    bands.run(g_s, read, y_hat.shape[-2:], size, memory, write, unit=16, progress=stage(progress, "g_s"))
+    bands.run(g_s, read, y_hat.shape[-2:], size, memory, write, unit=16, progress=progress, stage="g_s")
     return out

@@ -160,15 +160,22 @@ def output_length(layer, n, dim):
     return n
 
 
-def run(layer, read, size, out_size, memory, write, compute=None, unit=1, progress=None):
+def run(layer, read, size, out_size, memory, write, compute=None, unit=1, progress=None, stage=None):
     """layer(whole input) over blocks of its output, each within about `memory` bytes of work (its halo included):
-    write(rows, columns, block) receives each block as it finishes, progress(done, total) hears of it."""
+    write(rows, columns, block) receives each block as it finishes, progress(stage, done, total) hears of it."""
     tiles = blocks(*out_size, memory / bytes_per_output(layer), unit, (halo(layer, 0), halo(layer, 1)))
-    for done, (rows, columns) in enumerate(tiles):
+    for rows, columns in each(tiles, stage, progress):
         write(slice(*rows), slice(*columns), run_block(layer, read, size, rows, columns, compute))
-        release_memory(len(tiles))
+
+
+def each(pieces, stage, progress=None):
+    """The pieces of a banded computation one at a time, each followed by the memory handed back and a word to
+    progress(stage, done, total): every band loop's steps."""
+    for done, piece in enumerate(pieces):
+        yield piece
+        release_memory(len(pieces))
         if progress is not None:
-            progress(done + 1, len(tiles))
+            progress(stage, done + 1, len(pieces))
 
 
 def halo(layer, dim):

@@ -223,42 +223,43 @@ class ElicTACO(taco.TACO):
         h, w = y_hat.shape[-2:]
         whole = slice(0, h), slice(0, w)
 
-        def row_bands(networks):
+        def networks(i, kind):                          # what the pass runs, the widest sizing its bands
+            return [nets.h_s] + ([nets.channel_context[i]] if i and kind == ANCHOR else []) + \
+                ([nets.local_context[i]] if kind == NONANCHOR else [])
+
+        def row_bands(i, kind):
             if memory is None:
                 return [whole[0]]
-            return banded.in_bands(max(networks, key=bands.bytes_per_output), h, w, self.config.M, memory, progress)
+            return banded.latent_bands(max(networks(i, kind), key=bands.bytes_per_output), h, w, self.config.M, memory)
 
         def run(network, read, rows):                  # network(input) at the rows `rows` of y, all columns
             if memory is None:
                 return network(read(*whole))
             return bands.run_block(network, read, (h, w), (rows.start, rows.stop), (0, w))
         starts = [sum(self.config.slices[:i]) for i in range(len(self.config.slices) + 1)]
-        for i in range(len(self.config.slices)):
-            own = slice(starts[i], starts[i + 1])
-            if i:        # the channel context, computed in the anchor pass, kept where the second pass reads it
+        work = [(i, kind, rows) for i in range(len(self.config.slices)) for kind in (ANCHOR, NONANCHOR)
+                for rows in row_bands(i, kind)]                                 # every pass's bands, in order
+        for i, kind, rows in work if memory is None else bands.each(work, "coding", progress):
+            own, top = slice(starts[i], starts[i + 1]), rows.start
+            if i and kind == ANCHOR and top == 0:   # the channel context, from the anchor pass to the second
                 later = torch.zeros(1, 2 * self.config.slices[i], h, (w + 1) // 2, dtype=torch.int32,
                                     device=y_hat.device)
             anchors = lambda r, c: from_grid(y_hat[:, own, r, c]) * checkerboard(  # noqa: E731
                 ANCHOR, r.stop - r.start, w, device=y_hat.device, top=r.start)[:, c]
-            for kind in (ANCHOR, NONANCHOR):
-                networks = [nets.h_s] + ([nets.channel_context[i]] if i and kind == ANCHOR else []) + \
-                    ([nets.local_context[i]] if kind == NONANCHOR else [])
-                for rows in row_bands(networks):
-                    top = rows.start
-                    features = [from_grid(gather(hyper[:, :, rows], kind, top))]
-                    if i and kind == ANCHOR:
-                        read = lambda r, c: from_grid(y_hat[:, :starts[i], r, c])  # noqa: E731
-                        context = run(nets.channel_context[i], read, rows)
-                        later[:, :, rows] = gather(to_grid(context), NONANCHOR, top)
-                        features.insert(0, gather(context, ANCHOR, top))
-                    elif i:
-                        features.insert(0, from_grid(later[:, :, rows]))
-                    if kind == NONANCHOR:
-                        local = run(nets.local_context[i], anchors, rows)
-                        features.insert(0, gather(local, NONANCHOR, top))
-                    parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
-                    scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, ~w/2)
-                    code(own, kind, rows, scales, means)
+            features = [from_grid(gather(hyper[:, :, rows], kind, top))]
+            if i and kind == ANCHOR:
+                read = lambda r, c: from_grid(y_hat[:, :starts[i], r, c])  # noqa: E731
+                context = run(nets.channel_context[i], read, rows)
+                later[:, :, rows] = gather(to_grid(context), NONANCHOR, top)
+                features.insert(0, gather(context, ANCHOR, top))
+            elif i:
+                features.insert(0, from_grid(later[:, :, rows]))
+            if kind == NONANCHOR:
+                local = run(nets.local_context[i], anchors, rows)
+                features.insert(0, gather(local, NONANCHOR, top))
+            parameters = (nets.anchor if kind == ANCHOR else nets.nonanchor)[i]
+            scales, means = parameters(torch.cat(features, dim=1)).chunk(2, 1)   # 2 x (1, C_i, rows, ~w/2)
+            code(own, kind, rows, scales, means)
 
     def hyper_in_bands(self, z_hat, nets, memory):
         """h_s(z_hat) on the integer grid, int32 (1, 2M, h, w), computed over bands of rows of y."""
