@@ -287,15 +287,3 @@ class SymbolDecoder:
         indexes, cdfs, cdf_lengths, offsets = _coder_arrays(indexes, cdfs, cdf_lengths, offsets)
         return _decode(self.data, self.state, indexes, cdfs, cdf_lengths, offsets)
 
-
-def sample_from_tables(rng, cdfs, cdf_lengths, offsets, indexes):
-    """Draw one value per index from that row's own quantized distribution (escape excluded), and the ideal
-    code length of them all in bits, -sum log2(freq / 2**16): what tests and benchmarks hold the coder to."""
-    values, bits = np.empty(len(indexes), dtype=np.int32), 0.0
-    for k in np.unique(indexes):
-        where = np.flatnonzero(indexes == k)
-        freqs = np.diff(cdfs[k, :cdf_lengths[k]]).astype(np.float64)[:-1]   # regular symbols only
-        s = rng.choice(len(freqs), size=len(where), p=freqs / freqs.sum())
-        values[where] = s + offsets[k]
-        bits -= np.log2(freqs[s] / (1 << PRECISION)).sum()
-    return values, bits

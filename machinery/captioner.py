@@ -82,23 +82,12 @@ class Captioner:
         photo = Image.fromarray(x.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
         return self.transform(photo)[None]                                     # (1, 3, S, S), as open_clip
 
-    def decoder(self, latent, embeddings):
-        """The next-token logits of rows of tokens, image `owner[r]` for row r: cached when the layout fits."""
-        if CachedDecoder.fits(self.model):
-            return CachedDecoder(self.model, embeddings)
-        return Uncached(self.model, latent, embeddings)
-
     def next_token_scores(self, decoder, tokens, owner):
         """Log-probabilities of the next token after each row of `tokens` (B, L) -> (B, vocabulary)."""
         scores = F.log_softmax(decoder.logits(tokens, owner).float(), dim=-1)
         if tokens.shape[1] < self.min_tokens:             # too short to end (the start token counts, as in open_clip)
             scores[:, self.end] = -float("inf")
         return scores
-
-    @torch.no_grad()
-    def beam_search(self, latent, embeddings):
-        """-> the best caption's tokens for one image (latent (1, E), embeddings (1, T, D))."""
-        return self.beam_search_many(latent, embeddings)[0]
 
     @torch.no_grad()
     def beam_search_many(self, latent, embeddings):
@@ -108,7 +97,8 @@ class Captioner:
         on, until `beams` live again. An image is done when `beams` of its captions are finished, or at
         max_tokens, where every beam must end. The images' live beams are rows of one batch."""
         n = len(embeddings)
-        decoder = self.decoder(latent, embeddings)
+        decoder = (CachedDecoder(self.model, embeddings) if CachedDecoder.fits(self.model)   # next-token logits
+                   else Uncached(self.model, latent, embeddings))
         live = torch.full((n, 1), self.start, dtype=torch.long, device=self.device)   # (rows, length)
         owner, totals = list(range(n)), torch.zeros(n, device=self.device)             # each row's image, score
         finished = [[] for _ in range(n)]

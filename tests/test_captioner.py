@@ -77,7 +77,7 @@ def test_greedy_decoding_takes_the_most_probable_token_at_every_step(weights):
         if tokens[-1] == c.end:
             break
     expected = [t for t in tokens[1:] if t != c.end]
-    assert c.beam_search(latent, embeddings) == expected
+    assert c.beam_search_many(latent, embeddings)[0] == expected
 
 
 def test_beam_search_finds_the_best_caption_of_a_small_vocabulary_exhaustively(weights):
@@ -91,13 +91,13 @@ def test_beam_search_finds_the_best_caption_of_a_small_vocabulary_exhaustively(w
             score = float(log_probabilities(c, latent, embeddings, [c.start, *middle, c.end]).mean())
             if score > best_score:
                 best, best_score = list(middle), score
-    assert c.beam_search(latent, embeddings) == best
+    assert c.beam_search_many(latent, embeddings)[0] == best
 
 
 def test_the_loop_ends_at_the_end_token_and_within_the_length_limit(weights):
     c = captioner.Captioner(TINY_COCA, weights, beams=3, max_tokens=7, min_tokens=4)
     latent, embeddings = encoded(c, photo())
-    assert len(c.beam_search(latent, embeddings)) <= 6                # 7 tokens at most, the end included
+    assert len(c.beam_search_many(latent, embeddings)[0]) <= 6                # 7 tokens at most, the end included
     boost = torch.zeros(49408)
     boost[c.end] = 50.0
 
@@ -109,7 +109,7 @@ def test_the_loop_ends_at_the_end_token_and_within_the_length_limit(weights):
         def forward(self, image_embs, token_embs):
             return self.decoder(image_embs, token_embs) + boost
     c.model.text_decoder = EndSoon(c.model.text_decoder)
-    assert len(c.beam_search(latent, embeddings)) == 3                # the earliest the minimum allows
+    assert len(c.beam_search_many(latent, embeddings)[0]) == 3                # the earliest the minimum allows
 
 
 def test_the_same_photo_always_gets_the_same_caption(weights):
