@@ -11,7 +11,6 @@ and torchrun shares the images among processes (one GPU each, or CPU processes);
 metrics over all of them and writes the report (report.py).
 """
 import argparse
-import glob
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 import data
 import taco
-from machinery import captioner, checkpoints, clip_text, container, explain, files, metrics, report, results
+from machinery import captioner, checkpoints, clip_text, container, devices, explain, files, metrics, report, results
 from machinery import images as image_files
 
 
@@ -160,11 +159,12 @@ def main(argv=None):
 
     images = data.list_images(args.images, args.image_list)
     args.images_count = len(images)
-    rank, world, barrier = setup_ranks(args)
+    rank, world, device = devices.join_ranks(args.device)           # torchrun: every world-th image
+    args.device = str(device)
     settings = run_settings(args, images)
     results.check(args.out, settings, args.resume, args.force)          # before anything is captioned or coded
-    given = auto_captions(args, images, rank, world, barrier) if args.captions == "auto" else None
-    store = results.ResultStore(args.out, settings, rank, args.resume, args.force, barrier)
+    given = auto_captions(args, images, rank, world) if args.captions == "auto" else None
+    store = results.ResultStore(args.out, settings, rank, args.resume, args.force)
     share = images[rank::world]                                            # this process's images
     from tqdm import tqdm
     total = len(args.checkpoint) * (3 if args.ablation else 1) * len(share)
@@ -173,7 +173,7 @@ def main(argv=None):
     with tqdm(total=total, initial=done, desc=f"rows of rank {rank}" if world > 1 else "rows") as bar:
         for path in args.checkpoint:
             evaluate_checkpoint(path, args, images, share, store, bar, given)
-    barrier()
+    devices.barrier()
     if rank == 0:
         report.write_report(args, images, store)
 
@@ -218,33 +218,16 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
               f"{np.mean([r['psnr'] for r in mine]):.2f} dB")
 
 
-def auto_captions(args, images, rank, world, barrier):
-    """--captions auto: each image captioned once by the captioner (captioner.py), every process its share;
-    logged in --out as captions-auto-<rank>.jsonl and reused by later runs with the same captioner and weights;
-    the table is also written as --out/captions-auto.json ({image: caption}, which --captions reads)."""
-    table = captioner.caption_images(
-        args.images, images, image_files.read_pixels, os.path.join(args.out, f"captions-auto-{rank}.jsonl"),
-        os.path.join(glob.escape(args.out), "captions-auto-*.jsonl"), args.captioner, args.captioner_pretrained,
-        args.device, share=images[rank::world], barrier=barrier)
+def auto_captions(args, images, rank, world):
+    """--captions auto: each image captioned once by the captioner, every process its share, logged in --out and
+    reused by later runs with the same captioner and weights (captioner.caption_images); the table is also
+    written as --out/captions-auto.json ({image: caption}, which --captions reads)."""
+    table = captioner.caption_images(args.images, images, image_files.read_pixels, args.out, args.captioner,
+                                     args.captioner_pretrained, args.device, rank, world)
     if rank == 0:
         with open(os.path.join(args.out, "captions-auto.json"), "w", encoding="utf-8") as f:
             json.dump(table, f, indent=1, ensure_ascii=False)
     return table
-
-
-def setup_ranks(args):
-    """-> rank, world size, barrier. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) each process evaluates
-    every world-th image; gloo suffices (the processes only wait for one another), so CPU processes shard too.
-    Each process takes the GPU of its local rank."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, lambda: None
-    import datetime
-
-    import torch.distributed as dist
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))   # rank 0 waits for the slowest
-    if str(args.device).startswith("cuda"):
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 
 def run_settings(args, images):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import data
 import taco
-from machinery import captioner, checkpoints, clip_text, explain, files, metrics, training
+from machinery import captioner, checkpoints, clip_text, devices, explain, files, metrics, training
 
 
 def option(default, help):
@@ -214,13 +214,13 @@ def checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips
 
 def train(cfg):
     # setup: devices, towers, data, model and optimizers (in that order)
-    rank, world, device = training.setup_distributed()
+    rank, world, device = devices.join_ranks("cuda" if torch.cuda.is_available() else "cpu")
     say = print if rank == 0 else (lambda *a, **k: None)
     training.prepare_out(cfg, rank)
     on_gpu = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (coding turns them off)
     encoder, clip_visual, lpips, text_pretrained = training.build_towers(cfg, say)
-    train_items, val_items = training.training_data(cfg, rank, device)
+    train_items, val_items = training.training_data(cfg, rank, world, device)
     config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
                              clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
                              text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)

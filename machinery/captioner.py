@@ -20,7 +20,7 @@ side by side, each with its own beams.
 import torch
 import torch.nn.functional as F
 
-from machinery import clip_text, files
+from machinery import clip_text, devices, files
 
 OPEN_CLIP_LAYOUT = "3.3"        # the open_clip whose CoCa blocks CachedDecoder reads (open_clip.transformer)
 CAPTION_MEMORY = 1 << 30        # bytes that the photos decoded side by side may hold (caption_images)
@@ -279,22 +279,25 @@ def read_logs(pattern, name, pretrained):
     return table
 
 
-def caption_images(folder, names, read, log, logs, name, pretrained, device="cpu", share=None,
-                   barrier=lambda: None, memory=CAPTION_MEMORY):
-    """{image: caption} for the images `names` of `folder` (read(path) -> pixels), each captioned once: captions in
-    the logs matching the glob `logs` (by this captioner and weights) are reused; this process captions the
-    missing ones among `share` (default: all), as many side by side as fit in about `memory` bytes, appending
-    each to the JSON-lines file `log` as soon as its batch is written, so that a long job killed midway starts
-    again where it stopped; barrier() waits for the other processes (torchrun) to finish their shares."""
+def caption_images(folder, names, read, out, name, pretrained, device="cpu", rank=0, world=1,
+                   memory=CAPTION_MEMORY):
+    """{image: caption} for the images `names` of `folder` (read(path) -> pixels), each captioned once, the
+    same table in every rank: captions in the logs of `out` by this captioner and weights are reused; this rank
+    captions its share of the missing ones (every world-th image), as many side by side as fit in about `memory`
+    bytes, appending each to its log out/captions-auto-<rank>.jsonl as soon as its batch is written, so that a
+    long job killed midway starts again where it stopped; then it waits for the other ranks' shares."""
+    import glob
     import json
     import os
 
     from tqdm import tqdm
+    logs = os.path.join(glob.escape(out), "captions-auto*.jsonl")
     known = read_logs(logs, name, pretrained)
-    todo = [n for n in (names if share is None else share) if n not in known]
+    todo = [n for n in names[rank::world] if n not in known]
     if todo:
         captioner = Captioner(name, pretrained, device)        # without its weights: an error, nothing written
-        os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+        log = os.path.join(out, f"captions-auto-{rank}.jsonl")
+        os.makedirs(out, exist_ok=True)
         files.cut_unfinished_line(log)                          # what an interrupted run left unfinished
         with open(log, "a", encoding="utf-8") as f:
             batch = max(1, min(len(todo), memory // captioner.bytes_per_photo()))
@@ -308,7 +311,6 @@ def caption_images(folder, names, read, log, logs, name, pretrained, device="cpu
                 f.flush()
                 bar.update(len(chunk))
             bar.close()
-    barrier()
+    devices.barrier()
     table = read_logs(logs, name, pretrained)
     return {n: table[n] for n in names}
-

@@ -1,8 +1,12 @@
-"""Where coding runs. Transforms run on the model's device; the latents and the integer networks need exact
-float64, which some devices lack; a GPU is held to deterministic float settings while coding."""
+"""Where work runs. Transforms run on the model's device; the latents and the integer networks need exact
+float64, which some devices lack; a GPU is held to deterministic float settings while coding; under torchrun
+every process is one rank of a group (train.py and eval.py)."""
 import contextlib
+import datetime
+import os
 
 import torch
+import torch.distributed as dist
 
 
 @contextlib.contextmanager
@@ -36,3 +40,23 @@ def latent_device(model):
     float64 (Apple's MPS), since the integer arithmetic needs float64's exact integers."""
     device = next(model.parameters()).device
     return device if has_float64(device) else torch.device("cpu")
+
+
+def join_ranks(device):
+    """-> rank, world size, device. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) each process joins the
+    group -- NCCL on GPUs, gloo on CPUs, waiting up to a week, since ranks wait for the slowest at the captions
+    and at the end -- and takes the GPU of its local rank; a plain run is a world of one on `device`."""
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(days=7))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier():
+    """Wait for every other rank (nothing to wait for in a world of one)."""
+    if dist.is_initialized():
+        dist.barrier()

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from machinery import files
+from machinery import devices, files
 
 SETTINGS = "settings.json"
 
@@ -59,11 +59,11 @@ class ResultStore:
     """The rows of one run in `folder`. A fresh run refuses a folder that holds rows or results (unless `force`,
     which removes the rows); `resume` continues it and refuses settings that differ from the interrupted run's."""
 
-    def __init__(self, folder, settings, rank=0, resume=False, force=False, barrier=lambda: None):
+    def __init__(self, folder, settings, rank=0, resume=False, force=False):
         self.folder = folder
         if rank == 0:
             self.prepare(settings, resume, force)
-        barrier()                                         # rank 0 has checked, cleaned and written the settings
+        devices.barrier()                                 # rank 0 has checked, cleaned and written the settings
         self.rows_path = os.path.join(folder, f"rows-{rank}.jsonl")
         self.features_path = os.path.join(folder, f"features-{rank}.f32")
         files.cut_unfinished_line(self.rows_path)

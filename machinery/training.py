@@ -1,12 +1,10 @@
 """What a training run needs beyond the loop (train.py): the frozen towers with their offline stand-ins, the
 training data, the distributed setup, resume checks, validation on real bitstreams, and the curves."""
 import dataclasses
-import glob
 import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import data
 from machinery import captioner, checkpoints, clip_text, files, metrics
@@ -96,36 +94,21 @@ def start_from(model, path, say):
         (f"; the text adapter initialised ({len(fresh)} tensors, gammas 0)" if fresh else ""))
 
 
-def setup_distributed():
-    """-> rank, world size, device. torchrun sets RANK; a plain `python train.py` is a world of one."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def folder_captions(cfg, rank, device):
-    """--data folder --captions auto: every image of --root captioned once, by rank 0, logged as it is written in
-    --out/captions-auto.jsonl and reused by a resumed run (captioner.py) -> {image: [caption]}."""
-    log = os.path.join(cfg.out, "captions-auto.jsonl")
-    names = data.image_files(cfg.root)
-    table = captioner.caption_images(cfg.root, names, read_pixels, log, glob.escape(log), cfg.captioner,
-                                     cfg.captioner_pretrained, device, share=names if rank == 0 else [],
-                                     barrier=dist.barrier if dist.is_initialized() else lambda: None)
+def folder_captions(cfg, rank, world, device):
+    """--data folder --captions auto: every image of --root captioned once, each rank its share, logged in --out
+    and reused by a resumed run (captioner.caption_images) -> {image: [caption]}."""
+    table = captioner.caption_images(cfg.root, data.image_files(cfg.root), read_pixels, cfg.out, cfg.captioner,
+                                     cfg.captioner_pretrained, device, rank, world)
     return {image: [caption] for image, caption in table.items()}
 
 
-def training_data(cfg, rank=0, device="cpu"):
+def training_data(cfg, rank=0, world=1, device="cpu"):
     if cfg.data == "demo":
         return data.demo_items(data.DEMO_PHOTOS), data.demo_items(data.DEMO_HELD_OUT)
     if cfg.data == "coco":
         train_items = data.coco_items(cfg.root, cfg.crop)
     elif cfg.data == "folder":
-        captions = folder_captions(cfg, rank, device) if cfg.captions == "auto" else cfg.captions
+        captions = folder_captions(cfg, rank, world, device) if cfg.captions == "auto" else cfg.captions
         train_items = data.folder_items(cfg.root, captions, cfg.crop)
     else:
         raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")

@@ -5,6 +5,7 @@ open_clip as a model folder (tests/tiny_coca)."""
 import itertools
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -183,7 +184,7 @@ def test_training_on_a_folder_without_captions_captions_it_once(tmp_path, weight
                        TINY_COCA, "--captioner-pretrained", weights, "--steps", "1", "--workers", "0",
                        "--val-every", "100", "--k-p", "0", "--k-j", "0", "--out", str(tmp_path / "run")]
     train.train(train.parse_args(args))
-    lines = [json.loads(line) for line in open(tmp_path / "run" / "captions-auto.jsonl")]
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "captions-auto-0.jsonl")]
     assert sorted(line["image"] for line in lines) == ["0.png", "1.png"]
     assert all(line["captioner"] == TINY_COCA and line["pretrained"] == weights for line in lines)
     pairs, _ = training.training_data(train.parse_args(args))             # each image with its whole caption
@@ -194,24 +195,48 @@ def test_a_caption_log_cut_off_mid_line_is_continued(tmp_path, weights):
     (tmp_path / "photos").mkdir()
     for seed in range(2):
         Image.fromarray(photo(seed)[0].permute(1, 2, 0).numpy()).save(tmp_path / "photos" / f"{seed}.png")
-    log = tmp_path / "captions.jsonl"
+    (tmp_path / "run").mkdir()
+    log = tmp_path / "run" / "captions-auto.jsonl"                      # the name train.py's logs once had
     first = json.dumps({"image": "0.png", "caption": "a kept caption", "captioner": TINY_COCA, "pretrained": weights})
     log.write_text(first + "\n" + '{"image": "1.png", "capt')                 # killed while writing the second
-    table = captioner.caption_images(str(tmp_path / "photos"), ["0.png", "1.png"], images.read_pixels, str(log),
-                                     str(log), TINY_COCA, weights)
+    table = captioner.caption_images(str(tmp_path / "photos"), ["0.png", "1.png"], images.read_pixels,
+                                     str(tmp_path / "run"), TINY_COCA, weights)
     c = captioner.Captioner(TINY_COCA, weights)
     assert table == {"0.png": "a kept caption", "1.png": c(images.read_pixels(str(tmp_path / "photos" / "1.png")))}
-    assert captioner.read_logs(str(log), TINY_COCA, weights) == table
+    assert captioner.read_logs(str(tmp_path / "run" / "captions-auto-0.jsonl"), TINY_COCA, weights) == \
+        {"1.png": table["1.png"]}                                        # only the missing one captioned
+
+
+def test_each_rank_captions_every_world_th_image_and_all_read_the_whole_table(tmp_path, weights, monkeypatch):
+    (tmp_path / "photos").mkdir()
+    names = [f"{seed}.png" for seed in range(3)]
+    for seed, name in enumerate(names):
+        Image.fromarray(photo(seed)[0].permute(1, 2, 0).numpy()).save(tmp_path / "photos" / name)
+    monkeypatch.setattr(captioner.devices, "barrier", threading.Barrier(2).wait)   # two ranks, as threads
+    out, tables = str(tmp_path / "run"), {}
+
+    def rank(r):
+        tables[r] = captioner.caption_images(str(tmp_path / "photos"), names, images.read_pixels, out, TINY_COCA,
+                                             weights, rank=r, world=2)
+    ranks = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in ranks:
+        thread.start()
+    for thread in ranks:
+        thread.join()
+    assert tables[0] == tables[1] and sorted(tables[0]) == names
+    assert list(captioner.read_logs(out + "/captions-auto-1.jsonl", TINY_COCA, weights)) == ["1.png"]
+    assert sorted(captioner.read_logs(out + "/captions-auto-0.jsonl", TINY_COCA, weights)) == ["0.png", "2.png"]
 
 
 def decode_both_ways(c, latent, embeddings):
     """The beam search's tokens with CoCa's cached decoder and with its own uncached forward."""
     cached = c.beam_search_many(latent, embeddings)
-    c.decoder = lambda latent, embeddings: captioner.Uncached(c.model, latent, embeddings)
+    fits = captioner.CachedDecoder.fits
+    captioner.CachedDecoder.fits = staticmethod(lambda model: False)
     try:
         return cached, c.beam_search_many(latent, embeddings)
     finally:
-        del c.decoder
+        captioner.CachedDecoder.fits = staticmethod(fits)
 
 
 @pytest.mark.parametrize("beams", [1, 6], ids=["greedy", "beam search"])
@@ -275,8 +300,8 @@ def test_caption_images_batches_within_its_memory_budget_and_logs_every_caption(
     per_photo = captioner.Captioner(TINY_COCA, weights).bytes_per_photo()
     tables = {}
     for batch in (1, 2, 5):
-        log = str(tmp_path / f"captions-{batch}.jsonl")
-        tables[batch] = captioner.caption_images(str(tmp_path / "photos"), names, images.read_pixels, log, log,
+        out = str(tmp_path / f"run-{batch}")
+        tables[batch] = captioner.caption_images(str(tmp_path / "photos"), names, images.read_pixels, out,
                                                  TINY_COCA, weights, memory=batch * per_photo)
-        assert captioner.read_logs(log, TINY_COCA, weights) == tables[batch]
+        assert captioner.read_logs(out + "/captions-auto-0.jsonl", TINY_COCA, weights) == tables[batch]
     assert tables[1] == tables[2] == tables[5] and len(set(tables[1].values())) > 1

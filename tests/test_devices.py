@@ -58,7 +58,7 @@ def test_training_on_a_gpu_validates_checkpoints_and_resumes_with_optimizer_stat
                                                                                               monkeypatch):
     args = TINY_RUN + ["--steps", "2", "--val-every", "1", "--out", str(tmp_path / "run")]
     with StandInGPU() as gpu:
-        monkeypatch.setattr(training, "setup_distributed", lambda: (0, 1, gpu.device))
+        monkeypatch.setattr(devices, "join_ranks", lambda device: (0, 1, gpu.device))
         train.train(train.parse_args(args + ["--stop-at", "1"]))
         train.train(train.parse_args(args + ["--resume"]))
         cfg = train.parse_args(args + ["--resume"])
