@@ -1,5 +1,6 @@
 """Files a crash cannot leave half-written: outputs written whole beside their target and moved into place,
-never replacing what the user did not ask to replace, and JSON-lines logs whose last line a kill may cut off."""
+never replacing what the user did not ask to replace, JSON-lines logs whose last line a kill may cut off, and
+the settings that a resumed run must share with the run it continues."""
 import glob
 import json
 import os
@@ -15,6 +16,16 @@ def refuse_overwrite(path, force=False, earlier=None, message=None):
         found = any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in earlier)
     if found and not force:
         raise FileExistsError(message or f"{path} exists; pass --force to overwrite it")
+
+
+def check_resumed(earlier, settings, what):
+    """Stop with a message naming the first of `settings` ({name: value}) that differs from the interrupted run's
+    `earlier` ones, "<what> with <name> <earlier>, this run asks for <value>"; a setting the earlier run did not
+    record (an older file) is not checked."""
+    for name, value in settings.items():
+        if name in earlier and earlier[name] != value:
+            raise SystemExit(f"error: {what} with {name} {earlier[name]!r}, this run asks for {value!r}: resume "
+                             f"with the same setting, or start anew in another --out")
 
 
 def write_atomically(path, write):

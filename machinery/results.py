@@ -41,11 +41,7 @@ def check(folder, settings, resume=False, force=False):
         if not os.path.isfile(path):
             raise SystemExit(f"error: nothing to resume in {folder} (no {SETTINGS})")
         with open(path) as f:
-            earlier = json.load(f)
-        for name, value in settings.items():
-            if earlier.get(name) != value:
-                raise SystemExit(f"error: {folder} was evaluated with {name} = {earlier.get(name)!r}, "
-                                 f"not {value!r}: --resume needs the interrupted run's settings")
+            files.check_resumed(json.load(f), settings, f"{folder} was evaluated")
         return
     try:                                                        # a run that got nowhere is no loss
         files.refuse_overwrite(folder, force, earlier=("rows-*.jsonl", "results.json"),

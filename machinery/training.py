@@ -128,12 +128,9 @@ def check_resumable(checkpoint, config, cfg, path):
                          f"with --init-from {path} instead of --resume")
     if checkpoint["config"] != dataclasses.asdict(config):
         raise SystemExit(f"error: {path} was trained with another model config: {checkpoint['config']}")
-    before = checkpoint.get("train_config", {})
-    for key in RESUME_MUST_MATCH:
-        if key in before and before[key] != getattr(cfg, key):
-            flag = "--" + key.replace("_", "-")
-            raise SystemExit(f"error: {path} was trained with {flag} {before[key]!r}, this run asks for "
-                             f"{getattr(cfg, key)!r}: resume with the same setting, or start a new --out")
+    flags = {key: "--" + key.replace("_", "-") for key in RESUME_MUST_MATCH}
+    earlier = {flags[key]: value for key, value in checkpoint.get("train_config", {}).items() if key in flags}
+    files.check_resumed(earlier, {flags[key]: getattr(cfg, key) for key in flags}, f"{path} was trained")
 
 
 def prepare_out(cfg, rank):

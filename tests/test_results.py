@@ -54,7 +54,7 @@ def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(folde
     first = (tmp_path / "out" / "results.json").read_text()
     with pytest.raises(SystemExit, match="holds an earlier evaluation"):
         evaluation.main(arguments(folder, tmp_path / "out"))
-    with pytest.raises(SystemExit, match="evaluated with --ablation = False, not True"):
+    with pytest.raises(SystemExit, match="evaluated with --ablation False, this run asks for True"):
         evaluation.main(arguments(folder, tmp_path / "out", "--resume", "--ablation"))
     (tmp_path / "list.json").write_text(json.dumps(["cat.png"]))
     with pytest.raises(SystemExit, match="images selected"):
