@@ -119,8 +119,14 @@ def pair_case(encoder, config, kind, size, quarter=False):
     pixels = model.decompress(plain, dtype=None, memory=limit)
     assert pixels.shape == x.shape and pixels.dtype == x.dtype
     for memory in (limit - 1, limit // 4) if quarter else (limit - 1,):
-        assert model.compress(x, "a boat on a lake", memory=memory) == plain
-        assert torch.equal(model.decompress(plain, dtype=None, memory=memory), pixels)
+        encoding, decoding = [], []
+        assert model.compress(x, "a boat on a lake", memory=memory, progress=lambda *a: encoding.append(a)) == plain
+        assert torch.equal(model.decompress(plain, dtype=None, memory=memory, progress=lambda *a: decoding.append(a)),
+                           pixels)
+        for heard in (encoding, decoding):
+            for stage in {name for name, _, _ in heard}:              # each stage's pieces once, 1 to its total
+                counts = [(done, total) for name, done, total in heard if name == stage]
+                assert counts == [(done, len(counts)) for done in range(1, len(counts) + 1)], stage
 
 
 @pytest.mark.core
