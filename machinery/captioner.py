@@ -40,7 +40,7 @@ class Captioner:
         self.model = clip_text.load_clip(name, pretrained, "the captioner", "--captioner-pretrained").eval().to(device)
         if not hasattr(self.model, "text_decoder"):
             raise ValueError(f"{name} is not a captioner (an open_clip CoCa model, e.g. {DEFAULT_MODEL})")
-        self.tokenizer = open_clip.get_tokenizer(name)
+        self.tokenizer = clip_text.tokenizer(name)
         self.transform = image_transform_v2(PreprocessCfg(**self.model.visual.preprocess_cfg), is_train=False)
         self.device, self.beams = device, beams
         self.max_tokens = min(max_tokens, self.tokenizer.context_length - 1)   # the start token takes one

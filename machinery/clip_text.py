@@ -122,9 +122,8 @@ class TextEncoder(nn.Module):
 
     def __init__(self, name="ViT-B-32-quickgelu", pretrained="openai", tokens=38, clip=None, cache_size=1024):
         super().__init__()
-        import open_clip
         clip = clip if clip is not None else load_clip(name, pretrained)
-        self.tokenizer = open_clip.get_tokenizer(name)
+        self.tokenizer = tokenizer(name)
         self.token_embedding, self.transformer = clip.token_embedding, clip.transformer
         self.positional_embedding, self.ln_final = clip.positional_embedding, clip.ln_final
         self.text_projection = clip.text_projection
