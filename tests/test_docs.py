@@ -6,18 +6,19 @@ import io
 import os
 import re
 import shlex
-import sys
 
 import pytest
 
+import bench
 import codec
 import eval as evaluate
 import train
-from machinery import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
-PROGRAMS = {"train.py": lambda argv: train.parse_args(argv), "eval.py": evaluate.main, "codec.py": codec.main}
+PROGRAMS = {"train.py": lambda argv: train.parse_args(argv), "eval.py": evaluate.main, "codec.py": codec.main,
+            "bench.py": bench.main}
+WITH_SUBCOMMANDS = ("codec.py", "bench.py")          # their first word names the subcommand, whose --help is read
 
 
 def commands(text):
@@ -38,24 +39,17 @@ def commands(text):
     for line in lines:
         for part in re.split(r"&&|\|", line.split(" #")[0]):
             match = re.search(r"(?:python(?: -m)?|torchrun(?: --\S+)*) (\S+)(.*)", part)
-            if match and (match[1] in PROGRAMS or match[1] == "machinery.bench"):
+            if match and match[1] in PROGRAMS:
                 found.append((match[1], match[2].strip()))
     return found
 
 
 def help_text(program, words):
     """The --help of `program` (with its subcommand, the first word, for codec.py and the benchmarks)."""
-    subcommand = [words[0]] if program in ("codec.py", "machinery.bench") and words else []
+    subcommand = [words[0]] if program in WITH_SUBCOMMANDS and words else []
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        if program == "machinery.bench":
-            saved, sys.argv = sys.argv, ["bench"] + subcommand + ["--help"]
-            try:
-                bench.main()
-            finally:
-                sys.argv = saved
-        else:
-            PROGRAMS[program](subcommand + ["--help"])
+        PROGRAMS[program](subcommand + ["--help"])
     return out.getvalue()
 
 
@@ -73,7 +67,7 @@ def test_every_flag_the_docs_show_is_one_the_command_has():
             words = shlex.split(rest)
         except ValueError:
             words = rest.split()
-        key = (program, words[0] if program in ("codec.py", "machinery.bench") and words else "")
+        key = (program, words[0] if program in WITH_SUBCOMMANDS and words else "")
         if key not in cache:
             cache[key] = set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", help_text(program, words)))
         for flag in (w.split("=")[0] for w in words if w.startswith("-") and len(w) > 1 and not w[1].isdigit()):
