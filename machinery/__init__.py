@@ -16,9 +16,7 @@
     results.py     evaluation at scale: rows written as they finish, resumable, sharded
     report.py      evaluation's summary: means, set metrics, baselines, results.json/csv, rd.png
     explain.py     explain.png: where the bits go and what the caption changed
-    bench.py       speed and memory figures (python -m machinery.bench --help); bench_scale.py: those at scale
-    measure.py     a piece of work's best time, and its peak memory in a fresh process
 
 The core (taco.py, entropy.py, rangecoder.py, train.py, eval.py) calls these in one line each; nothing here
-imports train.py or eval.py.
+imports train.py or eval.py (bench.py, at the top level, measures them all).
 """

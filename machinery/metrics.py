@@ -309,7 +309,7 @@ def patches(x, size=PATCH):
 def fid(a, b):
     """Frechet distance (Heusel et al. 2017) between two feature sets (N, D), by torch-fidelity's own statistics
     and formula (float64 covariances; the trace of the square root from the eigenvalues of C_a C_b). At 30k x
-    2048 this holds the two float32 sets and one float64 copy at a time (python -m machinery.bench sets)."""
+    2048 this holds the two float32 sets and one float64 copy at a time (python bench.py sets)."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
     stats = [fid_features_to_statistics(torch.as_tensor(np.asarray(t, dtype=np.float32))) for t in (a, b)]
     return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
