@@ -27,13 +27,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
 from helpers import TINY, TINY_CLIP, natural_image, tiny_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import taco  # noqa: E402
-from machinery import checkpoints, clip_text  # noqa: E402  (importable once the repository root is on the path)
+from machinery import checkpoints, clip_text, images  # noqa: E402  (importable: the repository root is on the path)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,27 +72,9 @@ def encoder():
 
 
 @pytest.fixture(scope="session")
-def trained_model(encoder):
-    """A tiny model trained briefly for rate and distortion, so its likelihoods mean something."""
-    model = tiny_model(encoder).train()
-    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "quantiles" not in n], lr=3e-3)
-    aux = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=0.3)
-    images = torch.cat([natural_image(64, 64, seed) for seed in range(4)])
-    for _ in range(150):
-        out = model(images, ["a photo"] * 4)
-        bits = sum(-torch.log2(likelihood).sum() for likelihood in out["likelihoods"].values())
-        loss = bits / images[0, 0].numel() / 4 + 0.01 * 255 ** 2 * F.mse_loss(out["x_hat"], images)
-        optimizer.zero_grad(), aux.zero_grad()
-        loss.backward()
-        model.entropy_bottleneck.aux_loss().backward()
-        optimizer.step(), aux.step()
-    return model.eval().update()
-
-
-@pytest.fixture(scope="session")
 def weights_folder(tmp_path_factory):
-    """Three small real photos, a caption file, a tiny checkpoint and random-weight AlexNet and Inception files
-    (the local weights files eval.py takes), built once for the whole session."""
+    """Three small real photos, a caption file and a tiny checkpoint, built once for the whole session; tests only
+    read it."""
     import skimage.data
     root = tmp_path_factory.mktemp("eval")
     (root / "images").mkdir()
@@ -109,10 +89,37 @@ def weights_folder(tmp_path_factory):
     for injector in (model.g_a.inject_quarter, model.g_a.inject_eighth):
         injector.gamma.data.normal_()
     checkpoints.save_checkpoint(str(root / "tiny.pt"), model.eval().update())
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
-    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    torch.save(inception.state_dict(), root / "inception.pth")
     return root
+
+
+@pytest.fixture(scope="session")
+def alexnet_weights(tmp_path_factory):
+    """A random-weight torchvision AlexNet file, the local weights file eval.py takes as --alexnet-weights (233 MB:
+    written once, for the tests that load LPIPS from a file)."""
+    import torchvision
+    path = tmp_path_factory.mktemp("alexnet") / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """train.py's flags for a folder of six small training photos (64 x 80, crops of 64: three steps of two an
+    epoch) and two held-out ones (64 x 96), captioned; no data-loader processes, stand-ins allowed. For runs
+    whose claim is not about the demo's photos: the same loop and real-bitstream validation, on fewer pixels."""
+    root = tmp_path_factory.mktemp("small-data")
+    captions = {}
+    for part, count, size in (("train", 6, (64, 80)), ("val", 2, (64, 96))):
+        (root / part).mkdir()
+        captions[part] = {}
+        for i in range(count):
+            name = f"{part}-{i}.png"
+            images.write_image(natural_image(*size, seed=10 * len(part) + i), str(root / part / name))
+            captions[part][name] = f"photo number {i} of the {part} set"
+        (root / f"{part}.json").write_text(json.dumps(captions[part]))
+    return ["--data", "folder", "--root", str(root / "train"), "--captions", str(root / "train.json"),
+            "--val-root", str(root / "val"), "--val-captions", str(root / "val.json"), "--workers", "0",
+            "--allow-missing-weights"]
 
 
 @pytest.fixture(scope="session")

@@ -44,10 +44,10 @@ def test_compress_on_the_gpu_decodes_on_the_gpu_and_on_the_cpu(config):
     assert (on_gpu - on_cpu).abs().max() <= 2 / 255                     # g_s may round differently
 
 
-def test_eval_runs_its_networks_on_the_gpu(weights_folder, tmp_path):
-    folder = weights_folder                       # photos, captions, a tiny checkpoint, local weights (conftest.py)
+def test_eval_runs_its_networks_on_the_gpu(weights_folder, alexnet_weights, tmp_path):
+    folder = weights_folder                       # photos, captions, a tiny checkpoint (conftest.py)
     evaluation.main(["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
-                  str(folder / "captions.json"), "--baselines", "", "--alexnet-weights", str(folder / "alexnet.pth"),
+                  str(folder / "captions.json"), "--baselines", "", "--alexnet-weights", alexnet_weights,
                   "--device", "cuda", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
     assert all(r["bpp"] > 0 for r in report["checkpoints"][str(folder / "tiny.pt")]["given"]["per_image"])

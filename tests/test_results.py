@@ -1,15 +1,18 @@
 """Claims about eval.py at the paper's scale (results.py): the image list and COCO's annotation file are read as
 they are published; rows are stored as they finish, so a run killed with SIGKILL and resumed ends with the results
-of an uninterrupted run; torchrun's processes share the images and give the results of one process."""
+of an uninterrupted run; torchrun's processes share the images and give the results of one process. One
+uninterrupted run (`whole`) is what every other run here must reproduce."""
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from test_eval import folder  # noqa: F401 (a fixture: three photos, captions, a tiny checkpoint)
+import torch
 
 import data
 import eval as evaluation
@@ -19,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMINGS = ("encode_s", "decode_s")
 
 
-def test_an_image_list_selects_and_orders_the_images_and_names_what_is_missing(folder, tmp_path):  # noqa: F811
-    images = str(folder / "images")
+def test_an_image_list_selects_and_orders_the_images_and_names_what_is_missing(weights_folder, tmp_path):
+    images = str(weights_folder / "images")
     (tmp_path / "list.json").write_text(json.dumps(["rocket.png", "coffee.png", "rocket.png"]))
     assert data.list_images(images, str(tmp_path / "list.json")) == ["rocket.png", "coffee.png"]
     (tmp_path / "list.txt").write_text("cat.png\n\ncoffee.png\n")
@@ -31,7 +34,7 @@ def test_an_image_list_selects_and_orders_the_images_and_names_what_is_missing(f
     assert data.list_images(images) == ["cat.png", "coffee.png", "rocket.png"]
 
 
-def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(folder, tmp_path):  # noqa: F811
+def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(tmp_path):
     """The layout of COCO's captions_val2014.json, annotations in no particular order."""
     coco = {"info": {}, "licenses": [],
             "images": [{"id": 7, "file_name": "coffee.png", "width": 150, "height": 100},
@@ -44,26 +47,49 @@ def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(folder, t
     assert captions == {"coffee.png": "Coffee in a white cup.", "cat.png": "A cat lying down."}
 
 
-def arguments(folder, out, *extra):  # noqa: F811
+def arguments(folder, out, *extra):
     return ["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
             str(folder / "captions.json"), "--baselines", "", "--out", str(out), *extra]
 
 
-def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(folder, tmp_path):  # noqa: F811
-    evaluation.main(arguments(folder, tmp_path / "out"))
-    first = (tmp_path / "out" / "results.json").read_text()
+@contextlib.contextmanager
+def one_thread():
+    """This process computes as the eval.py processes below do (OMP_NUM_THREADS=1): the same floats."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def whole(weights_folder, tmp_path_factory):
+    """conftest's three photos evaluated without interruption, in this process: the folder eval.py wrote."""
+    out = tmp_path_factory.mktemp("results") / "whole"
+    with one_thread():
+        evaluation.main(arguments(weights_folder, out))
+    return out
+
+
+def results_of(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(weights_folder, whole, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
     with pytest.raises(SystemExit, match="holds an earlier evaluation"):
-        evaluation.main(arguments(folder, tmp_path / "out"))
+        evaluation.main(arguments(weights_folder, out))
     with pytest.raises(SystemExit, match="evaluated with --ablation False, this run asks for True"):
-        evaluation.main(arguments(folder, tmp_path / "out", "--resume", "--ablation"))
+        evaluation.main(arguments(weights_folder, out, "--resume", "--ablation"))
     (tmp_path / "list.json").write_text(json.dumps(["cat.png"]))
     with pytest.raises(SystemExit, match="images selected"):
-        evaluation.main(arguments(folder, tmp_path / "out", "--resume", "--image-list", str(tmp_path / "list.json")))
-    evaluation.main(arguments(folder, tmp_path / "out", "--resume"))           # nothing left to code
-    assert without_timings(json.loads((tmp_path / "out" / "results.json").read_text())) == \
-        without_timings(json.loads(first))
-    evaluation.main(arguments(folder, tmp_path / "out", "--force"))
-    assert len((tmp_path / "out" / "rows-0.jsonl").read_text().splitlines()) == 3
+        evaluation.main(arguments(weights_folder, out, "--resume", "--image-list", str(tmp_path / "list.json")))
+    evaluation.main(arguments(weights_folder, out, "--resume"))                # nothing left to code
+    assert without_timings(results_of(out)) == without_timings(results_of(whole))
+    evaluation.main(arguments(weights_folder, out, "--force", "--image-list", str(tmp_path / "list.json")))
+    assert len((out / "rows-0.jsonl").read_text().splitlines()) == 1          # the three earlier rows are gone
 
 
 def without_timings(report):
@@ -90,10 +116,10 @@ def finished(process):
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_its_first_image_resumes_to_the_results_of_an_uninterrupted_run(folder,  # noqa: F811
+def test_a_run_killed_after_its_first_image_resumes_to_the_results_of_an_uninterrupted_run(weights_folder, whole,
                                                                                           tmp_path):
-    finished(run([sys.executable, "eval.py", *arguments(folder, tmp_path / "whole")]))
-    killed = run([sys.executable, "eval.py", *arguments(folder, tmp_path / "killed")])
+    """Killed in its own process; resumed here (a fresh ResultStore reads the rows the killed process left)."""
+    killed = run([sys.executable, "eval.py", *arguments(weights_folder, tmp_path / "killed")])
     rows = tmp_path / "killed" / "rows-0.jsonl"
     deadline = time.time() + 300
     while not (rows.exists() and rows.read_text().count("\n") >= 1):
@@ -102,22 +128,21 @@ def test_a_run_killed_after_its_first_image_resumes_to_the_results_of_an_uninter
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert rows.read_text().count("\n") < 3 and not (tmp_path / "killed" / "results.json").exists()
-    finished(run([sys.executable, "eval.py", *arguments(folder, tmp_path / "killed", "--resume")]))
+    with one_thread():
+        evaluation.main(arguments(weights_folder, tmp_path / "killed", "--resume"))
     assert len(rows.read_text().splitlines()) == 3                             # every row once
-    whole, resumed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "killed"))
-    assert without_timings(resumed) == without_timings(whole)
+    assert without_timings(results_of(tmp_path / "killed")) == without_timings(results_of(whole))
 
 
 @pytest.mark.slow
-def test_two_torchrun_processes_share_the_images_and_give_the_results_of_one(folder, tmp_path):  # noqa: F811
-    finished(run([sys.executable, "eval.py", *arguments(folder, tmp_path / "one")]))
+def test_two_torchrun_processes_share_the_images_and_give_the_results_of_one(weights_folder, whole, tmp_path):
     finished(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
-                  *arguments(folder, tmp_path / "two")]))
+                  *arguments(weights_folder, tmp_path / "two")]))
     shares = [len((tmp_path / "two" / f"rows-{rank}.jsonl").read_text().splitlines()) for rank in (0, 1)]
     assert shares == [2, 1]                                                    # images 0, 2 and image 1
-    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
-    assert without_timings(two) == without_timings(one)
-    assert "cmmd" in one["checkpoints"][str(folder / "tiny.pt")]["given"]["mean"]
+    one = results_of(whole)
+    assert without_timings(results_of(tmp_path / "two")) == without_timings(one)
+    assert "cmmd" in one["checkpoints"][str(weights_folder / "tiny.pt")]["given"]["mean"]
 
 
 @pytest.mark.parametrize("partial", [b'{"checkpoint": "a", "capt', b"x" * 200_000], ids=["short", "over 64 KiB"])
