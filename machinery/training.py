@@ -1,5 +1,5 @@
 """What a training run needs beyond the loop (train.py): the frozen towers with their offline stand-ins, the
-training data, the distributed setup, resume checks, validation on real bitstreams, and the curves."""
+training data, resume checks, validation on real bitstreams, and the curves."""
 import dataclasses
 import os
 
