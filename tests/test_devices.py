@@ -55,8 +55,8 @@ def test_complexity_feeds_inputs_on_the_models_device():
 
 
 def test_training_on_a_gpu_validates_checkpoints_and_resumes_with_optimizer_state_on_the_gpu(tmp_path,
-                                                                                              monkeypatch):
-    args = TINY_RUN + ["--steps", "2", "--val-every", "1", "--out", str(tmp_path / "run")]
+                                                                                              monkeypatch, small_data):
+    args = TINY_RUN + small_data + ["--steps", "2", "--val-every", "1", "--out", str(tmp_path / "run")]
     with StandInGPU() as gpu:
         monkeypatch.setattr(devices, "join_ranks", lambda device: (0, 1, gpu.device))
         train.train(train.parse_args(args + ["--stop-at", "1"]))
@@ -68,8 +68,8 @@ def test_training_on_a_gpu_validates_checkpoints_and_resumes_with_optimizer_stat
         assert step == 2 and states and all(t.device.type == "cuda" for t in states)
 
 
-def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_path):
-    args = TINY_RUN + ["--steps", "2", "--val-every", "100", "--out", str(tmp_path / "run")]
+def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_path, small_data):
+    args = TINY_RUN + small_data + ["--val-root", "", "--steps", "2", "--out", str(tmp_path / "run")]
     train.train(train.parse_args(args + ["--stop-at", "1"]))
     for flag, value in (("--lmbda", "0.05"), ("--lr", "0.5"), ("--batch-size", "3"), ("--k-j", "0.1")):
         with pytest.raises(SystemExit, match=f"trained with {flag} "):
@@ -77,11 +77,12 @@ def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_
     train.train(train.parse_args(args + ["--resume", "--val-every", "50"]))      # bookkeeping may change
 
 
-def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_path, monkeypatch, capsys):
+def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_path, monkeypatch, capsys,
+                                                                          small_data):
     tiny = clip_text.load_clip
     monkeypatch.setattr(clip_text, "load_clip", lambda name, pretrained: tiny(TINY_CLIP, "random"))   # "pretrained"
-    args = TINY_RUN + ["--clip-pretrained", "weights.bin", "--no-text-adapter", "--k-j", "0.1", "--k-p", "0",
-                       "--steps", "1", "--out", str(tmp_path / "run")]
+    args = TINY_RUN + small_data + ["--val-root", "", "--clip-pretrained", "weights.bin", "--no-text-adapter",
+                                    "--k-j", "0.1", "--k-p", "0", "--steps", "1", "--out", str(tmp_path / "run")]
     train.train(train.parse_args(args))
     assert "loss terms: rate, MSE, joint image-text" in capsys.readouterr().out
     rows = [line for line in open(tmp_path / "run" / "log.jsonl") if '"joint"' in line]

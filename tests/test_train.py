@@ -25,8 +25,10 @@ TINY_RUN = ["--N", "16", "--M", "24", "--clip-model", TINY_CLIP, "--clip-pretrai
             "--batch-size", "2", "--log-every", "1", "--no-final-report"]
 
 
-def tiny_towers():
-    """Random-weight stand-ins with the real architectures: tiny CLIP, AlexNet LPIPS."""
+@pytest.fixture(scope="module")
+def towers():
+    """Random-weight stand-ins with the real architectures: tiny CLIP, AlexNet LPIPS (frozen: the loss's tests
+    share them)."""
     torch.manual_seed(0)
     clip = clip_text.load_clip(TINY_CLIP, "random")
     lpips = metrics.LPIPS(torchvision.models.alexnet(weights=None).state_dict(), metrics.lpips_linear_weights())
@@ -44,8 +46,8 @@ def photo_batch(n=4, size=64):
     return torch.stack([image[:, 100 + 40 * i:100 + 40 * i + size, 150:150 + size] for i in range(n)])
 
 
-def test_every_loss_term_reaches_the_codec_and_none_reaches_the_frozen_towers():
-    encoder, visual, lpips = tiny_towers()
+def test_every_loss_term_reaches_the_codec_and_none_reaches_the_frozen_towers(towers):
+    encoder, visual, lpips = towers
     model = tiny_model(encoder).train()
     x, captions = photo_batch(), ["an astronaut"] * 2 + ["a flag", "a helmet"]
     for term in ("bpp", "mse", "lpips", "joint"):
@@ -61,9 +63,9 @@ def test_every_loss_term_reaches_the_codec_and_none_reaches_the_frozen_towers():
 
 
 @pytest.mark.core
-def test_the_loss_is_rate_plus_weighted_mse_lpips_and_joint_term_each_by_its_formula():
+def test_the_loss_is_rate_plus_weighted_mse_lpips_and_joint_term_each_by_its_formula(towers):
     """loss = bpp + lambda * 255^2 * MSE + k_P * LPIPS + k_J * J, each term computed here from its definition."""
-    encoder, visual, lpips = tiny_towers()
+    encoder, visual, lpips = towers
     lmbda, k_p, k_j = 0.013, 3.5, 0.0025
     criterion = train.JointLoss(lmbda, k_p, k_j, lpips, visual)
     torch.manual_seed(2)
@@ -83,9 +85,9 @@ def test_the_loss_is_rate_plus_weighted_mse_lpips_and_joint_term_each_by_its_for
 
 
 @pytest.mark.core
-def test_joint_term_is_infonce_plus_embedding_distance():
+def test_joint_term_is_infonce_plus_embedding_distance(towers):
     """Against a computation written here: symmetric cross-entropy on the cosine logits, plus 40 * norm."""
-    _, visual, _ = tiny_towers()
+    _, visual, _ = towers
     criterion = train.JointLoss(0.01, 1.0, 1.0, None, visual)
     torch.manual_seed(1)
     x, x_hat, text = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 64)
@@ -100,15 +102,15 @@ def test_joint_term_is_infonce_plus_embedding_distance():
         assert np.isclose(criterion.joint_term(x_hat, x, text).item(), expected, rtol=1e-4)
 
 
-def test_loss_falls_over_a_few_dozen_steps():
-    encoder, visual, lpips = tiny_towers()
+def test_the_joint_loss_falls_by_more_than_half_in_fifteen_steps(towers):
+    encoder, visual, lpips = towers
     model = tiny_model(encoder).train()
     criterion = train.JointLoss(0.01, 1.0, 0.01, lpips, visual)
     optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "quantiles" not in n], lr=3e-3)
     x, captions = photo_batch(), ["an astronaut"] * 4
     features, padding, embedding = encoder(captions)
     losses = []
-    for _ in range(40):
+    for _ in range(15):
         torch.manual_seed(len(losses))
         loss, _ = criterion(model(x, (features, padding)), x, embedding)
         optimizer.zero_grad()
@@ -118,20 +120,21 @@ def test_loss_falls_over_a_few_dozen_steps():
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
-def run_train(args, tmp_path, name):
-    cfg = train.parse_args(TINY_RUN + ["--out", str(tmp_path / name)] + args)
+def run_train(args, tmp_path, name, data=()):
+    """train.py's run in `tmp_path / name` on the demo's photos, or on `data` (conftest's small_data)."""
+    cfg = train.parse_args(TINY_RUN + list(data) + ["--out", str(tmp_path / name)] + args)
     train.train(cfg)
     return checkpoints.load_checkpoint(str(tmp_path / name / "latest.pt"))
 
 
 @pytest.mark.core
-def test_resume_after_interruption_continues_exactly(tmp_path, capsys):
+def test_resume_after_interruption_continues_exactly(tmp_path, capsys, small_data):
     """Stopped mid-epoch (6 images, 2 per step: step 5 is the middle of the second epoch), in the third epoch
     after the resume, with validation on both sides of the stop (steps 4 and 8)."""
     common = ["--steps", "8", "--val-every", "4"]
-    straight, _ = run_train(common, tmp_path, "straight")
-    run_train(common + ["--stop-at", "5"], tmp_path, "interrupted")
-    resumed, checkpoint = run_train(common + ["--resume"], tmp_path, "interrupted")
+    straight, _ = run_train(common, tmp_path, "straight", small_data)
+    run_train(common + ["--stop-at", "5"], tmp_path, "interrupted", small_data)
+    resumed, checkpoint = run_train(common + ["--resume"], tmp_path, "interrupted", small_data)
     validated = [row["step"] for row in map(json.loads, open(tmp_path / "interrupted" / "log.jsonl"))
                  if "val_bpp" in row]
     assert validated == [4, 5, 8] and checkpoint["step"] == 8
@@ -139,43 +142,34 @@ def test_resume_after_interruption_continues_exactly(tmp_path, capsys):
         assert torch.equal(a, b), name
 
 
-def test_existing_run_is_not_overwritten_without_resume(tmp_path):
-    run_train(["--steps", "1"], tmp_path, "run")
+def test_existing_run_is_not_overwritten_without_resume(tmp_path, small_data):
+    run_train(["--steps", "1", "--val-root", ""], tmp_path, "run", small_data)            # no held-out images
     before = (tmp_path / "run" / "latest.pt").read_bytes()
     with pytest.raises(SystemExit, match="already holds a run"):
-        run_train(["--steps", "1"], tmp_path, "run")
+        run_train(["--steps", "1"], tmp_path, "run", small_data)
     assert (tmp_path / "run" / "latest.pt").read_bytes() == before
-
-
-def test_builtin_demo_runs_end_to_end_and_compares_with_jpeg(tmp_path, capsys):
-    model, checkpoint = run_train(["--steps", "4", "--val-every", "2", "--final-report"], tmp_path, "demo")
-    out = capsys.readouterr().out
-    try:
-        metrics.load_lpips()
-        lpips_available = True
-    except clip_text.WeightsUnavailable:
-        lpips_available = False
-    stand_in = out.find("STAND-IN: AlexNet")                # said before training starts, when it applies
-    assert (stand_in >= 0) != lpips_available and stand_in < out.find("training on")
-    assert "JPEG PSNR at that bpp" in out and "coffee" in out and "chelsea" in out
-    for name in ("latest.pt", "best.pt", "log.jsonl", "curves.png", "explain.png"):
-        assert (tmp_path / "demo" / name).exists(), name
-    rows = [json.loads(line) for line in open(tmp_path / "demo" / "log.jsonl")]
-    assert {"bpp", "mse", "psnr", "loss", "aux"} <= set(rows[0]) and any("val_bpp" in r for r in rows)
-    assert checkpoint["train_config"]["steps"] == 4
 
 
 def offline(url, *args, **kwargs):
     raise OSError(f"no network: {url}")
 
 
-def test_an_offline_demo_names_its_stand_ins_once_and_never_announces_a_download(tmp_path, capfd, monkeypatch):
+def test_builtin_demo_runs_end_to_end_offline_names_its_stand_ins_once_and_compares_with_jpeg(tmp_path, capfd,
+                                                                                              monkeypatch):
+    """The demo's photos, the whole end of a run (validation, the JPEG comparison, explain.png), with no network
+    and an empty download cache: the AlexNet stand-in said once, before training starts, never a download."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    run_train(["--steps", "1", "--val-every", "10"], tmp_path, "demo")
+    model, checkpoint = run_train(["--steps", "4", "--val-every", "2", "--final-report"], tmp_path, "demo")
     out, err = capfd.readouterr()
     assert "Downloading" not in out + err
     assert out.count("STAND-IN: AlexNet") == 1 and out.index("STAND-IN: AlexNet") < out.index("training on")
+    assert "JPEG PSNR at that bpp" in out and "coffee" in out and "chelsea" in out
+    for name in ("latest.pt", "best.pt", "log.jsonl", "curves.png", "explain.png"):
+        assert (tmp_path / "demo" / name).exists(), name
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "log.jsonl")]
+    assert {"bpp", "mse", "psnr", "loss", "aux"} <= set(rows[0]) and any("val_bpp" in r for r in rows)
+    assert checkpoint["train_config"]["steps"] == 4
 
 
 def free_port():
@@ -185,10 +179,10 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_with_torchrun_and_gloo_write_one_checkpoint(tmp_path):
+def test_two_processes_with_torchrun_and_gloo_write_one_checkpoint(tmp_path, small_data):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *TINY_RUN,
-               "--steps", "3", "--val-every", "100", "--out", str(tmp_path / "ddp")]
+               *small_data, "--steps", "3", "--val-every", "100", "--out", str(tmp_path / "ddp")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -262,7 +256,8 @@ def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
     assert not {i for i, _ in rank0} & {i for i, _ in rank1}
 
 
-def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_path, capsys, monkeypatch):
+def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_path, capsys, monkeypatch,
+                                                                           small_data):
     """A file in the released layout at toy widths (test_elic.SMALL: train.py has no flag for ELIC's slices, so
     the config it builds takes them here); every one of its tensors starts the run."""
     from test_elic import SMALL, fake_release, reference_shapes, released_config
@@ -272,7 +267,7 @@ def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_p
     monkeypatch.setattr(taco, "TacoConfig", functools.partial(taco.TacoConfig, slices=SMALL["slices"]))
     model, checkpoint = run_train(["--backbone", "elic", "--N", str(SMALL["N"]), "--M", str(SMALL["M"]),
                                    "--init-from", path, "--steps", "2", "--val-every", "100", "--batch-size", "1",
-                                   "--lr", "0"], tmp_path, "finetune")
+                                   "--lr", "0", "--val-root", ""], tmp_path, "finetune", small_data)
     weights = model.state_dict()
     assert f"starting from {path}: {len(weights)} tensors from" in capsys.readouterr().out
     assert model.config.backbone == "elic" and model.config.slices == SMALL["slices"] and checkpoint["step"] == 2
