@@ -123,8 +123,8 @@ def small_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_elic():
+def tiny_elic(encoder):
     """helpers.tiny_model of the ELIC backbone, built and converted to integer networks once: for tests that
     only read it (none may change its weights)."""
     from helpers import TINY_ELIC
-    return tiny_model(config=TINY_ELIC)
+    return tiny_model(encoder, config=TINY_ELIC)

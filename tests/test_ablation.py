@@ -21,7 +21,7 @@ def offline(url, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
+def ablation(tmp_path_factory, encoder):
     """Three small images with captions; a codec that ignores the caption (gammas 0, as initialised) and one
     that reads it (gammas drawn at random); --ablation run on both, offline (no LPIPS, no FID)."""
     root = tmp_path_factory.mktemp("ablation")
@@ -30,7 +30,7 @@ def ablation(tmp_path_factory):
         images.write_image(natural_image(64, 64, seed), str(root / "images" / name))
     (root / "captions.json").write_text(json.dumps(CAPTIONS))
     for name, gammas in (("ignores.pt", False), ("reads.pt", True)):
-        checkpoints.save_checkpoint(str(root / name), tiny_model(gammas=gammas, seed=1))
+        checkpoints.save_checkpoint(str(root / name), tiny_model(encoder, gammas=gammas, seed=1))
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("TORCH_HOME", str(root / "empty-cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)

@@ -136,7 +136,7 @@ def test_the_banded_engine_writes_the_plain_paths_bytes_and_pixels(encoder, conf
 
 
 CASES = [(TINY, "rgb", (150, 230)), (TINY, "gray", (64, 96)), (TINY, "gray16", (17, 333)),
-         (TINY_ELIC, "gray", (64, 64)), (TINY_ELIC, "gray16", (33, 17))]
+         (TINY_ELIC, "gray16", (33, 17))]      # ELIC's own code sees y: one gray, 16-bit, odd-sized case
 
 
 @pytest.mark.slow

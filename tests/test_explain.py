@@ -11,10 +11,11 @@ from machinery import checkpoints, container, explain
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
-def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass_and_the_file_adds_the_header(request, config):
+def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass_and_the_file_adds_the_header(request, encoder,
+                                                                                                  config):
     """The bits map is the model's own estimate; the file is that estimate's streams plus the header the figure
     names (that the streams are within a fraction of a percent of the estimate: test_taco.py)."""
-    model = request.getfixturevalue("tiny_elic") if config is TINY_ELIC else tiny_model(config=config)
+    model = request.getfixturevalue("tiny_elic") if config is TINY_ELIC else tiny_model(encoder, config=config)
     x = natural_image(70, 100)
     result = explain.analyse(model, x, "a red barn")
     with torch.no_grad():
@@ -27,8 +28,8 @@ def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass_and_the_fi
     assert result["bytes"] == len(data) and 8 * len(data) - explain.header_bits() == 8 * (z_bytes + y_bytes)
 
 
-def test_attention_shown_is_the_adapters_own_and_follows_the_caption():
-    model, x = tiny_model(gammas=False, config=TINY), natural_image(64, 64)
+def test_attention_shown_is_the_adapters_own_and_follows_the_caption(encoder):
+    model, x = tiny_model(encoder, gammas=False, config=TINY), natural_image(64, 64)
     first = explain.analyse(model, x, "a red barn in the snow")
     assert torch.allclose(first["attention"].sum(-1), torch.ones(first["attention"].shape[:2]), atol=1e-5)
     assert first["attention"].shape[:2] == (16, 16)                             # the first Injector: 1/4
@@ -40,14 +41,14 @@ def test_attention_shown_is_the_adapters_own_and_follows_the_caption():
 
 
 @pytest.mark.parametrize("gammas", [False, True])
-def test_caption_changes_the_bits_map_exactly_when_the_gammas_are_nonzero(gammas):
-    model, x = tiny_model(gammas=gammas, config=TINY), natural_image(64, 128)
+def test_caption_changes_the_bits_map_exactly_when_the_gammas_are_nonzero(encoder, gammas):
+    model, x = tiny_model(encoder, gammas=gammas, config=TINY), natural_image(64, 128)
     with_caption, empty = explain.analyse(model, x, "a red barn"), explain.analyse(model, x, "")
     assert torch.equal(with_caption["bits_y"], empty["bits_y"]) != gammas
 
 
-def test_explain_cli_writes_a_figure_and_never_overwrites(tmp_path, capsys):
-    model = tiny_model(config=TINY)
+def test_explain_cli_writes_a_figure_and_never_overwrites(tmp_path, capsys, encoder):
+    model = tiny_model(encoder, config=TINY)
     checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), model)
     Image.fromarray((natural_image(96, 160)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(
         tmp_path / "photo.png")
@@ -68,8 +69,8 @@ def save_photo(path, H, W):
 
 
 @pytest.mark.parametrize("size", [(64, 4000), (8000, 64)], ids=["wide", "tall"])
-def test_extreme_aspect_ratios_give_a_bounded_readable_figure_of_the_costliest_window(tmp_path, size):
-    model = tiny_model(config=TINY)
+def test_extreme_aspect_ratios_give_a_bounded_readable_figure_of_the_costliest_window(tmp_path, encoder, size):
+    model = tiny_model(encoder, config=TINY)
     x = natural_image(*size)
     explain.explain(model, x, "a long strip", str(tmp_path / "fig.png"))
     with Image.open(tmp_path / "fig.png") as figure:
@@ -83,9 +84,9 @@ def test_extreme_aspect_ratios_give_a_bounded_readable_figure_of_the_costliest_w
     assert (columns.start <= 3000 and columns.stop >= 3016) if W > H else (rows.start <= 100 and rows.stop >= 116)
 
 
-def test_other_formats_are_written_whole_and_unknown_ones_refused_before_anything_is_touched(tmp_path,
+def test_other_formats_are_written_whole_and_unknown_ones_refused_before_anything_is_touched(tmp_path, encoder,
                                                                                              monkeypatch):
-    model = tiny_model(config=TINY)
+    model = tiny_model(encoder, config=TINY)
     checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), model)
     save_photo(tmp_path / "photo.png", 64, 96)
     base = ["--checkpoint", str(tmp_path / "tiny.pt"), "--explain", str(tmp_path / "photo.png"), "--force", "-o"]

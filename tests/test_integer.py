@@ -1,6 +1,7 @@
 """Claims about integer.py and the files it makes portable: the entropy parameters are exact integers, so a
-file decodes to the same symbols in another process, with another thread count or without oneDNN; float
-arithmetic would not; and a decoder whose choices differ says so instead of returning a wrong image."""
+file decodes to the same image in a fresh process that loads the checkpoint, and to the same symbols with another
+thread count and without oneDNN; float arithmetic would not; and a decoder whose choices differ says so instead of
+returning a wrong image."""
 import math
 import os
 import subprocess
@@ -32,8 +33,8 @@ def spread_scales(model):
     return model
 
 
-def model_for(config):
-    return spread_scales(tiny_model(config=config))
+def model_for(config, encoder):
+    return spread_scales(tiny_model(encoder, config=config))
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(3, 4, (5, 3), 1, (2, 0)),
@@ -94,11 +95,11 @@ def hyper_outputs(model, z_hat):
         return model.h_s(z_hat), integer.networks(model).h_s(z_hat)
 
 
-def test_a_simulated_other_platform_flips_float_table_choices_and_no_integer_one():
+def test_a_simulated_other_platform_flips_float_table_choices_and_no_integer_one(encoder):
     """Another platform's float h_s differs in the last bits: simulated by evaluating it in float64 and by
     moving its outputs by 1e-6. The integer h_s is simulated by another summation order (its input channels
     permuted) and by moving its inputs by 1e-6 (they are rounded onto its grid)."""
-    model = model_for(TINY)
+    model = model_for(TINY, encoder)
     z_hat = torch.randint(-6, 7, (1, 16, 32, 32)).float()                     # y: 24 x 128 x 128 scales
     float_hyper, integer_hyper = hyper_outputs(model, z_hat)
     indexes = lambda hyper: model.gaussian_conditional.build_indexes(hyper.chunk(2, 1)[0])
@@ -121,15 +122,20 @@ def test_a_simulated_other_platform_flips_float_table_choices_and_no_integer_one
 DECODE_ELSEWHERE = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, %r)
-    torch.set_num_threads(int(sys.argv[1]))
-    torch.backends.mkldnn.enabled = False
     sys.path.insert(0, %r)
     from machinery import checkpoints
     from test_integer import latents
-    for name in sys.argv[2:]:
+    names, decoded = sys.argv[2:], {}
+    for name in names:                             # as started: the test process's thread count and oneDNN
+        model, checkpoint = checkpoints.load_checkpoint(name + ".pt")
+        decoded[name] = {"step": checkpoint["step"], "x_hat": model.decompress(open(name + ".taco", "rb").read())}
+    torch.set_num_threads(int(sys.argv[1]))
+    torch.backends.mkldnn.enabled = False
+    for name in names:                             # loaded again: nothing computed above is reused
         model, _ = checkpoints.load_checkpoint(name + ".pt")
         data = open(name + ".taco", "rb").read()
-        torch.save({"y_hat": latents(model, data), "x_hat": model.decompress(data)}, name + ".decoded")
+        decoded[name].update(y_hat=latents(model, data), x_hat_elsewhere=model.decompress(data))
+        torch.save(decoded[name], name + ".decoded")
 """ % (ROOT, os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -140,30 +146,31 @@ def latents(model, data):
 
 
 @pytest.mark.slow
-def test_files_of_both_backbones_decode_to_the_same_symbols_with_another_thread_count_and_without_onednn(tmp_path):
-    """One process, every change at once: another thread count than this one's and oneDNN off."""
+def test_files_of_both_backbones_decode_in_a_fresh_process_and_to_the_same_symbols_elsewhere(tmp_path, encoder):
+    """Files written before their checkpoint was saved, decoded by one other process that loads it: first as it
+    started (this process's settings: the same image, bit for bit, and the checkpoint's own step), then with
+    every change at once -- another thread count than this one's and oneDNN off: the same symbols."""
     threads = 1 if torch.get_num_threads() > 1 else 2
     expected = {}
     for name, config in (("hyperprior", TINY), ("elic", TINY_ELIC)):
-        model = model_for(config)
-        checkpoints.save_checkpoint(str(tmp_path / f"{name}.pt"), model)
+        model = model_for(config, encoder)
         data = model.compress(natural_image(192, 256), "a red barn in the snow")
         (tmp_path / f"{name}.taco").write_bytes(data)
         expected[name] = latents(model, data), model.decompress(data)
+        checkpoints.save_checkpoint(str(tmp_path / f"{name}.pt"), model, step=7)
     run = subprocess.run([sys.executable, "-c", DECODE_ELSEWHERE, str(threads),
-                          *(str(tmp_path / name) for name in expected)],
-                         env=dict(os.environ, OMP_NUM_THREADS=str(threads)), capture_output=True, text=True,
-                         timeout=300)
+                          *(str(tmp_path / name) for name in expected)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     for name, (y_hat, x_hat) in expected.items():
         decoded = torch.load(str(tmp_path / f"{name}.decoded"), weights_only=True)
+        assert decoded["step"] == 7 and torch.equal(decoded["x_hat"], x_hat), name
         assert torch.equal(decoded["y_hat"], y_hat), name                     # the symbols, bit for bit
-        assert (decoded["x_hat"] - x_hat).abs().max() <= 1 / 255, name         # g_s stays float
+        assert (decoded["x_hat_elsewhere"] - x_hat).abs().max() <= 1 / 255, name    # g_s stays float
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
-def test_a_decoder_whose_choices_differ_raises_the_dedicated_error(config):
-    model = model_for(config)
+def test_a_decoder_whose_choices_differ_raises_the_dedicated_error(encoder, config):
+    model = model_for(config, encoder)
     data = model.compress(natural_image(64, 96), "a boat")
     nets = integer.networks(model)
     last = (nets.h_s if config is TINY else nets.anchor[0]).layers[-1]
@@ -172,8 +179,8 @@ def test_a_decoder_whose_choices_differ_raises_the_dedicated_error(config):
         model.decompress(data)
 
 
-def test_old_format_files_are_refused_with_their_version():
-    model = model_for(TINY)
+def test_old_format_files_are_refused_with_their_version(encoder):
+    model = model_for(TINY, encoder)
     data = bytearray(model.compress(natural_image(64, 64), "a boat"))
     data[4] = 1
     with pytest.raises(container.BitstreamError, match=f"version 1; this code reads version {container.VERSION}"):

@@ -1,8 +1,5 @@
 """Claims about taco.py: files decode bit-exactly without the caption, and bad files fail clearly."""
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -18,7 +15,6 @@ from machinery.clip_text import TextEncoder
 from machinery.container import BitstreamError
 from taco import GDN, TACO, TacoConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def eval_reconstruction(model, x, caption):
@@ -165,8 +161,9 @@ def test_grayscale_and_rgba_inputs_are_handled(encoder):
 
 @pytest.fixture(scope="module")
 def coded(encoder):
+    """A small file (383 bytes: every one of them is flipped below) and the model that wrote it."""
     model = tiny_model(encoder)
-    return model, model.compress(natural_image(70, 90), "a boat")
+    return model, model.compress(natural_image(17, 33), "a boat")
 
 
 def test_truncated_file_raises_clear_error(coded):
@@ -208,25 +205,6 @@ def test_checkpoint_errors_are_clear(tmp_path):
                tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="misshapen key.*g_a.stages.3"):
         load_checkpoint(str(tmp_path / "mismatch.pt"))
-
-
-def test_checkpoint_loaded_in_a_fresh_process_decodes_files_written_before_the_save(encoder, tmp_path):
-    model = tiny_model(encoder)
-    x = natural_image(50, 70)
-    (tmp_path / "image.taco").write_bytes(model.compress(x, "a boat"))
-    np.save(tmp_path / "expected.npy", model.decompress((tmp_path / "image.taco").read_bytes()).numpy())
-    save_checkpoint(str(tmp_path / "model.pt"), model, step=7)
-    code = textwrap.dedent(f"""
-        import sys, numpy as np
-        sys.path.insert(0, {ROOT!r})
-        from machinery.checkpoints import load_checkpoint
-        model, checkpoint = load_checkpoint({str(tmp_path / "model.pt")!r})
-        x_hat = model.decompress(open({str(tmp_path / "image.taco")!r}, "rb").read()).numpy()
-        assert checkpoint["step"] == 7
-        assert np.array_equal(x_hat, np.load({str(tmp_path / "expected.npy")!r})), "different image"
-    """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
 
 
 def test_cli_roundtrip_refuses_to_overwrite_and_reports_errors(encoder, tmp_path, capsys):
@@ -281,20 +259,35 @@ def test_text_embedding_matches_open_clips_own_encode_text(encoder):
     assert torch.allclose(embedding, reference, atol=1e-5)
 
 
-def test_padding_mask_changes_only_padding_positions(encoder):
-    ids, padding = encoder.tokenize(["a short caption"])
-    assert padding[0].tolist() == [False] * 5 + [True] * 33         # start, 3 words, end; then padding
-    assert (ids[0, 4:] == encoder.tokenizer.eot_token_id).all()
-    masked, _ = encoder.encode(ids, padding)
-    unmasked, _ = encoder.encode(ids, torch.zeros_like(padding))
-    assert torch.allclose(masked[0, :5], unmasked[0, :5], atol=1e-6)
-    assert not torch.allclose(masked[0, 5:], unmasked[0, 5:])
+def test_text_features_are_a_hand_written_clip_text_forward_over_38_tokens_with_the_padding_masked(encoder):
+    """The reference read HF CLIP's last hidden state: start token, caption, end token, padded to 38 with the
+    end token (a longer caption cut to the 36 tokens that fit between them), padding masked in the attention,
+    final LayerNorm. Recomputed here by hand from the weights: a mask that were not applied, or applied to the
+    caption's own positions, would change the features."""
+    captions = ["a red barn in the snow!", "boats", "word " * 100]
+    ids, padding = encoder.tokenize(captions)
+    eot = encoder.tokenizer.eot_token_id
+    body = [encoder.tokenizer.encode(c)[:36] for c in captions]
+    assert ids.shape == (3, 38) and len(body[2]) == 36
+    for row, tokens, pad in zip(ids.tolist(), body, padding.tolist()):
+        assert row == [encoder.tokenizer.sot_token_id] + tokens + [eot] * (38 - 1 - len(tokens))
+        assert pad == [False] * (len(tokens) + 2) + [True] * (36 - len(tokens))
+    features, _ = encoder.encode(ids, padding)
 
-
-def test_long_captions_are_cut_to_the_token_budget(encoder):
-    ids, padding = encoder.tokenize(["word " * 100])
-    assert ids.shape == (1, 38) and not padding.any()
-    assert ids[0, 0] == encoder.tokenizer.sot_token_id and ids[0, -1] == encoder.tokenizer.eot_token_id
+    x = encoder.token_embedding.weight[ids] + encoder.positional_embedding[:38]
+    allowed = torch.tril(torch.ones(38, 38, dtype=torch.bool))[None] & ~padding[:, None, :]   # (B, 38, 38)
+    heads, width = encoder.transformer.resblocks[0].attn.num_heads, x.shape[-1]
+    split = lambda t: t.view(3, 38, heads, width // heads).transpose(1, 2)            # (B, heads, T, d)
+    with torch.no_grad():
+        for block in encoder.transformer.resblocks:
+            h = block.ln_1(x)
+            q, k, v = (h @ block.attn.in_proj_weight.T + block.attn.in_proj_bias).chunk(3, dim=-1)
+            scores = split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5
+            scores = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+            attended = (scores @ split(v)).transpose(1, 2).reshape(3, 38, width)
+            x = x + block.ls_1(block.attn.out_proj(attended))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        assert torch.allclose(features, encoder.ln_final(x), atol=1e-5)
 
 
 def test_missing_pretrained_weights_fail_at_once_with_instructions(tmp_path, monkeypatch):
