@@ -105,11 +105,11 @@ def alexnet_weights(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """train.py's flags for a folder of six small training photos (64 x 80, crops of 64: three steps of two an
-    epoch) and two held-out ones (64 x 96), captioned; no data-loader processes, stand-ins allowed. For runs
-    whose claim is not about the demo's photos: the same loop and real-bitstream validation, on fewer pixels."""
+    epoch) and a held-out one (64 x 64), captioned; no data-loader processes, stand-ins allowed. For runs whose
+    claim is not about the demo's photos: the same loop and real-bitstream validation, on fewer pixels."""
     root = tmp_path_factory.mktemp("small-data")
     captions = {}
-    for part, count, size in (("train", 6, (64, 80)), ("val", 2, (64, 96))):
+    for part, count, size in (("train", 6, (64, 80)), ("val", 1, (64, 64))):
         (root / part).mkdir()
         captions[part] = {}
         for i in range(count):
@@ -120,6 +120,14 @@ def small_data(tmp_path_factory):
     return ["--data", "folder", "--root", str(root / "train"), "--captions", str(root / "train.json"),
             "--val-root", str(root / "val"), "--val-captions", str(root / "val.json"), "--workers", "0",
             "--allow-missing-weights"]
+
+
+@pytest.fixture
+def no_curves(monkeypatch):
+    """train.py's runs without drawing curves.png (a second of matplotlib at the end of every run), for tests
+    whose claim is not the figure; the demo's and torchrun's tests draw it."""
+    from machinery import training
+    monkeypatch.setattr(training, "plot_log", lambda log_path, png_path: None)
 
 
 @pytest.fixture(scope="session")

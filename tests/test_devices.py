@@ -54,6 +54,7 @@ def test_complexity_feeds_inputs_on_the_models_device():
     assert counts["macs_per_pixel"] > 0
 
 
+@pytest.mark.usefixtures("no_curves")
 def test_training_on_a_gpu_validates_checkpoints_and_resumes_with_optimizer_state_on_the_gpu(tmp_path,
                                                                                               monkeypatch, small_data):
     args = TINY_RUN + small_data + ["--steps", "2", "--val-every", "1", "--out", str(tmp_path / "run")]
@@ -68,6 +69,7 @@ def test_training_on_a_gpu_validates_checkpoints_and_resumes_with_optimizer_stat
         assert step == 2 and states and all(t.device.type == "cuda" for t in states)
 
 
+@pytest.mark.usefixtures("no_curves")
 def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_path, small_data):
     args = TINY_RUN + small_data + ["--val-root", "", "--steps", "2", "--out", str(tmp_path / "run")]
     train.train(train.parse_args(args + ["--stop-at", "1"]))
@@ -77,6 +79,7 @@ def test_resuming_with_another_loss_or_optimizer_setting_stops_and_names_it(tmp_
     train.train(train.parse_args(args + ["--resume", "--val-every", "50"]))      # bookkeeping may change
 
 
+@pytest.mark.usefixtures("no_curves")
 def test_without_the_adapter_the_joint_term_still_gets_caption_embeddings(tmp_path, monkeypatch, capsys,
                                                                           small_data):
     tiny = clip_text.load_clip

@@ -128,6 +128,7 @@ def run_train(args, tmp_path, name, data=()):
 
 
 @pytest.mark.core
+@pytest.mark.usefixtures("no_curves")
 def test_resume_after_interruption_continues_exactly(tmp_path, capsys, small_data):
     """Stopped mid-epoch (6 images, 2 per step: step 5 is the middle of the second epoch), in the third epoch
     after the resume, with validation on both sides of the stop (steps 4 and 8)."""
@@ -142,6 +143,7 @@ def test_resume_after_interruption_continues_exactly(tmp_path, capsys, small_dat
         assert torch.equal(a, b), name
 
 
+@pytest.mark.usefixtures("no_curves")
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, small_data):
     run_train(["--steps", "1", "--val-root", ""], tmp_path, "run", small_data)            # no held-out images
     before = (tmp_path / "run" / "latest.pt").read_bytes()
@@ -256,6 +258,7 @@ def test_batches_give_each_rank_its_own_share_and_restart_where_they_left_off():
     assert not {i for i, _ in rank0} & {i for i, _ in rank1}
 
 
+@pytest.mark.usefixtures("no_curves")
 def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_path, capsys, monkeypatch,
                                                                            small_data):
     """A file in the released layout at toy widths (test_elic.SMALL: train.py has no flag for ELIC's slices, so
