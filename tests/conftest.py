@@ -94,11 +94,12 @@ def weights_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def alexnet_weights(tmp_path_factory):
-    """A random-weight torchvision AlexNet file, the local weights file eval.py takes as --alexnet-weights (233 MB:
-    written once, for the tests that load LPIPS from a file)."""
+    """A random-weight AlexNet file in torchvision's layout, the local weights file eval.py takes as
+    --alexnet-weights: its `features` (what LPIPS reads; the classifier's 58 M weights would make it 233 MB)."""
     import torchvision
     path = tmp_path_factory.mktemp("alexnet") / "alexnet.pth"
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    features = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in features.items()}, path)
     return str(path)
 
 
@@ -128,6 +129,13 @@ def no_curves(monkeypatch):
     whose claim is not the figure; the demo's and torchrun's tests draw it."""
     from machinery import training
     monkeypatch.setattr(training, "plot_log", lambda log_path, png_path: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_hyperprior(encoder):
+    """helpers.tiny_model(encoder) -- the hyperprior, seed 0, gammas drawn -- built once: for tests that only read
+    it (none may change its weights, or its integer networks)."""
+    return tiny_model(encoder)
 
 
 @pytest.fixture(scope="session")

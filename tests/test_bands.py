@@ -105,12 +105,11 @@ def image_of(kind, size):
     return (x * 65535).round().to(torch.uint16) if kind == "gray16" else (x * 255).round().to(torch.uint8)
 
 
-def pair_case(encoder, config, kind, size, quarter=False):
+def pair_case(model, kind, size, quarter=False):
     """The banded engine against the plain path (taco.py) on an image the plain path codes: with the budget
     just below the one-piece limit (the engine's first size up: several blocks, with ELIC's 16-row halos one per
     position of y) and, with `quarter`, a quarter of it, the engine writes the plain path's bytes and decodes
     them to the plain path's pixels."""
-    model = tiny_model(encoder, config=config)
     x = image_of(kind, size)
     limit = 4 * model.config.N * (-(-size[0] // 64) * 64) * (-(-size[1] // 64) * 64)   # taco.TACO.fits
     image = container.describe(x)
@@ -131,8 +130,8 @@ def pair_case(encoder, config, kind, size, quarter=False):
 
 @pytest.mark.parametrize("config", [pytest.param(TINY, marks=pytest.mark.core), TINY_ELIC],
                          ids=["hyperprior", "elic"])          # -m core: the hyperprior's (ELIC's takes 3 s)
-def test_the_banded_engine_writes_the_plain_paths_bytes_and_pixels(encoder, config):
-    pair_case(encoder, config, "rgb", (17, 33))
+def test_the_banded_engine_writes_the_plain_paths_bytes_and_pixels(request, config):
+    pair_case(request.getfixturevalue("tiny_elic" if config is TINY_ELIC else "tiny_hyperprior"), "rgb", (17, 33))
 
 
 # The pixels' kinds and odd sizes go through the engine's parts that both backbones share (bands.Pixels, the
@@ -142,13 +141,13 @@ CASES = [(TINY, "rgb", (150, 230)), (TINY, "gray", (64, 96)), (TINY, "gray16", (
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config,kind,size", CASES, ids=[f"{c.get('backbone', 'hyperprior')}-{k}" for c, k, _ in CASES])
-def test_the_banded_engine_writes_the_plain_paths_bytes_and_pixels_for_gray_16_bit_and_odd_sizes(encoder, config, kind,
-                                                                                                 size):
-    pair_case(encoder, config, kind, size, quarter=config is TINY)
+def test_the_banded_engine_writes_the_plain_paths_bytes_and_pixels_for_gray_16_bit_and_odd_sizes(tiny_hyperprior,
+                                                                                                 config, kind, size):
+    pair_case(tiny_hyperprior, kind, size, quarter=True)
 
 
-def test_the_banded_encoders_y_equals_the_one_piece_y(encoder):
-    model = tiny_model(encoder, config=TINY)
+def test_the_banded_encoders_y_equals_the_one_piece_y(tiny_hyperprior):
+    model = tiny_hyperprior
     x = natural_image(150, 230)
     text = model.read_text(["a cat on a mat"], "cpu")
     with torch.no_grad():
@@ -185,8 +184,8 @@ def test_the_format_takes_images_up_to_its_limit_and_refuses_larger_ones():
             container.describe(view(h, w))
 
 
-def test_progress_hears_every_band_and_the_library_is_quiet_by_default(encoder, capsys):
-    model = tiny_model(encoder, config=TINY)
+def test_progress_hears_every_band_and_the_library_is_quiet_by_default(tiny_hyperprior, capsys):
+    model = tiny_hyperprior
     heard = []
     data = model.compress(natural_image(70, 100), "a", memory=2e5, progress=lambda *a: heard.append(a))
     model.decompress(data, memory=2e5, progress=lambda *a: heard.append(a))

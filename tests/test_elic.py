@@ -158,11 +158,15 @@ def test_our_state_dict_has_exactly_the_reference_keys_and_shapes():
                                                                    if k not in tables}
 
 
-@pytest.mark.parametrize("updated", [False, True], ids=["as trained", "after update"])
-@pytest.mark.parametrize("generation", GENERATIONS)
+# Every naming generation as the reference saves its files (tables empty), and one file as update() fills them:
+# the names and the tables are read by separate code, so their combinations fail in no other way.
+RELEASED_FORMS = [(generation, False) for generation in GENERATIONS] + [("1.2.6", True)]
+
+
+@pytest.mark.parametrize("generation,updated", RELEASED_FORMS,
+                         ids=[g + (" after update" if u else " as trained") for g, u in RELEASED_FORMS])
 def test_a_released_file_loads_strictly_through_load_checkpoint(tmp_path, small_release, generation, updated):
-    """Every naming generation, with the tables as trained (empty) and as update() fills them: the file's own
-    tensors, tables rebuilt (that such a model codes: the test below)."""
+    """The file's own tensors, the tables rebuilt (that such a model codes: the test below)."""
     path = str(tmp_path / "lambda_0.004.pth.tar")
     state = small_release(path, generation=generation, updated=updated)
     model, checkpoint = checkpoints.load_checkpoint(path)

@@ -11,11 +11,10 @@ from machinery import checkpoints, container, explain
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
-def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass_and_the_file_adds_the_header(request, encoder,
-                                                                                                  config):
+def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass_and_the_file_adds_the_header(request, config):
     """The bits map is the model's own estimate; the file is that estimate's streams plus the header the figure
     names (that the streams are within a fraction of a percent of the estimate: test_taco.py)."""
-    model = request.getfixturevalue("tiny_elic") if config is TINY_ELIC else tiny_model(encoder, config=config)
+    model = request.getfixturevalue("tiny_elic" if config is TINY_ELIC else "tiny_hyperprior")
     x = natural_image(70, 100)
     result = explain.analyse(model, x, "a red barn")
     with torch.no_grad():
@@ -48,11 +47,11 @@ def test_caption_changes_the_bits_map_exactly_when_the_gammas_are_nonzero(encode
 
 
 def test_the_explain_cli_writes_any_format_whole_and_never_overwrites_or_leaves_a_partial_file(tmp_path, capsys,
-                                                                                              encoder, monkeypatch):
+                                                                                              tiny_hyperprior,
+                                                                                              monkeypatch):
     """A PNG, then a vector and another raster format (PDF, JPEG); an unknown format is refused before anything is
     touched; a failed write leaves the earlier figure and no temporary file."""
-    model = tiny_model(encoder, config=TINY)
-    checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), model)
+    checkpoints.save_checkpoint(str(tmp_path / "tiny.pt"), tiny_hyperprior)
     Image.fromarray((natural_image(64, 96)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(
         tmp_path / "photo.png")
     base = ["--checkpoint", str(tmp_path / "tiny.pt"), "--explain", str(tmp_path / "photo.png"), "--caption",
@@ -88,11 +87,11 @@ def test_the_explain_cli_writes_any_format_whole_and_never_overwrites_or_leaves_
 
 
 @pytest.mark.parametrize("size", [(64, 1024), (1024, 64)], ids=["wide", "tall"])
-def test_extreme_aspect_ratios_give_a_bounded_readable_figure_of_the_costliest_window(tmp_path, encoder, size):
+def test_extreme_aspect_ratios_give_a_bounded_readable_figure_of_the_costliest_window(tmp_path, tiny_hyperprior,
+                                                                                    size):
     """16:1 and 1:16, four and eight times past what is drawn whole; the costly band far from the start."""
-    model = tiny_model(encoder, config=TINY)
     x = natural_image(*size)
-    explain.explain(model, x, "a long strip", str(tmp_path / "fig.png"))
+    explain.explain(tiny_hyperprior, x, "a long strip", str(tmp_path / "fig.png"))
     with Image.open(tmp_path / "fig.png") as figure:
         width, height = figure.size
     assert width <= 1280 and 300 <= height <= 2200

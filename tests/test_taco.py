@@ -27,8 +27,8 @@ def eval_reconstruction(model, x, caption):
 
 @pytest.mark.parametrize("size", [(17, 33), (130, 200)])
 @pytest.mark.core
-def test_decompress_equals_the_models_own_reconstruction_exactly(encoder, size):
-    model = tiny_model(encoder)
+def test_decompress_equals_the_models_own_reconstruction_exactly(tiny_hyperprior, size):
+    model = tiny_hyperprior
     x = natural_image(*size)
     data = model.compress(x, "a red barn in the snow")
     assert torch.equal(model.decompress(data), eval_reconstruction(model, x, "a red barn in the snow"))
@@ -150,8 +150,8 @@ def test_gdn_follows_its_formula():
     assert (beta >= 1e-6).all() and (gamma >= 0).all()
 
 
-def test_grayscale_and_rgba_inputs_are_handled(encoder):
-    model = tiny_model(encoder)
+def test_grayscale_and_rgba_inputs_are_handled(tiny_hyperprior):
+    model = tiny_hyperprior
     gray = natural_image(40, 30)[:, :1]
     decoded = model.decompress(model.compress(gray, "x"))
     assert decoded.shape == (1, 1, 40, 30)
@@ -160,9 +160,9 @@ def test_grayscale_and_rgba_inputs_are_handled(encoder):
 
 
 @pytest.fixture(scope="module")
-def coded(encoder):
+def coded(tiny_hyperprior):
     """A small file (383 bytes: every one of them is flipped below) and the model that wrote it."""
-    model = tiny_model(encoder)
+    model = tiny_hyperprior
     return model, model.compress(natural_image(17, 33), "a boat")
 
 
@@ -234,9 +234,9 @@ def test_cli_roundtrip_refuses_to_overwrite_and_reports_errors(encoder, tmp_path
     assert not os.path.exists(tmp_path / "x.png")
 
 
-def test_cli_text_model_requires_a_caption(encoder, tmp_path, capsys):
+def test_cli_text_model_requires_a_caption(tiny_hyperprior, tmp_path, capsys):
     from PIL import Image
-    save_checkpoint(str(tmp_path / "model.pt"), tiny_model(encoder))
+    save_checkpoint(str(tmp_path / "model.pt"), tiny_hyperprior)
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
     assert codec.main(["compress", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model.pt")]) == 1
     assert "--caption" in capsys.readouterr().err
@@ -358,14 +358,15 @@ def test_sixteen_bit_and_gray_alpha_images_read_as_one_full_precision_channel(tm
     assert x.shape == (1, 1, 16, 16) and np.allclose(x[0, 0].numpy(), gray / 255)
 
 
-def test_adapter_model_without_text_says_what_it_needs(encoder):
-    model = tiny_model(encoder)
+def test_adapter_model_without_text_says_what_it_needs(tiny_hyperprior):
+    model = tiny_hyperprior
     with pytest.raises(ValueError, match="text adapter: pass captions"):
         model(torch.rand(1, 3, 64, 64))
 
 
-def test_hyper_synthesis_gives_scales_then_means_and_old_checkpoints_are_converted(encoder, tmp_path):
-    model = tiny_model(encoder)
+def test_hyper_synthesis_gives_scales_then_means_and_old_checkpoints_are_converted(tiny_hyperprior, encoder,
+                                                                                   tmp_path):
+    model = tiny_hyperprior
     hyper = torch.cat([torch.full((1, 24, 1, 1), 3.0), torch.full((1, 24, 1, 1), 0.25)], dim=1)
     y = torch.full((1, 24, 1, 1), 0.25)
     _, likelihoods = model.eval().y_model(y, hyper, None)           # scale 3 around mean 0.25: P(0) of N(0, 9)

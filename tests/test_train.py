@@ -269,11 +269,11 @@ def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_p
     monkeypatch.setattr(elic, "OFFICIAL", released_config(state))
     monkeypatch.setattr(taco, "TacoConfig", functools.partial(taco.TacoConfig, slices=SMALL["slices"]))
     model, checkpoint = run_train(["--backbone", "elic", "--N", str(SMALL["N"]), "--M", str(SMALL["M"]),
-                                   "--init-from", path, "--steps", "2", "--val-every", "100", "--batch-size", "1",
+                                   "--init-from", path, "--steps", "1", "--val-every", "100", "--batch-size", "1",
                                    "--lr", "0", "--val-root", ""], tmp_path, "finetune", small_data)
     weights = model.state_dict()
     assert f"starting from {path}: {len(weights)} tensors from" in capsys.readouterr().out
-    assert model.config.backbone == "elic" and model.config.slices == SMALL["slices"] and checkpoint["step"] == 2
+    assert model.config.backbone == "elic" and model.config.slices == SMALL["slices"] and checkpoint["step"] == 1
     for key in ("g_a.analysis_transform.8.gamma", "channel_context.4.fushion.4.bias", "h_s.increase.4.weight"):
         assert torch.equal(weights[key], state["module." + key]), key                 # lr 0: still the file's
 
