@@ -347,8 +347,12 @@ def complexity(model, size=256):
             counts["macs"] += 2 * q.numel() * d + 2 * k.numel() * d + 2 * q.shape[1] * k.numel()
         elif isinstance(module, taco.GDN):
             counts["macs"] += out.numel() * out.shape[1]
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.MultiheadAttention, taco.GDN))]
+        elif isinstance(module, taco.Extractor):     # its attention, written out: keys, values, queries, softmax
+            (x, text), D = inputs, module.cross_attn.embed_dim      # (its Linear layers count themselves)
+            P, T = x.shape[-2] * x.shape[-1], text.shape[1]
+            counts["macs"] += (2 * P + T) * D * D + 2 * T * P * D
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(
+        m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.MultiheadAttention, taco.GDN, taco.Extractor))]
     config, device = model.config, next(model.parameters()).device
     text = (torch.zeros(1, config.text_tokens, config.text_dim, device=device),
             torch.zeros(1, config.text_tokens, dtype=bool, device=device))

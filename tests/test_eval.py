@@ -130,8 +130,13 @@ def test_complexity_counts_match_the_layer_formulas():
     counted = metrics.complexity(model, size)
     assert counted["macs_per_pixel"] == expected / size ** 2
     assert counted["params"] == sum(p.numel() for p in model.parameters()) and counted["adapter_params"] == 0
-    with_text = metrics.complexity(taco.TACO(taco.TacoConfig(**TINY)), size)
-    assert with_text["adapter_params"] > 0 and with_text["macs_per_pixel"] > counted["macs_per_pixel"]
+    config = taco.TacoConfig(**TINY)
+    T, D, quarter, eighth = config.text_tokens, config.text_dim, (size // 4) ** 2, (size // 8) ** 2
+    injectors = sum(T * D * N + 2 * P * N * N + 2 * T * N * N + 2 * P * T * N for P in (quarter, eighth))
+    extractor = eighth * N * D + 2 * eighth * D * D + 2 * T * D * D + 2 * T * eighth * D   # the last: out_proj
+    with_text = metrics.complexity(taco.TACO(config), size)
+    assert with_text["adapter_params"] > 0
+    assert with_text["macs_per_pixel"] == (expected + injectors + extractor) / size ** 2
 
 
 def test_report_bpp_is_the_real_file_size_and_outputs_are_written(weights_folder, alexnet_weights, tmp_path):
