@@ -251,7 +251,8 @@ def test_bottleneck_aux_loss_moves_only_the_quantiles_toward_their_targets():
         bottleneck.aux_loss().backward()
         optimizer.step()
     assert bottleneck.aux_loss().item() < 0.1 * first
-    assert all(p.grad is None for n, p in bottleneck.named_parameters() if n != "quantiles")       # the density is not moved by it
+    # the density is not moved by it
+    assert all(p.grad is None for n, p in bottleneck.named_parameters() if n != "quantiles")
 
 
 @pytest.mark.core
@@ -332,7 +333,8 @@ def per_channel_tables(bottleneck):
     with torch.no_grad():
         for c in range(q.shape[0]):
             median = q[c, 0, 1]
-            low, high = int(torch.ceil(median - q[c, 0, 0]).clamp_min(0)), int(torch.ceil(q[c, 0, 2] - median).clamp_min(0))
+            low = int(torch.ceil(median - q[c, 0, 0]).clamp_min(0))
+            high = int(torch.ceil(q[c, 0, 2] - median).clamp_min(0))
             v = (median + torch.arange(-low, high + 1).double()).view(1, 1, -1).expand(q.shape[0], 1, -1)
             pmf = bottleneck._likelihood(v)[c, 0]
             below = torch.sigmoid(bottleneck._logits_cumulative(v[:, :, :1] - 0.5)[c, 0, 0])
