@@ -39,7 +39,9 @@ def test_a_model_on_a_gpu_updates_compresses_the_cpu_bytes_and_decodes_on_either
     with StandInGPU() as gpu:
         model.to(gpu.device).update()                  # tables rebuilt from the GPU's parameters
         gpu_bytes = model.compress(x, "a red barn")
-        assert model.compress(x, "a red barn", memory=2e5) == gpu_bytes           # in bands on "the GPU"
+        heard = []
+        assert model.compress(x, "a red barn", memory=2e5, progress=lambda *a: heard.append(a)) == gpu_bytes
+        assert max(total for stage, _, total in heard if stage == "coding") > 1    # in bands on "the GPU"
         on_gpu = model.decompress(gpu_bytes, memory=2e5)
         assert on_gpu.device.type == "cpu"             # the image comes back to the host, band by band
     on_cpu = model.cpu().decompress(gpu_bytes)

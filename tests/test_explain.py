@@ -66,8 +66,9 @@ def test_the_explain_cli_writes_any_format_whole_and_never_overwrites_or_leaves_
     assert (tmp_path / "explain.png").read_bytes() == before
 
     base.insert(-1, "--force")
-    evaluation.main(base + [str(tmp_path / "fig.pdf")])
-    assert (tmp_path / "fig.pdf").read_bytes().startswith(b"%PDF")
+    for name, magic in (("fig.pdf", b"%PDF"), ("fig.jpg", b"\xff\xd8"), ("fig.svg", b"<?xml")):   # as asked
+        evaluation.main(base + [str(tmp_path / name)])
+        assert (tmp_path / name).read_bytes().startswith(magic), name
     (tmp_path / "fig.xyz").write_bytes(b"the user's file")
     with pytest.raises(SystemExit, match="cannot write '.xyz'"):
         evaluation.main(base + [str(tmp_path / "fig.xyz")])
