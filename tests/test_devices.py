@@ -112,6 +112,14 @@ def test_without_clip_weights_the_stand_in_line_names_only_what_the_model_has(mo
         assert ("the adapter reads" in line) == adapter and "J is dropped" in line
 
 
+def test_with_alexnet_weights_lpips_is_built_and_no_stand_in_is_announced(alexnet_weights):
+    said = []
+    cfg = train.parse_args(TINY_RUN + ["--k-j", "0", "--k-p", "1", "--alexnet-weights", alexnet_weights,
+                                       "--allow-missing-weights"])
+    _, _, lpips, _ = training.build_towers(cfg, said.append)
+    assert lpips is not None and not any(line.startswith("STAND-IN") for line in said)
+
+
 @pytest.mark.parametrize("config", [TINY, TINY_ELIC], ids=["hyperprior", "elic"])
 def test_a_device_without_float64_codes_with_the_integer_networks_on_the_cpu(encoder, config):
     """Apple's MPS has no float64: the latents and the integer networks stay on the CPU there, the transforms
