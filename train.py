@@ -276,8 +276,7 @@ def train(cfg):
             if rank == 0:
                 best, val_rows = checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips,
                                                          log, progress)
-            if world > 1:
-                dist.barrier()
+            devices.barrier()                      # the other ranks wait for rank 0's checkpoint
         if step == cfg.stop_at:
             break
     progress.close()
