@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from machinery import banded, captioner, container, elic, files
 from machinery.checkpoints import CheckpointError, load_checkpoint
@@ -55,7 +56,7 @@ def command_compress(args):
     progress.close()
     seconds = time.perf_counter() - start
     files.refuse_overwrite(output, args.force)
-    files.write_atomically(output, lambda path: open(path, "wb").write(data))
+    files.write_atomically(output, lambda path: Path(path).write_bytes(data))
     H, W = x.shape[-2:]
     print(f"{output}: {len(data)} bytes, {8 * len(data) / (H * W):.4f} bpp ({W}x{H}), {seconds:.2f} s")
 

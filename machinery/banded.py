@@ -139,18 +139,13 @@ def latent_bands(network, height, width, channels, memory):
     return [slice(r, min(r + rows, height)) for r in range(0, height, rows)]
 
 
-def hyper_rows(h_s, z_hat, rows):
-    """h_s(z_hat) for the rows `rows` of y only, all columns: (1, 2M, rows, w)."""
-    read = lambda r, c: z_hat[..., r, c]                                        # noqa: E731
-    w = bands.output_size(h_s, z_hat.shape[-2:])[1]
-    return bands.run_block(h_s, read, z_hat.shape[-2:], (rows.start, rows.stop), (0, w))
-
-
 def hyperprior_rows(h_s, z_hat, channels, memory, progress=None):
-    """(rows, h_s(z_hat) at those rows of y (1, 2M, rows, w)) for each band of rows of y, in coding order."""
+    """(rows, h_s(z_hat) at those rows of y (1, 2M, rows, w), all columns) for each band of rows of y, in coding
+    order."""
     height, width = bands.output_size(h_s, z_hat.shape[-2:])
+    read = lambda r, c: z_hat[..., r, c]                                        # noqa: E731
     for rows in bands.each(latent_bands(h_s, height, width, channels, memory), "coding", progress):
-        yield rows, hyper_rows(h_s, z_hat, rows)
+        yield rows, bands.run_block(h_s, read, z_hat.shape[-2:], (rows.start, rows.stop), (0, width))
 
 
 def encode_y(model, y, z_hat, nets, memory, progress=None):

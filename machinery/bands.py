@@ -65,10 +65,6 @@ def chain(layer):
     return None
 
 
-def per_position(layer):
-    return type(layer).__name__ in PER_POSITION
-
-
 def branches(layer):
     """The residual branches of an x + f(x) block, as modules; () for any other layer."""
     return [getattr(layer, name) for name in RESIDUAL_BRANCHES.get(type(layer).__name__, ())]
@@ -86,7 +82,7 @@ def window(layer, lo, hi, dim):
         for part in reversed(parts):
             lo, hi = window(part, lo, hi, dim)
         return lo, hi
-    if per_position(layer):
+    if type(layer).__name__ in PER_POSITION:
         return lo, hi
     if spans := [window(branch, lo, hi, dim) for branch in branches(layer)]:   # x + f(x): the union of windows
         return min([lo] + [a for a, _ in spans]), max([hi] + [b for _, b in spans])
@@ -185,9 +181,6 @@ def halo(layer, dim):
     start = 1 << 20                                             # far from the edges, a multiple of any stride
     first, last = window(layer, start, start + alignment, dim)
     return max(0, math.ceil((last - first) * scale) - alignment)
-
-
-# The image, read in blocks
 
 
 class Pixels:

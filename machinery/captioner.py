@@ -47,8 +47,9 @@ class Captioner:
         self.min_tokens = min(min_tokens, self.max_tokens)
         self.start, self.end = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
         if not CachedDecoder.fits(self.model):
-            print(f"note: open_clip {open_clip.__version__}'s CoCa is laid out unlike open_clip "
-                  f"{OPEN_CLIP_LAYOUT}'s: captions are decoded without a cache (slower)")
+            raise ValueError(f"open_clip {open_clip.__version__}'s CoCa is laid out unlike open_clip "
+                             f"{OPEN_CLIP_LAYOUT}'s, which the captioner reads: install open_clip_torch "
+                             f"{OPEN_CLIP_LAYOUT} (requirements.txt)")
 
     @torch.no_grad()
     def __call__(self, pixels):
@@ -59,8 +60,8 @@ class Captioner:
     def caption_many(self, photos):
         """A list of photos (each as __call__ takes it) -> their captions, decoded side by side."""
         image = torch.cat([self.preprocess(pixels) for pixels in photos]).to(self.device)   # (n, 3, S, S)
-        latent, embeddings = self.model._encode_image(image)
-        return [self.text(tokens) for tokens in self.beam_search_many(latent, embeddings)]
+        _, embeddings = self.model._encode_image(image)                        # (n, positions, width)
+        return [self.text(tokens) for tokens in self.beam_search_many(embeddings)]
 
     def bytes_per_photo(self):
         """About what one more photo decoded side by side holds: the image tower's activations (positions x
@@ -90,15 +91,14 @@ class Captioner:
         return scores
 
     @torch.no_grad()
-    def beam_search_many(self, latent, embeddings):
+    def beam_search_many(self, embeddings):
         """-> the best caption's tokens (without start and end) of each image. Each step scores every one-token
         extension of every live beam of an image and walks its best 2 x beams: an end token among the first
         `beams` finishes that caption (scored by its mean log-probability per token), any other extension lives
         on, until `beams` live again. An image is done when `beams` of its captions are finished, or at
         max_tokens, where every beam must end. The images' live beams are rows of one batch."""
         n = len(embeddings)
-        decoder = (CachedDecoder(self.model, embeddings) if CachedDecoder.fits(self.model)   # next-token logits
-                   else Uncached(self.model, latent, embeddings))
+        decoder = CachedDecoder(self.model, embeddings)                         # next-token logits
         live = torch.full((n, 1), self.start, dtype=torch.long, device=self.device)   # (rows, length)
         owner, totals = list(range(n)), torch.zeros(n, device=self.device)             # each row's image, score
         finished = [[] for _ in range(n)]
@@ -150,20 +150,6 @@ def runs(owner):
             out.append((owner[start], slice(start, r)))
             start = r
     return out
-
-
-class Uncached:
-    """CoCa's own forward over the whole prefix of every row (open_clip's layout does not matter)."""
-
-    def __init__(self, model, latent, embeddings):
-        self.model, self.latent, self.embeddings = model, latent, embeddings
-
-    def logits(self, tokens, owner):
-        return self.model(None, tokens, image_latent=self.latent[owner], image_embs=self.embeddings[owner],
-                          output_labels=False)["logits"][:, -1]                 # (rows, vocabulary)
-
-    def reorder(self, rows):
-        pass
 
 
 class CachedDecoder:
@@ -232,7 +218,7 @@ class CachedDecoder:
         layers = len(text.transformer.resblocks)
         for i in range(layers):
             x = self.self_attend(i, x, mask)
-        groups = [(image, rows) for image, rows in runs(owner)]                # each image's rows, contiguous
+        groups = runs(owner)                                                    # each image's rows, contiguous
         for i, block in enumerate(self.decoder.cross_attn):                     # x: the token's features
             x = self.self_attend(layers + i, x)
             x = torch.cat([self.cross_attend(block, x[rows], *(kv[image:image + 1] for kv in self.cross[i]))

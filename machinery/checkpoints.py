@@ -64,8 +64,7 @@ def load_released(path, checkpoint):
     GaussianConditional(None)); our update() rebuilds the tables, and the standard scale table is ours whether
     the file's is empty or filled (standard_scale_table). Every other key must match exactly, in any of
     CompressAI's naming generations (released_key)."""
-    state = {released_key(k): v for k, v in checkpoint["state_dict"].items()}
-    state = {k: v for k, v in state.items() if k is not None}
+    state = {ours: v for k, v in checkpoint["state_dict"].items() if (ours := released_key(k)) is not None}
     return load_rebuilding_tables(elic.ElicTACO(elic.OFFICIAL), state, path)
 
 

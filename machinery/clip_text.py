@@ -43,21 +43,18 @@ def hub_offline_unless_reachable():
         constants.HF_HUB_OFFLINE = saved
 
 
-class _LibraryStandInNotes(logging.Filter):
-    """Drops open_clip's own notes that a tower has no pretrained weights ("No pretrained weights loaded ...
-    Model initialized randomly", "... no CLIP weights found in ..."): a random tower is asked for on purpose here,
-    and the caller says so once in the project's own words (STAND-IN, note: ...)."""
-    repeats = ("No pretrained weights loaded", "initialized partially", "no CLIP weights found")
-
-    def filter(self, record):
-        return not any(phrase in record.getMessage() for phrase in self.repeats)
+# open_clip's own notes that a tower has no pretrained weights ("No pretrained weights loaded ... Model initialized
+# randomly", "... no CLIP weights found in ..."): a random tower is asked for on purpose here, and the caller says
+# so once in the project's own words (STAND-IN, note: ...).
+STAND_IN_NOTES = ("No pretrained weights loaded", "initialized partially", "no CLIP weights found")
 
 
 @contextlib.contextmanager
 def _quiet_stand_in_notes():
     """open_clip logs through the root logger (logging.warning), which installs a stderr handler on first use;
-    a NullHandler for the duration keeps that from happening, and the filter drops the repeated notes."""
-    root, null, quiet = logging.getLogger(), logging.NullHandler(), _LibraryStandInNotes()
+    a NullHandler for the duration keeps that from happening, and a filter drops its stand-in notes."""
+    quiet = lambda record: not any(phrase in record.getMessage() for phrase in STAND_IN_NOTES)   # noqa: E731
+    root, null = logging.getLogger(), logging.NullHandler()
     added = not root.handlers
     if added:
         root.addHandler(null)
@@ -77,16 +74,12 @@ def tokenizer(name):
     return open_clip.get_tokenizer(name)
 
 
+@_quiet_stand_in_notes()
 def load_clip(name, pretrained, what="CLIP", option="--clip-pretrained"):
     """An open_clip model (CLIP, or CoCa for captioner.py): `name` is open_clip's (or "local-dir:<folder>" with an
     open_clip_config.json); `pretrained` is a tag ("openai"), a local weights file, or "random". Weights that
     cannot be had raise WeightsUnavailable, whose message names `what` and the `option` that takes a file.
     The one place the towers are built: open_clip's notes that repeat a stand-in note are dropped here."""
-    with _quiet_stand_in_notes():
-        return _load_clip(name, pretrained, what, option)
-
-
-def _load_clip(name, pretrained, what, option):
     import open_clip
     if pretrained == "random":             # seeded: the same stand-in in every process, for train and compress
         with torch.random.fork_rng(devices=[]):

@@ -71,8 +71,8 @@ def pack(fingerprint, image, decisions, z_bytes, y_bytes):
 
 def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
     """-> height, width, gray, bits, padded (height and width rounded up to 64, as describe()), decisions (the CRC of
-    the coding decisions), z_bytes, y_bytes; raises
-    BitstreamError with the reason. A size above max_pixels is refused here, before anything is allocated."""
+    the coding decisions), z_bytes, y_bytes; raises BitstreamError with the reason. A size above max_pixels is
+    refused here, before anything is allocated."""
     if len(data) < 5 or data[:4] != MAGIC:
         raise BitstreamError("not a TACO file (no TACO header)")
     if data[4] != VERSION:

@@ -103,14 +103,7 @@ class ElicAnalysis(nn.Module):
             conv(N, M), AttentionBlock(M))                                               # 16-17, 1/16
 
     def forward(self, x, text, padding=None):
-        for layer in self.analysis_transform:    # Injectors read the text, the Extractor refreshes it from x
-            if isinstance(layer, Injector):
-                x = layer(x, text, padding)
-            elif isinstance(layer, Extractor):
-                text = layer(x, text)                                           # (B, T, D)
-            else:
-                x = layer(x)
-        return x                                                                # (B, M, H/16, W/16)
+        return banded.run_analysis(self.analysis_transform, x, text, padding)  # (B, M, H/16, W/16)
 
 
 # The other networks are Sequentials named as the reference's modules, so that its state-dict keys load as they are

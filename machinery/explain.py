@@ -72,6 +72,7 @@ def upsample(map_, factor, H, W):
     return big[:H, :W].numpy()
 
 
+HEADER_BITS = 8 * (container.HEADER.size + container.CHECKSUM.size)   # what a file holds beside the streams
 WIDEST, TALLEST = 4, 2          # width:height and height:width shown whole; beyond, a window of that shape
 
 
@@ -119,10 +120,6 @@ def show(fig, ax, picture, title, **style):
         fig.colorbar(drawn, ax=ax, fraction=0.03)
 
 
-def header_bits():
-    return 8 * (container.HEADER.size + container.CHECKSUM.size)
-
-
 def figure(model, with_caption, empty, path, lpips=None, stand_in=None, source=None):
     """Write the three-row figure for one image coded with and without its caption."""
     import matplotlib
@@ -143,7 +140,7 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None, source=N
         ax.axis("off")
 
     estimate = with_caption["bits_y"].sum() + with_caption["bits_z"]
-    overhead = 8 * with_caption["bytes"] - header_bits() - float(estimate)
+    overhead = 8 * with_caption["bytes"] - HEADER_BITS - float(estimate)
     show(fig, axes[0, 0], image(x), "original")
     show(fig, axes[0, 1], image(with_caption["x_hat"]),
          f"decoded: {with_caption['bpp']:.3f} bpp (file), {with_caption['psnr']:.2f} dB")
@@ -152,7 +149,7 @@ def figure(model, with_caption, empty, path, lpips=None, stand_in=None, source=N
     show(fig, axes[0, 3], plane(bits),
          f"bits per pixel of y: {with_caption['bits_y'].sum() / (H * W):.3f} bpp; "
          f"z {with_caption['bits_z'] / (H * W):.3f} bpp\n"
-         f"file = these + header {header_bits()} bits + coder and tables {overhead:+.0f} bits", cmap="viridis")
+         f"file = these + header {HEADER_BITS} bits + coder and tables {overhead:+.0f} bits", cmap="viridis")
 
     delta_bits = plane(upsample(with_caption["bits_y"] - empty["bits_y"], 16, H, W) / 256)
     limit = max(float(np.abs(delta_bits).max()), 1e-9)

@@ -37,11 +37,6 @@ def to_fixed(x):
     return torch.round(x.double() * 2.0 ** FRACTION_BITS).clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
 
 
-def from_fixed(a):
-    """Integers at 2**FRACTION_BITS -> their real values, exactly (float64)."""
-    return a * 2.0 ** -FRACTION_BITS
-
-
 def powers_of_two(exponents):
     """Exact 2**e for each integer e (math.ldexp is exact by definition; a float pow need not be)."""
     return torch.tensor([math.ldexp(1.0, int(e)) for e in exponents], dtype=torch.float64)
@@ -184,7 +179,7 @@ class IntegerNetwork:
         a = to_fixed(x)
         for layer in self.layers:
             a = layer(a)
-        return from_fixed(a)                                                    # float64, exact
+        return a * 2.0 ** -FRACTION_BITS                                        # real values, float64, exact
 
 
 def networks(model, fingerprint=None):

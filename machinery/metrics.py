@@ -132,12 +132,6 @@ class LPIPS(nn.Module):
         return total
 
 
-def torchvision_state(weights, path, what, flag):
-    """A torchvision state dict from a local file, or from torchvision's download cache (cached_weights)."""
-    return torch.load(cached_weights(weights.url, path, what, flag, "torchvision"), map_location="cpu",
-                      weights_only=True)
-
-
 def cached_weights(url, path, what, flag, library):
     """The path of a weights file: `path` if given, else the torch hub cache's copy of `url` (where torchvision and
     torch-fidelity keep theirs), fetched into it on first use; checked to load with weights_only=True. Fetched here
@@ -161,8 +155,9 @@ def load_lpips(convention="standard", alexnet_weights=None):
     """LPIPS with ImageNet AlexNet weights (torchvision's) and the calibrated linear layers shipped inside the
     `lpips` package."""
     import torchvision
-    alexnet_state = torchvision_state(torchvision.models.AlexNet_Weights.IMAGENET1K_V1, alexnet_weights,
-                                      "AlexNet (LPIPS)", "--alexnet-weights")
+    path = cached_weights(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url, alexnet_weights, "AlexNet (LPIPS)",
+                          "--alexnet-weights", "torchvision")
+    alexnet_state = torch.load(path, map_location="cpu", weights_only=True)
     return LPIPS(alexnet_state, lpips_linear_weights(), convention)
 
 
@@ -229,23 +224,25 @@ def psnr_at_bpp(curve, bpp):
     return float(np.interp(bpp, rates, quality))
 
 
+def mean_gap(xa, ya, xb, yb):
+    """Bjontegaard's mean of fit_b - fit_a, cubic fits of y over x, over the range of x that both curves cover."""
+    fit_a, fit_b = np.polyfit(xa, ya, 3), np.polyfit(xb, yb, 3)
+    low, high = max(min(xa), min(xb)), min(max(xa), max(xb))
+    integral = lambda fit: np.polyval(np.polyint(fit), high) - np.polyval(np.polyint(fit), low)   # noqa: E731
+    return (integral(fit_b) - integral(fit_a)) / (high - low)
+
+
 def bd_rate(curve_a, curve_b):
     """Bjontegaard delta rate (%) of curve b against curve a: average bitrate change at equal PSNR, from
-    cubic fits of log-rate over PSNR, integrated over the PSNR range both curves cover. Negative: b saves."""
+    cubic fits of log-rate over PSNR. Negative: b saves."""
     (ra, pa), (rb, pb) = zip(*curve_a), zip(*curve_b)
-    fit_a, fit_b = np.polyfit(pa, np.log(ra), 3), np.polyfit(pb, np.log(rb), 3)
-    low, high = max(min(pa), min(pb)), min(max(pa), max(pb))
-    integral = lambda fit: np.polyval(np.polyint(fit), high) - np.polyval(np.polyint(fit), low)
-    return float((np.exp((integral(fit_b) - integral(fit_a)) / (high - low)) - 1) * 100)
+    return float((np.exp(mean_gap(pa, np.log(ra), pb, np.log(rb))) - 1) * 100)
 
 
 def bd_psnr(curve_a, curve_b):
     """Bjontegaard delta PSNR (dB) of curve b against curve a, at equal log-rate."""
     (ra, pa), (rb, pb) = zip(*curve_a), zip(*curve_b)
-    fit_a, fit_b = np.polyfit(np.log(ra), pa, 3), np.polyfit(np.log(rb), pb, 3)
-    low, high = max(np.log(min(ra)), np.log(min(rb))), min(np.log(max(ra)), np.log(max(rb)))
-    integral = lambda fit: np.polyval(np.polyint(fit), high) - np.polyval(np.polyint(fit), low)
-    return float((integral(fit_b) - integral(fit_a)) / (high - low))
+    return float(mean_gap(np.log(ra), pa, np.log(rb), pb))
 
 
 def cmmd(a, b, sigma=10.0, scale=1000.0, block=2048):

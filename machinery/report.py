@@ -101,12 +101,12 @@ def print_entry(path, entry):
     c = entry["complexity"]
     print(f"{path}: {c['params'] / 1e6:.2f} M parameters ({c['adapter_params'] / 1e6:.2f} M text adapter), "
           f"{c['macs_per_pixel'] / 1e3:.1f} kMAC/pixel")
-    keys = METRIC_KEYS
-    print("  " + f"{'captions':10s}" + "".join(f"{k:>16s}" for k in keys))
+    print("  " + f"{'captions':10s}" + "".join(f"{k:>16s}" for k in METRIC_KEYS))
     for run in ("given", "empty", "shuffled"):
         if run in entry:
             mean = entry[run]["mean"]
-            print("  " + f"{run:10s}" + "".join(f"{mean[k]:16.4f}" if k in mean else f"{'-':>16s}" for k in keys))
+            print("  " + f"{run:10s}" + "".join(f"{mean[k]:16.4f}" if k in mean else f"{'-':>16s}"
+                                              for k in METRIC_KEYS))
     protocol = entry.get("given", {}).get("mean", {}).get("fid_protocol")
     if protocol:
         size = entry["given"]["mean"]["kid_subset_size"]

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -26,11 +27,6 @@ def key(row):
 def digest(names):
     """A short hash of a list of image names: the settings record which images a run covers."""
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-
-
-def write_json(value, path):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
 
 
 def check(folder, settings, resume=False, force=False):
@@ -72,7 +68,8 @@ class ResultStore:
         os.makedirs(self.folder, exist_ok=True)
         for old in self.files("rows-*.jsonl") + self.files("features-*.f32"):
             os.remove(old)
-        files.write_atomically(os.path.join(self.folder, SETTINGS), lambda path: write_json(settings, path))
+        text = json.dumps(settings, indent=1)
+        files.write_atomically(os.path.join(self.folder, SETTINGS), lambda path: Path(path).write_text(text))
 
     def files(self, pattern):
         return sorted(glob.glob(os.path.join(self.folder, pattern)))

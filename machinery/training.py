@@ -94,21 +94,17 @@ def start_from(model, path, say):
         (f"; the text adapter initialised ({len(fresh)} tensors, gammas 0)" if fresh else ""))
 
 
-def folder_captions(cfg, rank, world, device):
-    """--data folder --captions auto: every image of --root captioned once, each rank its share, logged in --out
-    and reused by a resumed run (captioner.caption_images) -> {image: [caption]}."""
-    table = captioner.caption_images(cfg.root, data.image_files(cfg.root), read_pixels, cfg.out, cfg.captioner,
-                                     cfg.captioner_pretrained, device, rank, world)
-    return {image: [caption] for image, caption in table.items()}
-
-
 def training_data(cfg, rank=0, world=1, device="cpu"):
     if cfg.data == "demo":
         return data.demo_items(data.DEMO_PHOTOS), data.demo_items(data.DEMO_HELD_OUT)
     if cfg.data == "coco":
         train_items = data.coco_items(cfg.root, cfg.crop)
     elif cfg.data == "folder":
-        captions = folder_captions(cfg, rank, world, device) if cfg.captions == "auto" else cfg.captions
+        captions = cfg.captions       # 'auto': every image of --root captioned once, each rank its share, logged
+        if captions == "auto":        # in --out and reused by a resumed run
+            table = captioner.caption_images(cfg.root, data.image_files(cfg.root), read_pixels, cfg.out,
+                                             cfg.captioner, cfg.captioner_pretrained, device, rank, world)
+            captions = {image: [caption] for image, caption in table.items()}
         train_items = data.folder_items(cfg.root, captions, cfg.crop)
     else:
         raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")

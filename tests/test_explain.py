@@ -24,7 +24,7 @@ def test_bits_map_totals_the_likelihood_bits_of_the_same_forward_pass_and_the_fi
     assert result["bits_z"] == pytest.approx(float(total_z), rel=1e-12)
     data = model.compress(x, "a red barn")
     *_, z_bytes, y_bytes = container.HEADER.unpack_from(data)
-    assert result["bytes"] == len(data) and 8 * len(data) - explain.header_bits() == 8 * (z_bytes + y_bytes)
+    assert result["bytes"] == len(data) and 8 * len(data) - explain.HEADER_BITS == 8 * (z_bytes + y_bytes)
 
 
 def test_attention_shown_is_the_adapters_own_and_follows_the_caption(encoder):
