@@ -36,6 +36,8 @@ class Progress:
 
 
 def command_compress(args):
+    output = args.output or os.path.splitext(args.image)[0] + ".taco"
+    files.refuse_overwrite(output, args.force)                    # before anything is read or computed
     x = read_pixels(args.image, args.max_image_pixels)
     model, _ = load_checkpoint(args.checkpoint, args.device)
     if model.config.text_adapter:
@@ -49,29 +51,27 @@ def command_compress(args):
             args.caption = captioner.auto_caption(args, x)
         clip = args.clip_pretrained or model.config.clip_pretrained
         model.attach_text_encoder(TextEncoder(model.config.clip_model, clip, model.config.text_tokens))
-    output = args.output or os.path.splitext(args.image)[0] + ".taco"
     start, progress = time.perf_counter(), Progress()
     data = model.compress(x, args.caption or "", memory=args.memory and args.memory * 2 ** 20,
                           progress=progress)
     progress.close()
     seconds = time.perf_counter() - start
-    files.refuse_overwrite(output, args.force)
     files.write_atomically(output, lambda path: Path(path).write_bytes(data))
     H, W = x.shape[-2:]
     print(f"{output}: {len(data)} bytes, {8 * len(data) / (H * W):.4f} bpp ({W}x{H}), {seconds:.2f} s")
 
 
 def command_decompress(args):
+    output = args.output or os.path.splitext(args.file)[0] + "_decoded.png"
+    files.refuse_overwrite(output, args.force)
     model, _ = load_checkpoint(args.checkpoint, args.device)
     with open(args.file, "rb") as f:
         data = f.read()
-    output = args.output or os.path.splitext(args.file)[0] + "_decoded.png"
     start, progress = time.perf_counter(), Progress()
     x_hat = model.decompress(data, dtype=None, memory=args.memory and args.memory * 2 ** 20,
                              max_pixels=args.max_pixels, progress=progress)
     progress.close()
     seconds = time.perf_counter() - start
-    files.refuse_overwrite(output, args.force)
     files.write_atomically(output, lambda path: write_image(x_hat, path))
     print(f"{output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}, {seconds:.2f} s")
 

@@ -52,13 +52,10 @@ def coco_items(root, crop):
         raise SystemExit(f"error: no annotations/captions_train2014.json or _train2017.json under {root}")
     with open(annotations) as f:
         meta = json.load(f)
-    captions = {}
-    for a in meta["annotations"]:
-        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
-    images = [im for im in meta["images"] if min(im["width"], im["height"]) >= crop]
+    captions = coco_captions(meta)                                              # {file name: captions}
+    images = [im["file_name"] for im in meta["images"] if min(im["width"], im["height"]) >= crop]
     print(f"COCO {split}: {len(images)} of {len(meta['images'])} images have both sides >= {crop}")
-    return [(os.path.join(root, split, im["file_name"]), captions[im["id"]])
-            for im in images if im["id"] in captions]
+    return [(os.path.join(root, split, name), captions[name]) for name in images if name in captions]
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -225,6 +225,10 @@ def test_cli_roundtrip_refuses_to_overwrite_and_reports_errors(encoder, tmp_path
     before = open(coded, "rb").read()
     assert codec.main(["compress", photo, "--checkpoint", ckpt, "-o", coded]) == 1
     assert "--force" in capsys.readouterr().err and open(coded, "rb").read() == before
+    for command in (["compress", photo], ["decompress", coded]):       # refused before the checkpoint is read
+        out = coded if command[0] == "compress" else decoded
+        assert codec.main([*command, "--checkpoint", str(tmp_path / "absent.pt"), "-o", out]) == 1
+        assert "--force" in capsys.readouterr().err
 
     (tmp_path / "broken.taco").write_bytes(before[:-5])
     assert codec.main(["decompress", str(tmp_path / "broken.taco"), "--checkpoint", ckpt,

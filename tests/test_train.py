@@ -206,8 +206,10 @@ def test_coco_format_loads_with_every_caption_and_size_filter(tmp_path):
         write_photo(tmp_path / "train2014" / f"COCO_{i}.jpg", (h, w))
     meta = {"images": [{"id": i, "file_name": f"COCO_{i}.jpg", "height": h, "width": w}
                        for i, (h, w) in sizes.items()],
-            "annotations": [{"image_id": 1, "caption": "a dog"}, {"image_id": 1, "caption": "a brown dog "},
-                            {"image_id": 2, "caption": "too small"}, {"image_id": 3, "caption": "a square"}]}
+            "annotations": [{"id": 7, "image_id": 1, "caption": "a dog"},
+                            {"id": 9, "image_id": 1, "caption": "a brown dog "},
+                            {"id": 8, "image_id": 2, "caption": "too small"},
+                            {"id": 5, "image_id": 3, "caption": "a square"}]}
     (tmp_path / "annotations" / "captions_train2014.json").write_text(json.dumps(meta))
     items = data.coco_items(str(tmp_path), 256)
     assert sorted((os.path.basename(p), c) for p, c in items) == [
