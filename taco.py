@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from entropy import EntropyBottleneck, GaussianConditional, lower_bound, quantize
 from machinery import banded, container, devices, integer
 from machinery.clip_text import TextEncoder
-from machinery.images import PEAKS
+from machinery.images import as_rgb, to_pixels, to_unit
 
 
 @dataclass
@@ -343,7 +343,7 @@ class TACO(nn.Module):
         text = self.read_text(caption if isinstance(caption, torch.Tensor) else [caption], self.device)
         if not self.fits(image, memory):   # a large image: the same steps over bands, same bytes
             return banded.compress(self, x, image, text, memory, progress)
-        x = coding_layout(pad_to_64(as_float_rgb(x.to(self.device))))          # (1, 3, H', W')
+        x = coding_layout(pad_to_64(as_rgb(to_unit(x[:, :3].to(self.device)))))   # (1, 3, H', W'), no alpha
         y = self.g_a(x, *text)                                                  # (1, M, H'/16, W'/16)
         z = self.h_a(y)                                                         # (1, N, H'/64, W'/64)
         z_bytes = self.entropy_bottleneck.compress(z)
@@ -373,23 +373,7 @@ class TACO(nn.Module):
             hyper = nets.h_s(z_hat.to(devices.latent_device(self)))            # (1, 2M, H'/16, W'/16)
             y_hat = self.decode_y(info.y_bytes, hyper, nets, info.decisions)    # (1, M, H'/16, W'/16)
         x_hat = self.g_s(coding_layout(y_hat.to(self.device, torch.float32)))  # (1, 3, H', W')
-        return as_pixels(x_hat[..., :info.height, :info.width], info.gray, dtype)
-
-
-def as_float_rgb(x):
-    """(1, C, H, W) as stored (floats in [0, 1], 8- or 16-bit integers) -> (1, 3, H, W) float32 in [0, 1]: gray
-    repeated in three channels, alpha dropped."""
-    x = x[:, :3].float() / PEAKS[x.dtype] if x.dtype in PEAKS else x[:, :3].float()
-    return x.expand(1, 3, *x.shape[-2:])
-
-
-def as_pixels(x_hat, gray, dtype):
-    """Decoded (1, 3, H, W) -> the image on the CPU, (1, 1 or 3, H, W): floats in [0, 1], or 8- or 16-bit integers;
-    a gray image is the mean of the three channels."""
-    x_hat = x_hat.clamp(0, 1)
-    x_hat = x_hat.mean(1, keepdim=True) if gray else x_hat
-    x_hat = (x_hat * PEAKS[dtype]).round().to(dtype) if dtype in PEAKS else x_hat
-    return x_hat.cpu().contiguous()                                         # (1, 1 or 3, H, W)
+        return to_pixels(x_hat[..., :info.height, :info.width], info.gray, dtype)  # (1, 1 or 3, H, W)
 
 
 def coding_layout(x):

@@ -13,7 +13,7 @@ import torch
 
 from entropy import quantize, to_cpu
 from machinery import bands, container, devices, integer
-from machinery.images import PEAKS
+from machinery.images import to_pixels
 
 DEFAULT_MEMORY = 1 << 29       # bytes of working memory the hyperprior's bands may use (codec.py --memory)
 
@@ -183,7 +183,6 @@ def synthesis(g_s, y_hat, info, dtype, memory, progress=None):
     `dtype` (floats in [0, 1], or 8- or 16-bit integers). g_s runs in bands, each written into the image as it
     finishes; a gray image is the mean of the three channels."""
     out = torch.empty(1, 1 if info.gray else 3, info.height, info.width, dtype=dtype)
-    peak = PEAKS.get(dtype)
     device = next(g_s.parameters()).device
 
     def write(rows, columns, x_hat):                     # a block of the padded image: keep what is inside
@@ -191,9 +190,7 @@ def synthesis(g_s, y_hat, info, dtype, memory, progress=None):
         if h <= 0 or w <= 0:
             return
         rows, columns = slice(rows.start, rows.start + h), slice(columns.start, columns.start + w)
-        x_hat = x_hat[..., :h, :w].clamp(0, 1)
-        x_hat = x_hat.mean(1, keepdim=True) if info.gray else x_hat
-        out[..., rows, columns] = (x_hat * peak).round().to(dtype).cpu() if peak else x_hat.cpu()
+        out[..., rows, columns] = to_pixels(x_hat[..., :h, :w], info.gray, dtype)
     read = lambda rows, columns: y_hat[..., rows, columns].float().to(device)   # noqa: E731
     size = bands.output_size(g_s, y_hat.shape[-2:])                             # (H', W'): one band is one piece
     bands.run(g_s, read, y_hat.shape[-2:], size, memory, write, unit=16, progress=progress, stage="g_s")

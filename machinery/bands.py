@@ -33,7 +33,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from machinery.images import PEAKS
+from machinery.images import to_unit
 from machinery.integer import IntegerConv, IntegerNetwork
 
 # The layers that mix channels, never positions: activations, GDN, the Injector (each position queries the caption
@@ -193,13 +193,12 @@ class Pixels:
         self.x, self.device, self.channels = x, device, 1 if image.gray else 3
         self.height, self.width = image.height, image.width
         self.padded = image.padded
-        self.peak = PEAKS.get(x.dtype, 1)
 
     def read(self, rows, columns):
         r = torch.arange(rows.start, rows.stop, device=self.x.device).clamp_max(self.height - 1)
         c = torch.arange(columns.start, columns.stop, device=self.x.device).clamp_max(self.width - 1)
         block = self.x[:, :self.channels].index_select(2, r).index_select(3, c).to(self.device)
-        block = block.float() / self.peak if self.peak != 1 else block.float()
+        block = to_unit(block)
         return block.expand(1, 3, *block.shape[-2:])                            # (1, 3, rows, columns)
 
 

@@ -44,6 +44,14 @@ def to_unit(x):
     return x.float() / PEAKS[x.dtype] if x.dtype in PEAKS else x.float()
 
 
+def to_pixels(x, gray, dtype):
+    """Decoded floats (B, 3, H, W) -> the image on the CPU: clamped to [0, 1], a gray image the mean of the three
+    channels (B, 1, H, W), as the integers of `dtype` (uint8, uint16) or as floats (any other dtype)."""
+    x = x.clamp(0, 1)
+    x = x.mean(1, keepdim=True) if gray else x
+    return ((x * PEAKS[dtype]).round().to(dtype) if dtype in PEAKS else x).cpu().contiguous()
+
+
 def as_rgb(x):
     """(1, 1 or 3, H, W) -> (1, 3, H, W): gray repeated in the three channels (a view)."""
     return x.expand(1, 3, *x.shape[-2:]) if x.shape[1] == 1 else x
@@ -57,7 +65,6 @@ def read_image(path):
 def write_image(x, path):
     """(1, C, H, W) uint8, uint16 (16-bit grayscale PNG) or float in [0, 1] (written as 8 bits) -> an image file."""
     from PIL import Image
-    if x.dtype not in (torch.uint8, torch.uint16):
-        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    x = x if x.dtype in PEAKS else to_pixels(x, False, torch.uint8)
     array = x[0].permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)

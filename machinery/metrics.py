@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import taco
 from machinery import clip_text
+from machinery.images import to_pixels
 
 # The per-image figures (the forward pass's likelihoods, MS-SSIM, LPIPS, explain.png) run in one piece, unlike
 # compress and decompress: above this size they refuse rather than exhaust the memory.
@@ -189,7 +190,7 @@ def clip_preprocess(x, size=224):
 def pillow_codec(x, codec, quality):
     """(1, 3, H, W) in [0, 1] -> bpp from the real bytes, decoded image, encode and decode wall time (s)."""
     from PIL import Image
-    array = (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    array = to_pixels(x, False, torch.uint8)[0].permute(1, 2, 0).numpy()
     image, buffer = Image.fromarray(array), io.BytesIO()
     start = time.perf_counter()
     image.save(buffer, format=codec, quality=quality)
@@ -283,7 +284,7 @@ def fid_features(model, x, batch=32):
     """(B, 3, H, W) in [0, 1] -> (B, 2048) pool3 features: rounded to 8 bits, as the images torch-fidelity reads
     from files (and as eval.py writes decoded images), then its own resize and scaling. `batch` at a time."""
     device = next(model.parameters()).device
-    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    x = to_pixels(x, False, torch.uint8)
     return torch.cat([torch.zeros(0, FID_FEATURES)]                     # an image smaller than a patch: none
                      + [model(x[i:i + batch].to(device))[0].cpu() for i in range(0, len(x), batch)])
 

@@ -284,7 +284,7 @@ def test_an_epoch_is_a_pass_over_image_caption_pairs_as_in_the_reference(tmp_pat
     (tmp_path / "train2014").mkdir()
     (tmp_path / "annotations").mkdir()
     images = [{"id": i, "file_name": f"{i}.jpg", "width": 300, "height": 300} for i in range(3)]
-    captions = [{"image_id": i, "caption": f"caption {i}.{j}"} for i in range(3) for j in range(5)]
+    captions = [{"id": 5 * i + j, "image_id": i, "caption": f"caption {i}.{j}"} for i in range(3) for j in range(5)]
     (tmp_path / "annotations" / "captions_train2014.json").write_text(
         json.dumps({"images": images, "annotations": captions}))
     cfg = train.parse_args(["--data", "coco", "--root", str(tmp_path), "--batch-size", "3", "--epochs", "2"])
