@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from machinery import clip_text, devices, files
+from machinery.images import to_pixels, to_unit
 
 OPEN_CLIP_LAYOUT = "3.3"        # the open_clip whose CoCa blocks CachedDecoder reads (open_clip.transformer)
 CAPTION_MEMORY = 1 << 30        # bytes that the photos decoded side by side may hold (caption_images)
@@ -79,7 +80,7 @@ class Captioner:
         from PIL import Image
         x = pixels[0, :3]
         if x.dtype != torch.uint8:                       # 16-bit or float: to 8 bits, as a photo viewer shows it
-            x = (x.float() / (65535 if x.dtype == torch.uint16 else 1)).clamp(0, 1).mul(255).round().byte()
+            x = to_pixels(to_unit(x), False, torch.uint8)
         photo = Image.fromarray(x.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB")
         return self.transform(photo)[None]                                     # (1, 3, S, S), as open_clip
 

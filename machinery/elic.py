@@ -278,7 +278,7 @@ class ElicTACO(taco.TACO):
             symbols = taco.raster(quantize(to_cpu(values), "symbols", to_cpu(means)))[where]
             encoder.encode(symbols, indexes)
             scatter(to_grid(quantize(values, "dequantize", means)), kind, rows.start, y_hat[:, own, rows])
-        self.coding_passes(y_hat, on_grid(hyper), nets, code, memory, progress)
+        self.coding_passes(y_hat, to_grid(hyper), nets, code, memory, progress)
         return encoder.finish()
 
     def decode_y(self, y_bytes, hyper, nets, decisions, memory=None, progress=None):
@@ -292,7 +292,7 @@ class ElicTACO(taco.TACO):
             values = torch.zeros(taco.raster(scales).shape, dtype=torch.float64)
             values[where] = decoder.decode(indexes).double()
             scatter(to_grid(taco.raster(values).to(means) + means), kind, rows.start, y_hat[:, own, rows])
-        self.coding_passes(y_hat, on_grid(hyper), nets, code, memory, progress)
+        self.coding_passes(y_hat, to_grid(hyper), nets, code, memory, progress)
         decoder.finish()
         return from_grid(y_hat)
 
@@ -301,11 +301,6 @@ class ElicTACO(taco.TACO):
 
     def decode_y_in_bands(self, y_bytes, z_hat, nets, decisions, memory, progress=None):
         return self.decode_y(y_bytes, self.hyper_in_bands(z_hat, nets, memory), nets, decisions, memory, progress)
-
-
-def on_grid(hyper):
-    """h_s's output as the passes keep it: int32 on the integer grid (exact)."""
-    return hyper if hyper.dtype == torch.int32 else to_grid(hyper)
 
 
 def in_raster(mask, shape):
@@ -347,9 +342,12 @@ def gathered(kind, rows, width):
 
 
 def to_grid(values):
-    """Values on the integer networks' grid (float64, at 2**-16) -> the exact integers, int32. Their outputs are
-    within +-8192; y_hat = symbol + mean saturates at +-32768, which only a forged file's symbols reach (the
-    contexts clamp their inputs to +-8192 in any case, integer.to_fixed)."""
+    """Values on the integer networks' grid (float64, at 2**-16) -> the exact integers, int32 (int32 ones, as
+    hyper_in_bands gives h_s's output, pass through). Their outputs are within +-8192; y_hat = symbol + mean
+    saturates at +-32768, which only a forged file's symbols reach (the contexts clamp their inputs to +-8192 in
+    any case, integer.to_fixed)."""
+    if values.dtype == torch.int32:
+        return values
     limit = 2.0 ** 31 - 1
     return torch.round(values * 2.0 ** FRACTION_BITS).clamp(-limit, limit).to(torch.int32)
 

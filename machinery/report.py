@@ -21,6 +21,7 @@ REFERENCE = {   # published Kodak figures: the released TACO files measured by a
 # What a report holds per image (cmmd, fid, kid: per set only), in the order printed and written to results.csv.
 METRIC_KEYS = ("bpp", "bpp_estimate", "psnr", "ms_ssim", "lpips_standard", "lpips_reference", "clip_score", "cmmd",
                "fid", "kid", "kid_std", "encode_s", "decode_s")
+BASELINE_KEYS = ("bpp", "psnr", "ms_ssim", "encode_s", "decode_s")               # per quality of a Pillow codec
 PROTOCOLS = {  # the stored features' name -> what produced the FID / KID, said beside the number
     "inception": "whole images",
     "patches": f"{metrics.PATCH}x{metrics.PATCH} patches (HiFiC / MS-ILLM FID/{metrics.PATCH}: the grid and the grid "
@@ -184,9 +185,6 @@ def baseline_curves(folder, images, pillows):
         curves[pillow] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}
                          for q, v in sorted(per_quality.items())]
     return curves
-
-
-BASELINE_KEYS = ("bpp", "psnr", "ms_ssim", "encode_s", "decode_s")
 
 
 def bjontegaard(curves_by_label, baselines):
