@@ -204,15 +204,17 @@ class ElicTACO(taco.TACO):
         return y_hat, torch.cat(likelihoods, dim=1)
 
     def coding_passes(self, y_hat, hyper, nets, code, memory=None, progress=None):
-        """The passes of checkerboard_passes in the same order, for compress and decompress, from h_s(z_hat) on
-        the integer grid (int32, exact; `hyper`). code(i, kind, rows, scales, means) codes that pass's symbols in
-        a band of rows (row by row, each row all channels of the slice, left to right) and writes their values
-        into y_hat (1, M, h, w), from which the contexts read: int32 on the integer networks' grid (the means are
-        on it, so y_hat is too), exact in half the bytes of float64. The parameter networks (1x1 convolutions)
-        run at the pass's positions only, gathered (`gather`), where the float path computes every position and
-        keeps half; so scales and means come gathered. Each slice's channel context at the non-anchor positions
-        is kept from its anchor pass to its second pass. memory None: every pass in one band of all rows, each
-        network over its whole input; else bands of rows within `memory` (machinery/banded.py)."""
+        """The passes of checkerboard_passes in the same order, for compress and decompress, from h_s(z_hat) on the
+        integer grid (`hyper`: float64 as h_s gives it, or int32 as hyper_in_bands keeps it; the passes read int32,
+        exact). code(i, kind, rows, scales, means) codes that pass's symbols in a band of rows (row by row, each row all
+        channels of the slice, left to right) and writes their values into y_hat (1, M, h, w), from which the contexts
+        read: int32 on the integer networks' grid (the means are on it, so y_hat is too), exact in half the bytes of
+        float64. The parameter networks (1x1 convolutions) run at the pass's positions only, gathered (`gather`), where
+        the float path computes every position and keeps half; so scales and means come gathered. Each slice's channel
+        context at the non-anchor positions is kept from its anchor pass to its second pass. memory None: every pass in
+        one band of all rows, each network over its whole input; else bands of rows within `memory`
+        (machinery/banded.py)."""
+        hyper = hyper if hyper.dtype == torch.int32 else to_grid(hyper)         # (1, 2M, h, w), int32
         h, w = y_hat.shape[-2:]
         whole = slice(0, h), slice(0, w)
 
@@ -278,7 +280,7 @@ class ElicTACO(taco.TACO):
             symbols = taco.raster(quantize(to_cpu(values), "symbols", to_cpu(means)))[where]
             encoder.encode(symbols, indexes)
             scatter(to_grid(quantize(values, "dequantize", means)), kind, rows.start, y_hat[:, own, rows])
-        self.coding_passes(y_hat, to_grid(hyper), nets, code, memory, progress)
+        self.coding_passes(y_hat, hyper, nets, code, memory, progress)
         return encoder.finish()
 
     def decode_y(self, y_bytes, hyper, nets, decisions, memory=None, progress=None):
@@ -292,7 +294,7 @@ class ElicTACO(taco.TACO):
             values = torch.zeros(taco.raster(scales).shape, dtype=torch.float64)
             values[where] = decoder.decode(indexes).double()
             scatter(to_grid(taco.raster(values).to(means) + means), kind, rows.start, y_hat[:, own, rows])
-        self.coding_passes(y_hat, to_grid(hyper), nets, code, memory, progress)
+        self.coding_passes(y_hat, hyper, nets, code, memory, progress)
         decoder.finish()
         return from_grid(y_hat)
 
@@ -342,12 +344,9 @@ def gathered(kind, rows, width):
 
 
 def to_grid(values):
-    """Values on the integer networks' grid (float64, at 2**-16) -> the exact integers, int32 (int32 ones, as
-    hyper_in_bands gives h_s's output, pass through). Their outputs are within +-8192; y_hat = symbol + mean
-    saturates at +-32768, which only a forged file's symbols reach (the contexts clamp their inputs to +-8192 in
-    any case, integer.to_fixed)."""
-    if values.dtype == torch.int32:
-        return values
+    """Values on the integer networks' grid (float64, at 2**-16) -> the exact integers, int32. Their outputs are
+    within +-8192; y_hat = symbol + mean saturates at +-32768, which only a forged file's symbols reach (the
+    contexts clamp their inputs to +-8192 in any case, integer.to_fixed)."""
     limit = 2.0 ** 31 - 1
     return torch.round(values * 2.0 ** FRACTION_BITS).clamp(-limit, limit).to(torch.int32)
 
