@@ -373,7 +373,7 @@ class TACO(nn.Module):
             hyper = nets.h_s(z_hat.to(devices.latent_device(self)))            # (1, 2M, H'/16, W'/16)
             y_hat = self.decode_y(info.y_bytes, hyper, nets, info.decisions)    # (1, M, H'/16, W'/16)
         x_hat = self.g_s(coding_layout(y_hat.to(self.device, torch.float32)))  # (1, 3, H', W')
-        return to_pixels(x_hat[..., :info.height, :info.width], info.gray, dtype)  # (1, 1 or 3, H, W)
+        return to_pixels(x_hat[..., :info.height, :info.width], info.gray, dtype).cpu()   # (1, 1 or 3, H, W)
 
 
 def coding_layout(x):

@@ -190,7 +190,7 @@ def synthesis(g_s, y_hat, info, dtype, memory, progress=None):
         if h <= 0 or w <= 0:
             return
         rows, columns = slice(rows.start, rows.start + h), slice(columns.start, columns.start + w)
-        out[..., rows, columns] = to_pixels(x_hat[..., :h, :w], info.gray, dtype)
+        out[..., rows, columns] = to_pixels(x_hat[..., :h, :w], info.gray, dtype).cpu()
     read = lambda rows, columns: y_hat[..., rows, columns].float().to(device)   # noqa: E731
     size = bands.output_size(g_s, y_hat.shape[-2:])                             # (H', W'): one band is one piece
     bands.run(g_s, read, y_hat.shape[-2:], size, memory, write, unit=16, progress=progress, stage="g_s")

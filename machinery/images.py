@@ -45,11 +45,11 @@ def to_unit(x):
 
 
 def to_pixels(x, gray, dtype):
-    """Decoded floats (B, 3, H, W) -> the image on the CPU: clamped to [0, 1], a gray image the mean of the three
-    channels (B, 1, H, W), as the integers of `dtype` (uint8, uint16) or as floats (any other dtype)."""
+    """Decoded floats (B, 3, H, W) -> the image, on their device: clamped to [0, 1], a gray image the mean of the
+    three channels (B, 1, H, W), as the integers of `dtype` (uint8, uint16) or as floats (any other dtype)."""
     x = x.clamp(0, 1)
     x = x.mean(1, keepdim=True) if gray else x
-    return ((x * PEAKS[dtype]).round().to(dtype) if dtype in PEAKS else x).cpu().contiguous()
+    return ((x * PEAKS[dtype]).round().to(dtype) if dtype in PEAKS else x).contiguous()
 
 
 def as_rgb(x):
