@@ -277,7 +277,7 @@ def train_case(N, M, crop, batch, text_adapter, joint, steps, device, bf16, queu
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     x, captions = torch.rand(batch, 3, crop, crop, device=device), [f"caption {i}" for i in range(batch)]
     on_gpu = device.startswith("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True         # as train.py
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True   # as train.py
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=on_gpu and bf16):
@@ -413,7 +413,7 @@ def main(argv=None):
                                              "and the joint loss", device=True)
     training.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     training.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                          help="bf16 autocast on GPU (train.py --bf16); default fp32 with TF32 matmuls, as train.py")
+                          help="bf16 autocast on GPU (train.py --bf16); default fp32, TF32 convolutions, as train.py")
     banded = command("bands", bench_bands, "peak memory and time per megapixel at two image sizes", widths=True)
     banded.add_argument("--sizes", nargs="+", default=["1632x1224", "1632x9792"],
                         help="WIDTHxHEIGHT, smallest first (default 2 MP and 16 MP of the same width, so that the "

@@ -2,6 +2,7 @@
 
     demo       scikit-image's colour photographs, with captions written here (nothing to download)
     coco       MS-COCO captions as downloaded: <root>/train2014 + annotations/captions_train2014.json
+               (--coco-split for another)
     folder     a folder of images + a JSON {file: caption(s)} or JSONL caption file
 
 A training sample is a random crop and a caption of one item; the randomness is a function of a seed alone,
@@ -42,14 +43,12 @@ def skimage_photo(name):
     return image[0] if isinstance(image, tuple) else image                      # stereo pair: the left view
 
 
-def coco_items(root, crop):
-    """MS-COCO captions as downloaded: <root>/train2014 (or train2017) + annotations/captions_*.json."""
-    for split in ("train2014", "train2017"):
-        annotations = os.path.join(root, "annotations", f"captions_{split}.json")
-        if os.path.isfile(annotations):
-            break
-    else:
-        raise SystemExit(f"error: no annotations/captions_train2014.json or _train2017.json under {root}")
+def coco_items(root, crop, split="train2014"):
+    """MS-COCO captions as downloaded: <root>/<split> + annotations/captions_<split>.json. The split is asked for,
+    never guessed: train2017 holds most of val2014, the images the COCO-30k evaluation draws from."""
+    annotations = os.path.join(root, "annotations", f"captions_{split}.json")
+    if not os.path.isfile(annotations):
+        raise SystemExit(f"error: no annotations/captions_{split}.json under {root} (--coco-split names the split)")
     with open(annotations) as f:
         meta = json.load(f)
     captions = coco_captions(meta)                                              # {file name: captions}
@@ -215,12 +214,13 @@ def read_image_list(folder, path):
     return names
 
 
-def captions_for(names, path, allow_missing):
+def captions_for(names, path, allow_missing, choice="first"):
+    """{image name: the caption the encoder reads}: of a list, the first, or the `choice` "last"."""
     if not path:
         if allow_missing:
             return {n: "" for n in names}
         raise SystemExit("error: --captions is required (or --allow-missing-captions to code with empty ones)")
-    table = {k: v[0] if v else "" for k, v in read_captions(path).items()}     # the first caption of each
+    table = {k: v[0 if choice == "first" else -1] if v else "" for k, v in read_captions(path).items()}
     missing = [n for n in names if n not in table and os.path.splitext(n)[0] not in table]
     if missing and not allow_missing:
         raise SystemExit(f"error: no caption for {len(missing)} image(s), e.g. {missing[0]} "

@@ -123,10 +123,13 @@ def main(argv=None):
     parser.add_argument("--caption", default="", help="--explain: the image's caption ('auto': the captioner's)")
     parser.add_argument("-o", "--output", default="explain.png",
                         help="--explain: the figure's file; its extension picks the format (.png, .jpg, .pdf, .svg)")
-    parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (the first is used), a COCO "
+    parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (--caption-choice), a COCO "
                         "caption annotation file such as captions_val2014.json (per image, the caption with the "
                         "lowest annotation id), or 'auto': written by a captioner (CoCa, --captioner) once per "
                         "image, kept in --out/captions-auto.json")
+    parser.add_argument("--caption-choice", choices=("first", "last"), default="first", help="which caption of a "
+                        "list the encoder reads; last: the one the reference's COCO-30k script reports with its "
+                        "materials/mscoco_val41k_img_cap_pair.json (docs/evaluation.md)")
     captioner.add_arguments(parser)
     parser.add_argument("--allow-missing-captions", action="store_true", help="code images without a caption "
                         "with the empty caption instead of stopping")
@@ -194,7 +197,8 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
             raise SystemExit(f"error: {path} reads captions but its CLIP text tower cannot be loaded")
         model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, pretrained,
                                                         model.config.text_tokens, clip=clip))
-    captions = given or data.captions_for(images, args.captions, args.allow_missing_captions or not text_model)
+    captions = given or data.captions_for(images, args.captions, args.allow_missing_captions or not text_model,
+                                                args.caption_choice)
     save_dir = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0]) \
         if args.save_reconstructions else None
     if save_dir:
@@ -236,6 +240,7 @@ def run_settings(args, images):
             "images selected (--image-list)": results.digest(images),
             "--captions": args.captions if args.captions in (None, "auto") else os.path.abspath(args.captions),
             "--captioner": args.captions == "auto" and [args.captioner, args.captioner_pretrained],
+            "--caption-choice": args.caption_choice,
             "--allow-missing-captions": args.allow_missing_captions, "--ablation": args.ablation,
             "--clip-pretrained": args.clip_pretrained, "--alexnet-weights": args.alexnet_weights,
             "--fid-weights": args.fid_weights, "FID features": "torch-fidelity inception-v3-compat 2048",

@@ -2,8 +2,9 @@
 GPU or several.
 
     python train.py                                   # built-in demo: scikit-image photos, a few CPU minutes
-    python train.py --data coco --root /data/coco     # the paper's recipe on MS-COCO captions
-    torchrun --nproc_per_node 4 train.py --data coco --root /data/coco
+    python train.py --data coco --root /data/coco     # the GDN hyperprior on MS-COCO captions
+    torchrun --nproc_per_node 4 train.py --backbone elic --data coco --root /data/coco --lmbda 0.004 \
+        --val-root /data/kodak --val-captions kodak_ofa.json      # the paper's model and recipe (docs/training.md)
 
     loss = lambda * 255^2 * MSE(x_hat, x) + bpp + k_P * LPIPS(x_hat, x) + k_J * J(x_hat, x, caption)
     J    = InfoNCE(CLIP text t, CLIP image e_hat of x_hat) + 40 * ||e_hat - e||_2
@@ -39,7 +40,9 @@ def option(default, help):
 class TrainConfig:
     # data
     data: str = option("demo", "demo (built-in photos), coco (--root), or folder (--root + --captions)")
-    root: str = option("", "coco: folder with train2014/ (or train2017/) and annotations/; folder: the images")
+    root: str = option("", "coco: folder with train2014/ and annotations/; folder: the images")
+    coco_split: str = option("train2014", "coco: the training split (train2017 holds most of val2014, the images "
+                                          "that COCO-30k evaluates: a warning says so)")
     captions: str = option("", "folder data: JSON {file: caption(s)} or JSONL {\"file\", \"caption(s)\"}, or "
                                "'auto': every image captioned once by --captioner (kept in --out)")
     captioner_pretrained: str = option(captioner.DEFAULT_PRETRAINED, "for --captions auto: the captioner's "
@@ -50,8 +53,8 @@ class TrainConfig:
     val_captions: str = option("", "captions of the held-out images (JSON or JSONL)")
     crop: int = option(256, "random crop size for training")
     # model (TacoConfig)
-    backbone: str = option("hyperprior", "hyperprior (GDN mean-scale) or elic (the paper's model; use --N 192 "
-                                         "--M 320)")
+    backbone: str = option("hyperprior", "hyperprior (GDN mean-scale) or elic (the paper's model, at N=192, "
+                                         "M=320 unless --N / --M are given)")
     init_from: str = option("", "start from these weights: ours, a released lambda_*.pth.tar, or CompressAI's "
                                 "mbt2018-mean (a new text adapter starts fresh)")
     N: int = option(128, "transform channels")
@@ -75,15 +78,15 @@ class TrainConfig:
     batch_size: int = option(8, "images per step and per process")
     lr: float = option(1e-4, "Adam learning rate of the codec")
     aux_lr: float = option(1e-3, "Adam learning rate of the factorized prior's quantiles")
-    clip_grad: float = option(1.0, "gradient norm clip")
+    clip_grad: float = option(1.0, "gradient norm clip (0 or less: no clipping, as the reference)")
     seed: int = option(100, "seed of weights, data order, crops and noise")
     # machinery
     out: str = option("runs/taco", "folder for checkpoints, log.jsonl, curves.png and explain.png")
     val_every: int = option(5000, "validate with real bitstreams (and checkpoint) every this many steps")
     log_every: int = option(50, "steps between log.jsonl rows")
     workers: int = option(4, "data loader processes")
-    bf16: bool = option(False, "bf16 autocast on GPU (default: fp32 with TF32 matmuls, as the reference; coding "
-                               "always runs in fp32)")
+    bf16: bool = option(False, "bf16 autocast on GPU (default: fp32, TF32 in cuDNN convolutions only, PyTorch's "
+                               "defaults as the reference ran; coding always runs in plain fp32)")
     channels_last: bool = option(True, "channels-last memory format on GPU")
     compile: bool = option(False, "torch.compile the model")
     resume: bool = option(False, "continue the run in --out from latest.pt")
@@ -95,6 +98,9 @@ class TrainConfig:
 # `python train.py` with no --data: a run that does real work in a few CPU minutes, offline.
 DEMO = dict(data="demo", crop=128, N=64, M=96, steps=800, batch_size=8, lr=1e-3, lmbda=0.0067, val_every=400,
             log_every=10, workers=0, out="runs/demo", allow_missing_weights=True)
+
+# --backbone elic: the paper's widths (its slices [16, 16, 32, 64, 192] add up to M = 320).
+PAPER_ELIC = dict(N=192, M=320)
 
 # ----------------------------------------------------------------------------------------------------------
 # The joint loss
@@ -154,6 +160,13 @@ def make_optimizers(model, cfg):
     milestones = [int(0.9 * cfg.steps), int(0.96 * cfg.steps)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     return optimizer, aux_optimizer, scheduler
+
+
+def model_config(cfg, text_pretrained, text_dim):
+    """The architecture a run trains (saved in its checkpoints)."""
+    return taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
+                           clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding, text_dim=text_dim,
+                           backbone=cfg.backbone)
 
 
 def build_model(cfg, config, device, say):
@@ -218,12 +231,12 @@ def train(cfg):
     say = print if rank == 0 else (lambda *a, **k: None)
     training.prepare_out(cfg, rank)
     on_gpu = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (coding turns them off)
+    # PyTorch's defaults, which the reference never changed: TF32 convolutions, full fp32 matmuls (coding turns
+    # TF32 off everywhere, machinery/devices.py)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
     encoder, clip_visual, lpips, text_pretrained = training.build_towers(cfg, say)
     train_items, val_items = training.training_data(cfg, rank, world, device)
-    config = taco.TacoConfig(N=cfg.N, M=cfg.M, text_adapter=cfg.text_adapter, clip_model=cfg.clip_model,
-                             clip_pretrained=text_pretrained, mask_padding=cfg.mask_padding,
-                             text_dim=encoder.width if encoder else 512, backbone=cfg.backbone)
+    config = model_config(cfg, text_pretrained, encoder.width if encoder else 512)
     if not cfg.steps:
         cfg.steps = cfg.epochs * data.steps_per_epoch(len(train_items), cfg.batch_size * world)
     model, optimizers, step, best = build_model(cfg, config, device, say)
@@ -236,7 +249,7 @@ def train(cfg):
     loader = DataLoader(data.CropDataset(train_items, cfg.crop), collate_fn=data.collate, num_workers=cfg.workers,
                         batch_sampler=data.batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
                         pin_memory=on_gpu, persistent_workers=False)
-    precision = "bf16 autocast" if on_gpu and cfg.bf16 else "fp32" + (" (TF32 matmuls)" if on_gpu else "")
+    precision = "bf16 autocast" if on_gpu and cfg.bf16 else "fp32" + (" (TF32 convolutions)" if on_gpu else "")
     say(f"training on {device} x{world} in {precision}: {len(train_items)} images, {len(val_items)} held out, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M codec parameters, "
         f"loss terms: {', '.join(criterion.terms(text_embedding=encoder is not None))}")
@@ -292,7 +305,8 @@ def optimization_step(model, optimizers, loss, clip_grad, world):
     optimizer, aux_optimizer, scheduler = optimizers
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], clip_grad)
+    if clip_grad > 0:                               # 0 turns clipping off, as in the reference
+        nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], clip_grad)
     optimizer.step()
     scheduler.step()
     aux_loss = model.entropy_bottleneck.aux_loss()
@@ -321,7 +335,8 @@ def finish(model, cfg, val_items, val_rows, lpips):
 
 
 def parse_args(argv=None):
-    """Every TrainConfig field is a flag; without --data, the DEMO preset applies first."""
+    """Every TrainConfig field is a flag; without --data, the DEMO preset applies first. --backbone elic is the
+    paper's model: N=192, M=320 (and its slices) unless --N / --M say otherwise."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for setting in dataclasses.fields(TrainConfig):
         flag = "--" + setting.name.replace("_", "-")
@@ -334,6 +349,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     preset = DEMO if given.get("data", "demo") == "demo" else {}
+    if given.get("backbone") == "elic":
+        preset = {**{k: v for k, v in preset.items() if k not in ("N", "M")}, **PAPER_ELIC}
     return TrainConfig(**{**preset, **given})
 
 

@@ -2,6 +2,7 @@
 training data, resume checks, validation on real bitstreams, and the curves."""
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import torch
@@ -98,7 +99,10 @@ def training_data(cfg, rank=0, world=1, device="cpu"):
     if cfg.data == "demo":
         return data.demo_items(data.DEMO_PHOTOS), data.demo_items(data.DEMO_HELD_OUT)
     if cfg.data == "coco":
-        train_items = data.coco_items(cfg.root, cfg.crop)
+        if cfg.coco_split != "train2014" and rank == 0:
+            print(f"warning: COCO {cfg.coco_split} overlaps val2014, whose images the COCO-30k evaluation codes: "
+                  f"a model trained on it is tested there on images it has seen", file=sys.stderr)
+        train_items = data.coco_items(cfg.root, cfg.crop, cfg.coco_split)
     elif cfg.data == "folder":
         captions = cfg.captions       # 'auto': every image of --root captioned once, each rank its share, logged
         if captions == "auto":        # in --out and reused by a resumed run

@@ -47,6 +47,18 @@ def test_a_coco_annotation_file_gives_each_image_its_lowest_id_caption(tmp_path)
     assert captions == {"coffee.png": "Coffee in a white cup.", "cat.png": "A cat lying down."}
 
 
+def test_the_references_coco_pair_file_is_read_as_laid_out_and_last_picks_the_caption_its_script_reported(
+        tmp_path):
+    """materials/mscoco_val41k_img_cap_pair.json: {file: [captions]}; its script's figures are the last one's."""
+    pairs = {"COCO_val2014_000000000042.jpg": ["A dog on a bench.", "A brown dog sits.", "Bench with a dog."],
+             "COCO_val2014_000000000073.jpg": ["A motorcycle."]}
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    names = list(pairs)
+    assert data.captions_for(names, str(tmp_path / "pairs.json"), False, "last") == {
+        names[0]: "Bench with a dog.", names[1]: "A motorcycle."}
+    assert data.captions_for(names, str(tmp_path / "pairs.json"), False)[names[0]] == "A dog on a bench."
+
+
 def arguments(folder, out, *extra):
     return ["--checkpoint", str(folder / "tiny.pt"), "--images", str(folder / "images"), "--captions",
             str(folder / "captions.json"), "--baselines", "", "--out", str(out), *extra]

@@ -280,14 +280,53 @@ def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_p
         assert torch.equal(weights[key], state["module." + key]), key                 # lr 0: still the file's
 
 
+def test_backbone_elic_alone_is_the_papers_model_with_the_references_parameter_count():
+    cfg = train.parse_args(["--backbone", "elic", "--data", "coco", "--root", "R"])
+    model = checkpoints.build_model(train.model_config(cfg, "random", 512))
+    assert (cfg.N, cfg.M) == (192, 320)
+    assert sum(p.numel() for p in model.parameters()) == 38_579_275            # effl-lab/TACO's, adapter included
+    assert (train.parse_args(["--backbone", "elic", "--N", "8", "--M", "320"]).N, train.parse_args([]).N) == (8, 64)
+
+
+def test_clip_grad_0_turns_clipping_off_and_the_weights_still_change(towers):
+    encoder, _, _ = towers
+    model = tiny_model(encoder).train()
+    cfg = train.TrainConfig(steps=10, lr=1e-3, clip_grad=0)
+    optimizers = train.make_optimizers(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = photo_batch(2)
+    loss, _ = train.JointLoss(0.01, 0, 0)(model(x, encoder(["a", "b"])[:2]), x)
+    train.optimization_step(model, optimizers, loss, cfg.clip_grad, world=1)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("g_s") for n in changed) and any(n.startswith("g_a") for n in changed)
+
+
+def write_coco(root, split, n=2):
+    (root / split).mkdir()
+    (root / "annotations").mkdir(exist_ok=True)
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 300, "height": 300} for i in range(n)]
+    captions = [{"id": 5 * i + j, "image_id": i, "caption": f"caption {i}.{j}"} for i in range(n) for j in range(5)]
+    (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images,
+                                                                            "annotations": captions}))
+
+
+def test_coco_split_is_train2014_unless_asked_and_another_warns_once_of_the_val2014_overlap(tmp_path, capsys):
+    write_coco(tmp_path, "train2017")
+    with pytest.raises(SystemExit, match="captions_train2014.json"):         # never falls back to train2017
+        training.training_data(train.parse_args(["--data", "coco", "--root", str(tmp_path)]))
+    items, _ = training.training_data(train.parse_args(["--data", "coco", "--root", str(tmp_path),
+                                                        "--coco-split", "train2017"]))
+    assert {os.path.dirname(p) for p, _ in items} == {str(tmp_path / "train2017")}
+    assert capsys.readouterr().err.count("overlaps val2014") == 1
+    write_coco(tmp_path, "train2014", n=3)
+    items, _ = training.training_data(train.parse_args(["--data", "coco", "--root", str(tmp_path)]))
+    assert len(items) == 15 and "overlaps" not in capsys.readouterr().err
+
+
 def test_an_epoch_is_a_pass_over_image_caption_pairs_as_in_the_reference(tmp_path):
-    (tmp_path / "train2014").mkdir()
-    (tmp_path / "annotations").mkdir()
-    images = [{"id": i, "file_name": f"{i}.jpg", "width": 300, "height": 300} for i in range(3)]
-    captions = [{"id": 5 * i + j, "image_id": i, "caption": f"caption {i}.{j}"} for i in range(3) for j in range(5)]
-    (tmp_path / "annotations" / "captions_train2014.json").write_text(
-        json.dumps({"images": images, "annotations": captions}))
+    write_coco(tmp_path, "train2014", n=3)
+    captions = [f"caption {i}.{j}" for i in range(3) for j in range(5)]
     cfg = train.parse_args(["--data", "coco", "--root", str(tmp_path), "--batch-size", "3", "--epochs", "2"])
     items, _ = training.training_data(cfg)
-    assert sorted(c for _, (c,) in items) == sorted(a["caption"] for a in captions)   # 15 pairs, not 3 images
+    assert sorted(c for _, (c,) in items) == captions                                  # 15 pairs, not 3 images
     assert 2 * data.steps_per_epoch(len(items), cfg.batch_size) == 10
