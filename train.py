@@ -209,7 +209,9 @@ def checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips
     rows = None
     if val_items:
         mean, rows = training.validate(model, val_items, lpips)
-        log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}}) + "\n")
+        per_image = {source.split(":")[-1]: row for (source, _), row in zip(val_items, rows)}   # for rd.png
+        log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}, "val_images": per_image})
+                  + "\n")
         progress.write(f"step {step}: held-out real bpp {mean['bpp']:.3f}, PSNR {mean['psnr']:.2f} dB"
                        + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
         if training.rd_score(mean, cfg) < best:
@@ -322,11 +324,15 @@ def optimization_step(model, optimizers, loss, clip_grad, world):
 
 def finish(model, cfg, val_items, val_rows, lpips):
     """Rank 0, after the loop: the curves; at the end of a run with held-out images (unless --no-final-report),
-    the JPEG comparison and the picture of where the first one's bits go (explain.py)."""
+    the comparison with JPEG and WebP at equal bpp, its picture (rd.png), and where the first one's bits go
+    (explain.png)."""
     training.plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
     print(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
     if val_rows and cfg.final_report:
-        training.compare_with_jpeg(val_items, val_rows)
+        curves = training.compare_with_baselines(val_items, val_rows)
+        training.plot_demo_rd(model, val_items, curves, os.path.join(cfg.out, "log.jsonl"),
+                              os.path.join(cfg.out, "rd.png"))
+        print(f"{cfg.out}/rd.png: the learned codec's point at each validation step beside JPEG's and WebP's curves")
         source, captions = val_items[0]
         figure = os.path.join(cfg.out, "explain.png")
         explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)

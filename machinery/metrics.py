@@ -212,9 +212,9 @@ def pillow_sweep(x, codec):
         yield (quality, *pillow_codec(x, codec, quality))
 
 
-def baseline_curve(x):
-    """JPEG's [(bpp, psnr)] over the quality sweep, sorted by bpp."""
-    return sorted((bpp, float(psnr(decoded, x))) for _, bpp, decoded, _, _ in pillow_sweep(x, "JPEG"))
+def baseline_curve(x, codec="JPEG"):
+    """A Pillow codec's [(bpp, psnr)] over the quality sweep, sorted by bpp."""
+    return sorted((bpp, float(psnr(decoded, x))) for _, bpp, decoded, _, _ in pillow_sweep(x, codec))
 
 
 def psnr_at_bpp(curve, bpp):

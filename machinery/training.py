@@ -67,13 +67,70 @@ def rd_score(mean, cfg):
     return mean["bpp"] + cfg.lmbda * 255 ** 2 * 10 ** (-mean["psnr"] / 10) + cfg.k_p * mean.get("lpips", 0)
 
 
-def compare_with_jpeg(items, rows):
-    print(f"{'held-out image':28s} {'bpp':>7s} {'PSNR':>8s} {'JPEG PSNR at that bpp':>22s}")
+def compare_with_baselines(items, rows):
+    """The demo's last lesson, a line per held-out photo: its real bpp and PSNR beside JPEG's and WebP's PSNR at
+    that bpp, each interpolated over the codec's Pillow quality sweep and never extrapolated. -> the curves."""
+    curves = {source: {codec: metrics.baseline_curve(data.load_rgb(source)[None], codec) for codec in BASELINES}
+              for source, _ in items}
+    print(f"{'held-out image':16s} {'bpp':>6s} {'PSNR':>9s}" + "".join(f" {c + ' at that bpp':>17s}" for c in BASELINES.values()))
     for (source, _), row in zip(items, rows):
+        line = f"{source.split(':')[-1][:16]:16s} {row['bpp']:6.3f} {row['psnr']:6.2f} dB"
+        for codec, curve in curves[source].items():
+            at = metrics.psnr_at_bpp(curve, row["bpp"])
+            line += f" {at:14.2f} dB" if at is not None else f" {'below its range' if row['bpp'] < curve[0][0] else 'above its range':>17s}"
+        print(line)
+        smallest = curves[source]["JPEG"][0]
+        if row["bpp"] < smallest[0]:
+            verdict = "smaller and better than" if row["psnr"] > smallest[1] else "smaller but worse than"
+            print(f"{'':16s} {verdict} JPEG's smallest file ({smallest[0]:.3f} bpp, {smallest[1]:.2f} dB)")
+    return curves
+
+
+BASELINES = {"JPEG": "JPEG", "WEBP": "WebP"}                    # Pillow's format name: the name people know
+
+
+def plot_demo_rd(model, items, curves, log_path, png_path):
+    """rd.png: for each held-out photo, JPEG's and WebP's rate-distortion curves with the learned codec's real
+    point at every validation step (it crosses JPEG's curve as training goes on), and a crop of the photo as
+    decoded beside JPEG's at the quality whose bpp is nearest."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r for r in files.read_jsonl(log_path) if "val_images" in r]
+    figure, axes = plt.subplots(len(items), 2, figsize=(13, 4.6 * len(items)), squeeze=False,
+                                gridspec_kw={"width_ratios": [1, 1.5]})
+    for (source, captions), (rd, crops) in zip(items, axes):
         name = source.split(":")[-1]
-        jpeg = metrics.psnr_at_bpp(metrics.baseline_curve(data.load_rgb(source)[None]), row["bpp"])
-        jpeg_text = f"{jpeg:.2f} dB" if jpeg is not None else "outside JPEG's range"
-        print(f"{os.path.basename(name)[:28]:28s} {row['bpp']:7.3f} {row['psnr']:6.2f} dB {jpeg_text:>22s}")
+        for codec, curve in curves[source].items():
+            rd.plot(*zip(*curve), ".-", label=f"{BASELINES[codec]} (Pillow, quality 5-95)",
+                    color="C0" if codec == "JPEG" else "C2")
+        points = [(r["step"], r["val_images"][name]) for r in steps if name in r["val_images"]]
+        if points:
+            rd.plot([p["bpp"] for _, p in points], [p["psnr"] for _, p in points], "-", color="C3", alpha=0.4)
+            marks = rd.scatter([p["bpp"] for _, p in points], [p["psnr"] for _, p in points], c=[s for s, _ in points],
+                               cmap="autumn_r", zorder=3, edgecolors="k", label="learned codec, real file")
+            figure.colorbar(marks, ax=rd, label="training step")
+        learned = points[-1][1] if points else None
+        last = max(learned["bpp"] if learned else 0, 0.1)
+        rd.set_xlim(0, 2.5 * last)
+        psnrs = [p for b, p in curves[source]["WEBP"] if b <= 2.5 * last] + [p["psnr"] for _, p in points]
+        rd.set_ylim(min(psnrs + [curves[source]["JPEG"][0][1]]) - 1, max(psnrs) + 1)
+        rd.set_xlabel("bits per pixel (real files)"), rd.set_ylabel("PSNR (dB)"), rd.grid(alpha=0.3)
+        rd.set_title(f"{name}: held out, never trained on"), rd.legend(loc="lower right", fontsize=8)
+        x = data.load_rgb(source)[None]
+        coded = model.eval().compress(x, captions[0])
+        x_hat, bpp = model.decompress(coded), 8 * len(coded) / (x.shape[-2] * x.shape[-1])      # (1, 3, H, W)
+        quality, jpeg_bpp, jpeg, _, _ = min(metrics.pillow_sweep(x, "JPEG"), key=lambda q: abs(q[1] - bpp))
+        size = min(x.shape[-2:]) // 2
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        window = lambda im: im[0, :, top:top + size, left:left + size].permute(1, 2, 0).clamp(0, 1).numpy()  # noqa: E731
+        crops.imshow(np.concatenate([window(x), window(x_hat), window(jpeg)], axis=1))
+        crops.set_title(f"original | learned codec {bpp:.3f} bpp, {float(metrics.psnr(x_hat, x)):.2f} dB | "
+                        f"JPEG q{quality} {jpeg_bpp:.3f} bpp, {float(metrics.psnr(jpeg, x)):.2f} dB", fontsize=9)
+        crops.axis("off")
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=90)
+    plt.close(figure)
 
 
 def start_from(model, path, say):

@@ -156,9 +156,10 @@ def offline(url, *args, **kwargs):
     raise OSError(f"no network: {url}")
 
 
-def test_builtin_demo_runs_end_to_end_offline_names_its_stand_ins_once_and_compares_with_jpeg(tmp_path, capfd,
-                                                                                              monkeypatch):
-    """The demo's photos, the whole end of a run (validation, the JPEG comparison, explain.png), with no network
+def test_builtin_demo_runs_end_to_end_offline_names_its_stand_ins_once_and_compares_with_jpeg_and_webp(
+        tmp_path, capfd, monkeypatch):
+    """The demo's photos, the whole end of a run (validation, the JPEG and WebP comparison and its picture rd.png,
+    explain.png), with no network
     and an empty download cache: the AlexNet stand-in said once, before training starts, never a download."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
@@ -166,11 +167,12 @@ def test_builtin_demo_runs_end_to_end_offline_names_its_stand_ins_once_and_compa
     out, err = capfd.readouterr()
     assert "Downloading" not in out + err
     assert out.count("STAND-IN: AlexNet") == 1 and out.index("STAND-IN: AlexNet") < out.index("training on")
-    assert "JPEG PSNR at that bpp" in out and "coffee" in out and "chelsea" in out
-    for name in ("latest.pt", "best.pt", "log.jsonl", "curves.png", "explain.png"):
+    assert "JPEG at that bpp" in out and "WebP at that bpp" in out and "coffee" in out and "chelsea" in out
+    for name in ("latest.pt", "best.pt", "log.jsonl", "curves.png", "explain.png", "rd.png"):
         assert (tmp_path / "demo" / name).exists(), name
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "log.jsonl")]
     assert {"bpp", "mse", "psnr", "loss", "aux"} <= set(rows[0]) and any("val_bpp" in r for r in rows)
+    assert set(rows[-1]["val_images"]) == {"coffee", "chelsea"}                     # rd.png's points
     assert checkpoint["train_config"]["steps"] == 2
 
 
