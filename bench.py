@@ -5,6 +5,7 @@ one machine. docs/speed.md gives them with their commands.
     python bench.py coder                                      # the range coder against the ideal size
     python bench.py codec --backbone elic -N 192 -M 320        # the paper's model at the reference widths
     python bench.py gap --checkpoint runs/demo/best.pt         # real streams against -sum log2 p
+    python bench.py reference --checkpoint runs/demo/best.pt   # our bpp against the reference's coding choices
     python bench.py bands --sizes 1632x1224 10000x10000        # a 100-megapixel image
 """
 import argparse
@@ -162,6 +163,44 @@ def bench_gap(args):
     for name, (y_est, z_est, y, z) in [*rows.items(), ("all", np.sum(list(rows.values()), axis=0))]:
         print(f"  {name:10s} {y_est:11.0f} {y:9.0f} ({100 * (y / y_est - 1):+.2f}%) {z_est:11.0f} {z:9.0f} "
               f"({100 * (z / z_est - 1):+.2f}%)")
+
+
+def reference_case(checkpoint, backbone, queue):
+    """The same photos coded four ways, real files each: ours; with the reference's table choice (CompressAI's
+    build_indexes: the first table scale >= sigma, where ours takes the nearest in log sigma); with zeros padding
+    the image to a multiple of 64 (the reference's F.pad) instead of its edges; and with both."""
+    if checkpoint:
+        model, label = checkpoints.load_checkpoint(checkpoint)[0], checkpoint
+    else:
+        model = random_model(backbone, *((192, 320) if backbone == "elic" else (128, 192)))
+        label = f"{backbone}, random weights (trained weights differ the other way: pass --checkpoint)"
+    if model.config.text_adapter:
+        model.attach_text_encoder(clip_text.TextEncoder(model.config.clip_model, "random", model.config.text_tokens))
+    conditional = model.gaussian_conditional
+    levels = conditional.scale_table.double()
+    nearest = conditional.build_indexes
+    round_up = lambda scales: torch.bucketize(entropy.to_cpu(scales).double().contiguous(), levels).clamp_max(   # noqa: E731
+        len(levels) - 1).to(torch.int32)
+    rows = {}
+    for name in PHOTOS:
+        x = photo(name)
+        H, W = x.shape[-2:]
+        zeros = torch.nn.functional.pad(x, (0, -W % 64, 0, -H % 64))             # what F.pad(x, ..., value=0) gives
+        sizes = []
+        for picture, rule in ((x, nearest), (x, round_up), (zeros, nearest), (zeros, round_up)):
+            conditional.build_indexes = rule                # this model instance only: both sides of its files
+            sizes.append(8 * len(model.compress(picture, name)) / (H * W))
+        rows[f"{name} {H}x{W}"] = sizes
+    conditional.build_indexes = nearest
+    queue.put((label, rows))
+
+
+def bench_reference(args):
+    label, rows = in_child(reference_case, args.checkpoint, args.backbone)
+    print(f"bpp of our files against the reference pipeline's choices, real files: {label}")
+    print(f"  {'photo':22s} {'ours':>7s} {'tables: first >= s':>21s} {'zero padding':>17s} {'both':>17s}")
+    for name, (ours, *others) in [*rows.items(), ("mean", np.mean(list(rows.values()), axis=0))]:
+        print(f"  {name:22s} {ours:7.4f}" + "".join(f" {b:8.4f} ({100 * (b / ours - 1):+.2f}%)" for b in others))
 
 
 def release_case(path, height, width, queue):
@@ -406,6 +445,8 @@ def main(argv=None):
     command("codec", bench_codec, "compress/decompress time and peak memory (random weights), 768x512 by default",
             size=True, widths=True, device=True, repeat=3)
     command("gap", bench_gap, "real y / z streams against the model's own -sum log2 p on 4 photos", model=True)
+    command("reference", bench_reference, "our files' bpp against the reference pipeline's table choice and zero "
+                                          "padding, on 4 photos", model=True)
     release = command("release", bench_release, "load a released file (tables rebuilt) and code its first image",
                       size=True)
     release.add_argument("--checkpoint", required=True, help="the released lambda_*.pth.tar to load")

@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from machinery import banded, captioner, container, elic, files
+from machinery import banded, captioner, container, devices, elic, files
 from machinery.checkpoints import CheckpointError, load_checkpoint
 from machinery.clip_text import TextEncoder, WeightsUnavailable
 from machinery.container import BitstreamError
-from machinery.images import read_pixels, write_image
+from machinery.images import image_extensions, read_pixels, write_image
 
 
 class Progress:
@@ -37,19 +37,22 @@ class Progress:
 
 def command_compress(args):
     output = args.output or os.path.splitext(args.image)[0] + ".taco"
-    files.refuse_overwrite(output, args.force)                    # before anything is read or computed
+    check_before_work(args, output)                               # before anything is read or computed
+    if args.caption_file is not None:
+        args.caption = read_caption_file(args.caption_file)
     x = read_pixels(args.image, args.max_image_pixels)
     model, _ = load_checkpoint(args.checkpoint, args.device)
     if model.config.text_adapter:
-        if args.caption is None and args.caption_file is None:
+        if args.caption is None:
             raise ValueError("this model reads a caption: give --caption or --caption-file "
                              "(--caption '' codes without one)")
-        if args.caption_file is not None:
-            with open(args.caption_file, encoding="utf-8") as f:
-                args.caption = f.read().strip()
         if args.caption == "auto":                      # written by CoCa; costs nothing in the file
             args.caption = captioner.auto_caption(args, x)
         clip = args.clip_pretrained or model.config.clip_pretrained
+        if clip == "random":
+            print("STAND-IN: this checkpoint's CLIP text tower has random weights (it was trained without the "
+                  "pretrained ones): the caption reaches the encoder as a fixed code of its words, with no learned "
+                  "meaning")
         model.attach_text_encoder(TextEncoder(model.config.clip_model, clip, model.config.text_tokens))
     start, progress = time.perf_counter(), Progress()
     data = model.compress(x, args.caption or "", memory=args.memory and args.memory * 2 ** 20,
@@ -63,7 +66,10 @@ def command_compress(args):
 
 def command_decompress(args):
     output = args.output or os.path.splitext(args.file)[0] + "_decoded.png"
-    files.refuse_overwrite(output, args.force)
+    check_before_work(args, output, image_extensions())
+    if os.path.splitext(output)[1].lower() in LOSSY:
+        print(f"note: {output} is a lossy format: the decoded image is re-encoded, and changes again "
+              f"(.png keeps it exact)")
     model, _ = load_checkpoint(args.checkpoint, args.device)
     with open(args.file, "rb") as f:
         data = f.read()
@@ -76,15 +82,42 @@ def command_decompress(args):
     print(f"{output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}, {seconds:.2f} s")
 
 
+LOSSY = {".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".heic", ".jp2", ".j2k", ".jpx"}
+
+
+def check_before_work(args, output, extensions=None):
+    """What can be checked before a model is loaded or a pixel coded, each failure in one line naming it."""
+    devices.check_device(args.device)
+    files.check_output(output, extensions)
+    files.refuse_overwrite(output, args.force)
+
+
+def read_caption_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"caption file {path} is not UTF-8 text; save it as UTF-8") from None
+
+
+def positive(text):
+    """argparse type: an integer above 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB, not {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="TACO: compress an image with its caption; decompress "
                                                  "without it.", epilog="Errors exit with status 1.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="image (+ caption) -> .taco file")
     c.add_argument("image", help="input image (PNG, JPEG, ...; grayscale and RGBA are accepted)")
-    c.add_argument("--caption", help="the caption that guides the encoder (not stored in the file); 'auto': "
-                                     "written by a captioner (CoCa, --captioner), and printed")
-    c.add_argument("--caption-file", help="read the caption from this UTF-8 text file instead")
+    given = c.add_mutually_exclusive_group()
+    given.add_argument("--caption", help="the caption that guides the encoder (not stored in the file); 'auto': "
+                                         "written by a captioner (CoCa, --captioner), and printed")
+    given.add_argument("--caption-file", help="read the caption from this UTF-8 text file instead")
     c.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py, a released "
                                                        "lambda_*.pth.tar or CompressAI's mbt2018-mean file")
     captioner.add_arguments(c)
@@ -110,7 +143,7 @@ def main(argv=None):
     for command in (c, d):
         command.add_argument("--device", default="cpu", help="where the networks run: cpu, cuda, cuda:1, ... (the "
                                                              "entropy coder always runs on the CPU)")
-        command.add_argument("--memory", type=int,
+        command.add_argument("--memory", type=positive,
                              help=f"working memory for the networks in MiB: large images run in bands of about this "
                                   f"size, with the same result (default {banded.DEFAULT_MEMORY // 2 ** 20} for the "
                                   f"hyperprior, {elic.ElicTACO.default_memory // 2 ** 20} for ELIC); the image and "

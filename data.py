@@ -68,29 +68,37 @@ def image_files(folder):
 
 
 def folder_items(root, captions, crop):
-    """Images of `root` named in the captions (a caption file, or a table {file: [captions]}); unreadable and
-    small ones are skipped and counted."""
+    """Images of `root` with their captions (a caption file, or a table {file: [captions]}), each decoded once here,
+    when the folder is listed: images without a caption, unreadable or smaller than the crop are skipped and
+    counted, and so are captions that name no file."""
     from PIL import Image
+    from tqdm import tqdm
     if not os.path.isdir(root):
         raise SystemExit(f"error: image folder not found: {root}")
-    items, skipped = [], {"missing": 0, "unreadable": 0, f"smaller than {crop}": 0}
     table = captions if isinstance(captions, dict) else read_captions(captions)
-    for name, caps in sorted(table.items()):
+    items, unreadable = [], []
+    skipped = {"without a caption": sum(name not in table for name in image_files(root)), "unreadable": 0,
+               f"smaller than {crop}": 0, "captions naming no file": 0}
+    for name, caps in tqdm(sorted(table.items()), desc=f"checking {root}", unit="image", delay=2, leave=False):
         path = os.path.join(root, name)
         if not os.path.isfile(path):
-            skipped["missing"] += 1
+            skipped["captions naming no file"] += 1
             continue
         try:
             with Image.open(path) as image:
+                image.load()                         # a truncated file fails here, once, not at every draw
                 size = image.size
-        except OSError:
+        except (OSError, SyntaxError) as error:
             skipped["unreadable"] += 1
+            unreadable.append(f"{name} ({error})")
             continue
         if min(size) < crop:
             skipped[f"smaller than {crop}"] += 1
             continue
         items.append((path, caps))
-    print(f"{root}: {len(items)} images" + "".join(f", {n} {why}" for why, n in skipped.items() if n))
+    print(f"{root}: {len(items)} images" + "".join(f", {n} {why} (skipped)" for why, n in skipped.items() if n)
+          + (f"; unreadable: {', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}" if unreadable
+             else ""))
     if not items:
         raise SystemExit(f"error: no usable images in {root}")
     return items

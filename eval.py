@@ -35,7 +35,11 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
     own = own or captions
     device = next(model.parameters()).device
     for name in images:
-        x = image_files.read_image(os.path.join(folder, name)).to(device)
+        try:
+            x = image_files.read_image(os.path.join(folder, name)).to(device)
+        except OSError as error:                            # named, and left out; the finished rows stay
+            yield {"image": name, "unreadable": str(error)}, None
+            continue
         H, W = x.shape[-2:]
         metrics.check_one_piece(H, W, name)
         start = time.perf_counter()
@@ -120,7 +124,8 @@ def main(argv=None):
     parser.add_argument("--explain", metavar="IMAGE", help="instead: one figure for one image (with --caption): "
                         "original, decoded, error, where the bits go, what the caption changed, and where the "
                         "text adapter looks (explain.py)")
-    parser.add_argument("--caption", default="", help="--explain: the image's caption ('auto': the captioner's)")
+    parser.add_argument("--caption", help="--explain: the image's caption ('auto': the captioner's; '' the empty "
+                                           "one)")
     parser.add_argument("-o", "--output", default="explain.png",
                         help="--explain: the figure's file; its extension picks the format (.png, .jpg, .pdf, .svg)")
     parser.add_argument("--captions", help="JSON {file name: caption or [captions]} (--caption-choice), a COCO "
@@ -160,6 +165,7 @@ def main(argv=None):
     if not args.images:
         parser.error("--images is required (or --explain IMAGE)")
 
+    devices.check_device(args.device)
     images = data.list_images(args.images, args.image_list)
     args.images_count = len(images)
     rank, world, device = devices.join_ranks(args.device)           # torchrun: every world-th image
@@ -168,6 +174,8 @@ def main(argv=None):
     results.check(args.out, settings, args.resume, args.force)          # before anything is captioned or coded
     given = auto_captions(args, images, rank, world) if args.captions == "auto" else None
     store = results.ResultStore(args.out, settings, rank, args.resume, args.force)
+    if args.resume and rank == 0:
+        say_what_changed(store, images)
     share = images[rank::world]                                            # this process's images
     from tqdm import tqdm
     total = len(args.checkpoint) * (3 if args.ablation else 1) * len(share)
@@ -210,12 +218,19 @@ def evaluate_checkpoint(path, args, images, share, store, bar, given=None):
         bar.total -= 2 * len(share)                                         # no caption to ablate
     for run, caps in runs.items():
         todo = [n for n in share if (path, run, n) not in store.done]
-        for row, features in evaluate(model, todo, caps, lpips, clip, inception, args.images,
-                                      save_dir if run == "given" else None, own=captions):
-            store.add(dict(row, checkpoint=path, captions=run), features)
+        bar.update(len([n for n in todo if n in store.unreadable]))             # found unreadable before
+        for row, features in evaluate(model, [n for n in todo if n not in store.unreadable], caps, lpips, clip,
+                                      inception, args.images, save_dir if run == "given" else None, own=captions):
+            if features is None:
+                store.add_unreadable(row["image"], row["unreadable"])
+                bar.write(f"skipped (unreadable): {row['unreadable']}")
+            else:
+                store.add(dict(row, checkpoint=path, captions=run), features)
             bar.update(1)
     share = set(share)
     mine = [r for r in store.rows() if r["checkpoint"] == path and r["captions"] == "given" and r["image"] in share]
+    if not mine:
+        return bar.write(f"{path}: no image of this process could be read")
     bpp, estimate = (np.mean([r[k] for r in mine]) for k in ("bpp", "bpp_estimate"))
     bar.write(f"{path}: {len(mine)} images{' (this process)' if len(share) < len(images) else ''}: {bpp:.4f} bpp "
               f"(the model's estimate {estimate:.4f}: {100 * (bpp / estimate - 1):+.2f}%), "
@@ -237,7 +252,6 @@ def auto_captions(args, images, rank, world):
 def run_settings(args, images):
     """What the rows depend on: --resume refuses to continue a run with any of these changed."""
     return {"--checkpoint": args.checkpoint, "--images": os.path.abspath(args.images),
-            "images selected (--image-list)": results.digest(images),
             "--captions": args.captions if args.captions in (None, "auto") else os.path.abspath(args.captions),
             "--captioner": args.captions == "auto" and [args.captioner, args.captioner_pretrained],
             "--caption-choice": args.caption_choice,
@@ -247,9 +261,22 @@ def run_settings(args, images):
             "--fid-patches": args.fid_patches, "--fid-few-images": args.fid_few_images}
 
 
+def say_what_changed(store, images):
+    """A resumed run over another set of images keeps the rows of those still there: say what it changed."""
+    earlier = {row["image"] for row in store.every_row()}
+    gone, new = sorted(earlier - set(images)), [name for name in images if name not in earlier]
+    if gone:
+        print(f"resuming: {len(gone)} image(s) of the earlier run are no longer in --images / --image-list "
+              f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}): their rows are left out")
+    if new and earlier:
+        print(f"resuming: {len(new)} image(s) not in the earlier run are coded now")
+
+
 def explain_one(args):
     """eval.py --explain: the figure of explain.py for one image and the first checkpoint."""
     try:
+        devices.check_device(args.device)
+        files.check_output(args.output)
         files.refuse_overwrite(args.output, args.force)
         explain.check_output(args.output)
     except (FileExistsError, ValueError) as error:
@@ -261,6 +288,8 @@ def explain_one(args):
     except checkpoints.CheckpointError as error:
         raise SystemExit(f"error: {error}")
     config = model.config
+    if config.text_adapter and args.caption is None:
+        raise SystemExit("error: this model reads a caption: give --caption (--caption '' explains the empty one)")
     if config.text_adapter:
         pretrained = args.clip_pretrained or config.clip_pretrained
         encoder = clip_text.TextEncoder(config.clip_model, pretrained, config.text_tokens)
@@ -273,7 +302,7 @@ def explain_one(args):
     if args.caption == "auto" and config.text_adapter:
         args.caption = captioner.auto_caption(args, pixels)
         source = f"written by {args.captioner} ({args.captioner_pretrained})"
-    with_caption, empty = explain.explain(model, image_files.to_unit(pixels), args.caption, args.output, lpips, source)
+    with_caption, empty = explain.explain(model, image_files.to_unit(pixels), args.caption or "", args.output, lpips, source)
     print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
           f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 
@@ -284,3 +313,5 @@ if __name__ == "__main__":
     except (checkpoints.CheckpointError, clip_text.WeightsUnavailable, container.BitstreamError, ValueError,
             OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every finished row is kept in --out; the same command with --resume continues")

@@ -231,6 +231,7 @@ def train(cfg):
     # setup: devices, towers, data, model and optimizers (in that order)
     rank, world, device = devices.join_ranks("cuda" if torch.cuda.is_available() else "cpu")
     say = print if rank == 0 else (lambda *a, **k: None)
+    training.check_data_flags(cfg)                 # before any weights are looked for
     training.prepare_out(cfg, rank)
     on_gpu = device.type == "cuda"
     # PyTorch's defaults, which the reference never changed: TF32 convolutions, full fp32 matmuls (coding turns
@@ -361,7 +362,13 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    cfg = parse_args()
     try:
-        train(parse_args())
+        train(cfg)
     except (checkpoints.CheckpointError, clip_text.WeightsUnavailable, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        latest = os.path.join(cfg.out, "latest.pt")
+        where = f"{latest} holds step {torch.load(latest, weights_only=True, mmap=True)['step']}" \
+            if os.path.isfile(latest) else "no checkpoint was written yet"
+        sys.exit(f"interrupted: {where}; the same command with --resume continues from it")

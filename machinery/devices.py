@@ -26,6 +26,25 @@ def deterministic_gpu():
             setattr(owner, name, value)
 
 
+def check_device(name):
+    """The --device a user typed -> torch.device, or one ValueError that names it: a misspelling lists the
+    choices, a device this machine lacks says so."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: cpu, cuda, cuda:N (the N-th GPU) or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device on this machine (--device cpu runs on the CPU)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: no MPS device on this machine (--device cpu runs on the CPU)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}: cpu, cuda, cuda:N (the N-th GPU) or mps")
+    return device
+
+
 def has_float64(device):
     """False on devices without float64 (Apple's MPS refuses to create it)."""
     try:

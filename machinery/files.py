@@ -18,6 +18,19 @@ def refuse_overwrite(path, force=False, earlier=None, message=None):
         raise FileExistsError(message or f"{path} exists; pass --force to overwrite it")
 
 
+def check_output(path, extensions=None, what="output"):
+    """Before any work: ValueError naming `path` unless it can be written -- its folder exists, it is not a
+    folder, and (given `extensions`, such as an image writer's) its extension is one of them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder: give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: its folder {os.path.dirname(path) or '.'} does not exist")
+    if extensions is not None and os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{what} {path}: the extension {os.path.splitext(path)[1] or '(none)'!r} names no image "
+                         f"format this can write; use one of {', '.join(sorted(extensions))}")
+
+
 def check_resumed(earlier, settings, what):
     """Stop with a message naming the first of `settings` ({name: value}) that differs from the interrupted run's
     `earlier` ones, "<what> with <name> <earlier>, this run asks for <value>"; a setting the earlier run did not

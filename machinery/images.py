@@ -1,5 +1,6 @@
-"""Image files in and out: 8-bit RGB, gray, 16-bit gray, float images; alpha is dropped. Images above Pillow's
-decompression-bomb limit are refused before they are decoded."""
+"""Image files in and out: 8-bit RGB, gray, 16-bit gray, float images; alpha is dropped; the EXIF orientation is
+applied, as every viewer does. Images above Pillow's decompression-bomb limit are refused before they are
+decoded."""
 import numpy as np
 import torch
 
@@ -8,24 +9,35 @@ GRAY_MODES = {"1": np.uint8, "L": np.uint8, "LA": np.uint8, "I;16": np.uint16, "
               "I;16L": np.uint16, "I": np.uint16, "F": np.float32}
 
 
+def pixel_count(n):
+    """A number of pixels in the unit that fits: "3.1 megapixels", "5000 pixels"."""
+    return f"{n / 1e6:.1f} megapixels" if n >= 1e6 else f"{n} pixels"
+
+
 def read_pixels(path, max_pixels=None):
-    """-> (1, C, H, W) as stored: uint8, uint16 for 16-bit grayscale, float32 in [0, 1] for float images; C = 1
-    for grayscale (with or without alpha), 3 otherwise (alpha is dropped). Images above Pillow's decompression-
-    bomb limit (twice Image.MAX_IMAGE_PIXELS, where Pillow itself raises; none when it is None), or above
-    `max_pixels` when given, are refused with one ValueError."""
+    """-> (1, C, H, W) as stored, turned as its EXIF orientation says: uint8, uint16 for 16-bit grayscale, float32
+    in [0, 1] for float images; C = 1 for grayscale (with or without alpha), 3 otherwise (alpha is dropped).
+    Images above Pillow's decompression-bomb limit (twice Image.MAX_IMAGE_PIXELS, where Pillow itself raises; none
+    when it is None), or above `max_pixels` when given, are refused with one ValueError. A file that cannot be
+    read raises one OSError that names it. 16-bit RGB is read as 8 bits (Pillow has no 16-bit RGB mode)."""
     import warnings
 
-    from PIL import Image
+    from PIL import Image, ImageOps
     limit = max_pixels
     if limit is None and Image.MAX_IMAGE_PIXELS is not None:          # None: the user turned Pillow's guard off
         limit = 2 * Image.MAX_IMAGE_PIXELS
+    guard = "set by --max-image-pixels" if max_pixels is not None else \
+        "of Pillow's guard against decompression bombs; raise it with --max-image-pixels if you trust the file"
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:
+        with warnings.catch_warnings(), Image.open(path) as opened:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)       # the limit is checked here
-            if limit is not None and image.width * image.height > limit:
-                raise ValueError(f"{path} has {image.width}x{image.height} pixels, more than the limit of "
-                                 f"{limit / 1e6:.0f} megapixels (Pillow's guard against decompression bombs); "
-                                 f"raise it with --max-image-pixels if you trust the file")
+            if limit is not None and opened.width * opened.height > limit:
+                raise ValueError(f"{path} has {opened.width}x{opened.height} pixels, more than the limit of "
+                                 f"{pixel_count(limit)} {guard}")
+            if is_rgb16(opened):
+                print(f"note: {path} has 16 bits per channel; it is read as 8-bit RGB (Pillow reads no 16-bit "
+                      f"RGB; 16-bit gray keeps its depth)")
+            image = ImageOps.exif_transpose(opened)      # as viewers show it (a copy when turned, else the same)
             if image.mode in GRAY_MODES:
                 dtype = GRAY_MODES[image.mode]
                 image = image.convert("L") if image.mode in ("1", "LA") else image
@@ -36,7 +48,25 @@ def read_pixels(path, max_pixels=None):
                 array = np.array(image if image.mode == "RGB" else image.convert("RGB"))
     except Image.DecompressionBombError as error:
         raise ValueError(f"{path}: {error}; raise the limit with --max-image-pixels if you trust the file") from error
+    except (OSError, SyntaxError) as error:        # Pillow's truncated, unidentified and broken files
+        if isinstance(error, FileNotFoundError):
+            raise FileNotFoundError(f"no such image: {path}") from None
+        raise OSError(f"{path} cannot be read as an image ({error})") from None
     return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
+
+
+def is_rgb16(image):
+    """Is this open PNG stored with 16 bits per colour channel (which Pillow decodes to 8)?"""
+    return image.format == "PNG" and image.mode in ("RGB", "RGBA") and \
+        any(str(tile.args if isinstance(tile.args, str) else tile.args[0]).endswith(";16B") for tile in image.tile
+            if tile.args)
+
+
+def image_extensions():
+    """The file extensions of the image formats Pillow can write."""
+    from PIL import Image
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
 def to_unit(x):

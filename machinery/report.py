@@ -40,11 +40,16 @@ def whole_image_fid_refusal(images, patches, asked):
 def write_report(args, images, store):
     """Rank 0, once every row is in: per checkpoint and caption mode, the means and set metrics over all images
     (in the images' order, whichever process coded them), the Pillow baselines, BD-rate, results.*, rd.png."""
+    unreadable = {name: why for name, why in store.unreadable.items() if name in images}
+    images = [name for name in images if name not in unreadable]
     order = {name: i for i, name in enumerate(images)}
     groups = {}
     for row in store.rows():
-        groups.setdefault((row["checkpoint"], row["captions"]), []).append(row)
-    report, curves_by_label = {"images": args.images, "checkpoints": {}}, {}
+        if row["image"] in order:                          # a resumed run may no longer hold an image
+            groups.setdefault((row["checkpoint"], row["captions"]), []).append(row)
+    report, curves_by_label = {"images": args.images, "checkpoints": {}, "unreadable": unreadable}, {}
+    for name, why in unreadable.items():
+        print(f"skipped (unreadable): {why}")
     for path in args.checkpoint:
         model, _ = checkpoints.load_checkpoint(path)
         entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}
@@ -62,7 +67,7 @@ def write_report(args, images, store):
         print_entry(path, entry)
 
     pillows = [c.strip().upper() for c in args.baselines.split(",") if c.strip()]
-    report["baselines"] = baseline_curves(args.images, images, pillows)
+    report["baselines"] = baseline_curves(args.images, images, pillows, store)
     report["bd"] = bjontegaard(curves_by_label, report["baselines"])
     for line in comparison_lines(curves_by_label, report["bd"]):
         print(line)
@@ -167,23 +172,35 @@ def verdict(entry):
     return result
 
 
-def baseline_curves(folder, images, pillows):
+def baseline_curves(folder, images, pillows, store):
     """For each Pillow codec, one row per quality setting: bpp, PSNR, MS-SSIM, and encode / decode wall time in
-    this process (as ours is timed), each the mean over the images."""
+    this process (as ours is timed), each the mean over the images. Each image's sweep is stored as it finishes
+    (a resumed run does not sweep it again)."""
     from PIL import features
-    curves = {}
+    from tqdm import tqdm
+    available = [p for p in pillows if features.check(p.lower().replace("jpeg", "jpg"))]
     for pillow in pillows:
-        if not features.check(pillow.lower().replace("jpeg", "jpg")):
+        if pillow not in available:
             print(f"note: this Pillow has no {pillow} support; skipped")
-            continue
+    done = store.baselines()
+    todo = [(p, name) for p in available for name in images if (p, name) not in done]
+    if todo:
+        print(f"baselines: {', '.join(available)} at qualities {metrics.QUALITIES.start}-{metrics.QUALITIES[-1]} "
+              f"on {len(images)} images (--baselines '' skips them)")
+    for pillow, name in tqdm(todo, desc="baselines", unit="image", disable=not todo):
+        x = as_rgb(read_image(os.path.join(folder, name)))
+        sweep = [[q, bpp, float(metrics.psnr(decoded, x)), float(metrics.ms_ssim(decoded, x)), encode, decode]
+                 for q, bpp, decoded, encode, decode in metrics.pillow_sweep(x, pillow)]
+        done[pillow, name] = {"codec": pillow, "image": name, "sweep": sweep}
+        store.add_baseline(done[pillow, name])
+    curves = {}
+    for pillow in available:
         per_quality = {}
         for name in images:
-            x = as_rgb(read_image(os.path.join(folder, name)))
-            for q, bpp, decoded, encode, decode in metrics.pillow_sweep(x, pillow):
-                quality = float(metrics.psnr(decoded, x)), float(metrics.ms_ssim(decoded, x))
-                per_quality.setdefault(q, []).append((bpp, *quality, encode, decode))
+            for q, *values in done[pillow, name]["sweep"]:
+                per_quality.setdefault(q, []).append(values)
         curves[pillow] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}
-                         for q, v in sorted(per_quality.items())]
+                          for q, v in sorted(per_quality.items())]
     return curves
 
 

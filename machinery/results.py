@@ -8,7 +8,6 @@ write their own pair of files, rows-<rank>.jsonl and features-<rank>.f32; every 
 may be resumed with another number of processes.
 """
 import glob
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,11 +21,6 @@ SETTINGS = "settings.json"
 
 def key(row):
     return row["checkpoint"], row["captions"], row["image"]
-
-
-def digest(names):
-    """A short hash of a list of image names: the settings record which images a run covers."""
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def check(folder, settings, resume=False, force=False):
@@ -58,15 +52,19 @@ class ResultStore:
         devices.barrier()                                 # rank 0 has checked, cleaned and written the settings
         self.rows_path = os.path.join(folder, f"rows-{rank}.jsonl")
         self.features_path = os.path.join(folder, f"features-{rank}.f32")
-        files.cut_unfinished_line(self.rows_path)
-        self.done = {key(row) for row in self.rows()}
+        self.baselines_path = os.path.join(folder, f"baselines-{rank}.jsonl")
+        for path in (self.rows_path, self.baselines_path):
+            files.cut_unfinished_line(path)
+        every = self.every_row()
+        self.done = {key(row) for row in every if "unreadable" not in row}
+        self.unreadable = {row["image"]: row["unreadable"] for row in every if "unreadable" in row}
 
     def prepare(self, settings, resume, force):
         check(self.folder, settings, resume, force)
         if resume:
             return
         os.makedirs(self.folder, exist_ok=True)
-        for old in self.files("rows-*.jsonl") + self.files("features-*.f32"):
+        for old in self.files("rows-*.jsonl") + self.files("features-*.f32") + self.files("baselines-*.jsonl"):
             os.remove(old)
         text = json.dumps(settings, indent=1)
         files.write_atomically(os.path.join(self.folder, SETTINGS), lambda path: Path(path).write_text(text))
@@ -86,9 +84,30 @@ class ResultStore:
             f.write(json.dumps(row) + "\n")
         self.done.add(key(row))
 
-    def rows(self):
-        """Every finished row of every rank (a half-written last line of another rank's file is skipped)."""
+    def add_unreadable(self, image, reason):
+        """An image that cannot be read: recorded once, so that no later checkpoint, caption mode or resumed run
+        tries it again, and results.json names it."""
+        with open(self.rows_path, "a") as f:
+            f.write(json.dumps({"image": image, "unreadable": reason}) + "\n")
+        self.unreadable[image] = reason
+
+    def every_row(self):
+        """Every finished line of every rank (a half-written last line of another rank's file is skipped)."""
         return [row for path in self.files("rows-*.jsonl") for row in files.read_jsonl(path)]
+
+    def rows(self):
+        """Every finished row of every rank, unreadable images left out."""
+        return [row for row in self.every_row() if "unreadable" not in row]
+
+    def add_baseline(self, row):
+        """One finished image of a Pillow baseline's quality sweep."""
+        with open(self.baselines_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def baselines(self):
+        """{(codec, image): row} of the finished baseline sweeps."""
+        return {(r["codec"], r["image"]): r for path in self.files("baselines-*.jsonl")
+                for r in files.read_jsonl(path)}
 
     def features(self, row):
         """{name: float32 array} of one row, read from the binary file."""

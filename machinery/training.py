@@ -152,6 +152,18 @@ def start_from(model, path, say):
         (f"; the text adapter initialised ({len(fresh)} tensors, gammas 0)" if fresh else ""))
 
 
+def check_data_flags(cfg):
+    """--data and what it needs, before any weights are looked for: one line naming what is wrong."""
+    if cfg.data not in ("demo", "coco", "folder"):
+        raise SystemExit(f"error: unknown --data {cfg.data!r} (demo, coco or folder)")
+    if cfg.data in ("coco", "folder") and not cfg.root:
+        raise SystemExit(f"error: --data {cfg.data} needs --root, the folder of its images")
+    if cfg.data == "folder" and not cfg.captions:
+        raise SystemExit("error: --data folder needs --captions: a caption file, or 'auto'")
+    if cfg.val_root and not cfg.val_captions:
+        raise SystemExit("error: --val-root needs --val-captions, the held-out images' caption file")
+
+
 def training_data(cfg, rank=0, world=1, device="cpu"):
     if cfg.data == "demo":
         return data.demo_items(data.DEMO_PHOTOS), data.demo_items(data.DEMO_HELD_OUT)

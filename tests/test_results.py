@@ -96,8 +96,10 @@ def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(weigh
     with pytest.raises(SystemExit, match="evaluated with --ablation False, this run asks for True"):
         evaluation.main(arguments(weights_folder, out, "--resume", "--ablation"))
     (tmp_path / "list.json").write_text(json.dumps(["cat.png"]))
-    with pytest.raises(SystemExit, match="images selected"):
-        evaluation.main(arguments(weights_folder, out, "--resume", "--image-list", str(tmp_path / "list.json")))
+    rows = (out / "rows-0.jsonl").read_text()
+    evaluation.main(arguments(weights_folder, out, "--resume", "--image-list", str(tmp_path / "list.json")))
+    assert [r["image"] for r in next(iter(results_of(out)["checkpoints"].values()))["given"]["per_image"]] == \
+        ["cat.png"] and (out / "rows-0.jsonl").read_text() == rows            # the others' rows kept, not recoded
     evaluation.main(arguments(weights_folder, out, "--resume"))                # nothing left to code
     assert without_timings(results_of(out)) == without_timings(results_of(whole))
     evaluation.main(arguments(weights_folder, out, "--force", "--image-list", str(tmp_path / "list.json")))

@@ -234,7 +234,7 @@ def test_folder_format_skips_and_counts_bad_images(tmp_path, capsys, style):
     items = data.folder_items(str(tmp_path), str(tmp_path / f"captions.{style}"), 64)
     assert [(os.path.basename(p), c) for p, c in items] == [("good.png", ["a", "b"])]
     out = capsys.readouterr().out
-    assert "1 missing" in out and "1 unreadable" in out and "1 smaller than 64" in out
+    assert "1 captions naming no file" in out and "1 unreadable" in out and "1 smaller than 64" in out
 
 
 def test_missing_caption_file_or_folder_stops_with_a_clear_message(tmp_path):
