@@ -139,9 +139,11 @@ def main(argv=None):
     parser.add_argument("--allow-missing-captions", action="store_true", help="code images without a caption "
                         "with the empty caption instead of stopping")
     parser.add_argument("--ablation", action="store_true", help="also run with empty and with shuffled captions")
-    parser.add_argument("--baselines", default="JPEG,WEBP,AVIF", help="Pillow codecs to sweep ('' for none)")
+    parser.add_argument("--baselines", default="JPEG,WEBP,AVIF", help="Pillow codecs to sweep ('' for none): JPEG, "
+                        "WEBP, AVIF, and with their plugins HEIC (HEVC intra as in BPG: pip install pillow-heif) "
+                        "and JXL (pip install pillow-jxl-plugin)")
     parser.add_argument("--reference", action="store_true", help="overlay published Kodak numbers (released TACO "
-                        "checkpoints, CompressAI's Minnen 2018, ELIC) on the plot")
+                        "checkpoints, ELIC, and CompressAI's VTM, BPG 4:4:4 and Minnen 2018) on the plot")
     parser.add_argument("--clip-pretrained", help="CLIP weights (tag or file) if not the checkpoint's")
     parser.add_argument("--alexnet-weights", help="torchvision AlexNet weights file for LPIPS")
     parser.add_argument("--fid-weights", help="torch-fidelity's TF-Inception weights file for FID and KID "

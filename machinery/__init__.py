@@ -11,7 +11,8 @@
     images.py      image files in and out (8 and 16 bits, gray, alpha)
     clip_text.py   the CLIP text tower from open_clip, with offline handling
     captioner.py   captions for photos without one (CoCa)
-    metrics.py     PSNR, MS-SSIM, LPIPS, CLIP preprocessing, JPEG curves, BD-rate, CMMD, FID
+    metrics.py     PSNR, MS-SSIM, LPIPS, CLIP preprocessing, BD-rate, CMMD, FID
+    baselines.py   the classical codecs on the same images: JPEG, WebP, AVIF, HEVC intra, JPEG XL
     training.py    what a training run needs beyond the loop: towers, data, validation on real files, curves
     results.py     evaluation at scale: rows written as they finish, resumable, sharded
     report.py      evaluation's summary: means, set metrics, baselines, results.json/csv, rd.png

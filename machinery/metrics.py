@@ -1,11 +1,10 @@
 """Metrics on images and sets of images, each matched to the implementation users compare with: PSNR,
 MS-SSIM (pytorch_msssim), LPIPS (the lpips package), CLIP preprocessing (CLIP's own), CMMD (its paper's code),
-FID and KID (torch-fidelity), BD-rate, the Pillow baselines, and a model's parameters and multiply-accumulates.
+FID and KID (torch-fidelity), BD-rate, and a model's parameters and multiply-accumulates (the classical codecs
+are in baselines.py).
 Tensors are (B, 3, H, W) in [0, 1]."""
-import io
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -182,39 +181,6 @@ def clip_preprocess(x, size=224):
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[:, :, top:top + size, left:left + size]
     return (x - CLIP_MEAN.to(x)) / CLIP_STD.to(x)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Classical baselines through Pillow
-# ----------------------------------------------------------------------------------------------------------
-def pillow_codec(x, codec, quality):
-    """(1, 3, H, W) in [0, 1] -> bpp from the real bytes, decoded image, encode and decode wall time (s)."""
-    from PIL import Image
-    array = to_pixels(x, False, torch.uint8)[0].permute(1, 2, 0).numpy()
-    image, buffer = Image.fromarray(array), io.BytesIO()
-    start = time.perf_counter()
-    image.save(buffer, format=codec, quality=quality)
-    encode = time.perf_counter() - start
-    start = time.perf_counter()
-    with Image.open(io.BytesIO(buffer.getvalue())) as coded:
-        decoded = np.asarray(coded.convert("RGB"), dtype=np.float32) / 255
-    decode = time.perf_counter() - start
-    H, W = array.shape[:2]
-    return 8 * buffer.tell() / (H * W), torch.from_numpy(decoded).permute(2, 0, 1)[None], encode, decode
-
-
-QUALITIES = range(5, 100, 5)         # the Pillow baselines' quality sweep
-
-
-def pillow_sweep(x, codec):
-    """-> (quality, bpp, decoded image, encode s, decode s) of `codec` at each quality of the sweep, one at a time."""
-    for quality in QUALITIES:
-        yield (quality, *pillow_codec(x, codec, quality))
-
-
-def baseline_curve(x, codec="JPEG"):
-    """A Pillow codec's [(bpp, psnr)] over the quality sweep, sorted by bpp."""
-    return sorted((bpp, float(psnr(decoded, x))) for _, bpp, decoded, _, _ in pillow_sweep(x, codec))
 
 
 def psnr_at_bpp(curve, bpp):

@@ -3,17 +3,34 @@ and caption mode, the Pillow baselines, BD-rate, and results.json, results.csv a
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import torch
 
-from machinery import checkpoints, metrics
+from machinery import baselines, checkpoints, metrics
 from machinery.images import as_rgb, read_image
 
+# CompressAI's published Kodak results (InterDigitalInc/CompressAI, results/image/kodak/, commit 128f003): bpp and
+# RGB PSNR, the means over the 24 images, eight points each, as the files hold them.
+VTM = list(zip((0.04824490017361111, 0.11249542236328125, 0.24581654866536465, 0.4905454847547744,   # vtm.json
+                0.8748101128472224, 1.43084971110026, 2.3246070014105906, 3.6326090494791665),
+               (26.14484539430146, 28.493021754424603, 31.199873720014093, 34.26153257289846, 37.419793158067485,
+                40.42444421698711, 43.505766973634486, 46.59176008512777)))
+BPG = list(zip((0.06776767306857638, 0.1610234578450521, 0.35155402289496523, 0.6846966213650174,   # bpg_444_x265_ycbcr
+                1.1996654934353295, 1.9297120836046002, 3.0578757392035594, 4.703142801920573),
+               (26.19512806390954, 28.68154930675666, 31.5946565907943, 34.857473813062924, 38.259886899666974,
+                41.47887283561703, 44.70311031066196, 47.63251604714922)))
+MINNEN = list(zip((0.12392171223958336, 0.19798109266493058, 0.3072441948784722, 0.46061197916666674,  # mbt2018-mean
+                   0.6616651746961806, 0.9144049750434027, 1.2342088487413194, 1.619089762369792),  # _mse_cpu.json
+                  (27.699472968534337, 29.358805876639696, 31.128916719551516, 32.95067527714903,
+                   34.96831704422008, 36.91109403854906, 38.83750942961362, 40.63331397919807)))
+PUBLISHED_ANCHORS = {"VTM (CompressAI, Kodak)": VTM, "BPG 4:4:4 (CompressAI, Kodak)": BPG}
 REFERENCE = {   # published Kodak figures: the released TACO files measured by a third party, CompressAI's
-    # Minnen 2018 model zoo results, and the ELIC paper (He et al., CVPR 2022, Kodak)
+    # results files above, and the ELIC paper (He et al., CVPR 2022, Kodak)
     "TACO (released, Kodak)": [(0.183, 28.79), (0.226, 30.09), (0.322, 31.88), (0.450, 33.66), (0.566, 34.89)],
-    "Minnen 2018 mean-scale (CompressAI, Kodak)": [(0.124, 27.70), (0.307, 31.13), (0.662, 34.97)],
+    **PUBLISHED_ANCHORS,
+    "Minnen 2018 mean-scale (CompressAI, Kodak)": MINNEN,
     "ELIC (paper, Kodak)": [(0.124, 29.11), (0.197, 30.70), (0.334, 32.78), (0.491, 34.58), (0.704, 36.49)],
 }
 
@@ -61,7 +78,7 @@ def write_report(args, images, store):
         if "empty" in entry or "shuffled" in entry:
             entry["verdict"] = verdict(entry)
         report["checkpoints"][path] = entry
-        label = "TACO (ours)" if entry["config"]["text_adapter"] else "hyperprior (ours)"
+        label = curve_label(entry)
         mean = entry["given"]["mean"]
         curves_by_label.setdefault(label, []).append((mean["bpp"], mean["psnr"]))
         print_entry(path, entry)
@@ -71,6 +88,14 @@ def write_report(args, images, store):
     report["bd"] = bjontegaard(curves_by_label, report["baselines"])
     for line in comparison_lines(curves_by_label, report["bd"]):
         print(line)
+    not_kodak = kodak_mismatch(args.images, images)
+    if not_kodak:
+        print(f"BD-rate against VTM and BPG as published: not computed, these are not Kodak's 24 photos ({not_kodak})")
+    else:
+        anchors = {name: [{"bpp": b, "psnr": p} for b, p in curve] for name, curve in PUBLISHED_ANCHORS.items()}
+        report["bd_published"] = bjontegaard(curves_by_label, anchors)
+        for line in comparison_lines(curves_by_label, report["bd_published"]):
+            print(line)
     for pillow, curve in report["baselines"].items():
         encode, decode = (np.mean([c[k] for c in curve]) for k in ("encode_s", "decode_s"))
         print(f"{pillow} (Pillow), mean over images and qualities: encode {encode:.4f} s, decode {decode:.4f} s "
@@ -78,6 +103,8 @@ def write_report(args, images, store):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     write_csv(report, os.path.join(args.out, "results.csv"))
+    for label in curves_by_label:
+        write_compressai_json(report, label, os.path.join(args.out, f"compressai-{slug(label)}.json"))
     plot(curves_by_label, report["baselines"], os.path.join(args.out, "rd.png"), args.reference)
     print(f"wrote {args.out}/results.json, results.csv, rd.png")
 
@@ -176,21 +203,21 @@ def baseline_curves(folder, images, pillows, store):
     """For each Pillow codec, one row per quality setting: bpp, PSNR, MS-SSIM, and encode / decode wall time in
     this process (as ours is timed), each the mean over the images. Each image's sweep is stored as it finishes
     (a resumed run does not sweep it again)."""
-    from PIL import features
     from tqdm import tqdm
-    available = [p for p in pillows if features.check(p.lower().replace("jpeg", "jpg"))]
+    missing = {pillow: baselines.baseline_missing(pillow) for pillow in pillows}
+    available = [pillow for pillow in pillows if missing[pillow] is None]
     for pillow in pillows:
-        if pillow not in available:
-            print(f"note: this Pillow has no {pillow} support; skipped")
+        if missing[pillow]:
+            print(f"note: {missing[pillow]}; skipped")
     done = store.baselines()
     todo = [(p, name) for p in available for name in images if (p, name) not in done]
     if todo:
-        print(f"baselines: {', '.join(available)} at qualities {metrics.QUALITIES.start}-{metrics.QUALITIES[-1]} "
-              f"on {len(images)} images (--baselines '' skips them)")
+        print(f"baselines: {', '.join(available)} swept over their qualities on {len(images)} images "
+              f"(--baselines '' skips them)")
     for pillow, name in tqdm(todo, desc="baselines", unit="image", disable=not todo):
         x = as_rgb(read_image(os.path.join(folder, name)))
         sweep = [[q, bpp, float(metrics.psnr(decoded, x)), float(metrics.ms_ssim(decoded, x)), encode, decode]
-                 for q, bpp, decoded, encode, decode in metrics.pillow_sweep(x, pillow)]
+                 for q, bpp, decoded, encode, decode in baselines.pillow_sweep(x, pillow)]
         done[pillow, name] = {"codec": pillow, "image": name, "sweep": sweep}
         store.add_baseline(done[pillow, name])
     curves = {}
@@ -200,7 +227,7 @@ def baseline_curves(folder, images, pillows, store):
             for q, *values in done[pillow, name]["sweep"]:
                 per_quality.setdefault(q, []).append(values)
         curves[pillow] = [{"quality": q, **dict(zip(BASELINE_KEYS, map(float, np.mean(v, axis=0))))}
-                          for q, v in sorted(per_quality.items())]
+                          for q, v in per_quality.items()]                     # in the sweep's order
     return curves
 
 
@@ -258,6 +285,45 @@ def plot(results, curves, png, reference):
     figure.tight_layout()
     figure.savefig(png, dpi=120)
     plt.close(figure)
+
+
+KODAK = {f"kodim{i:02d}.png" for i in range(1, 25)}
+
+
+def kodak_mismatch(folder, images):
+    """Why these images are not the 24 Kodak photos (by name, and each 768x512 either way), or None."""
+    from PIL import Image
+    if set(images) != KODAK:
+        return f"{len(images)} images, not kodim01.png ... kodim24.png"
+    for name in sorted(images):
+        with Image.open(os.path.join(folder, name)) as image:
+            if sorted(image.size) != [512, 768]:
+                return f"{name} is {image.size[0]}x{image.size[1]}, not 768x512"
+    return None
+
+
+def curve_label(entry):
+    """Our checkpoints form one curve per kind: with the text adapter, or without."""
+    return "TACO (ours)" if entry["config"]["text_adapter"] else "hyperprior (ours)"
+
+
+def slug(label):
+    return re.sub("[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def write_compressai_json(report, label, path):
+    """One curve in CompressAI's results layout (name, description, results: bpp, psnr-rgb, ms-ssim-rgb, ...), so
+    CompressAI's own plotting script draws it beside its published files."""
+    entries = sorted([(entry["given"]["mean"], path) for path, entry in report["checkpoints"].items()
+                      if curve_label(entry) == label], key=lambda e: e[0]["bpp"])
+    keys = {"bpp": "bpp", "psnr-rgb": "psnr", "ms-ssim-rgb": "ms_ssim", "lpips": "lpips_standard",
+            "encoding_time": "encode_s", "decoding_time": "decode_s"}
+    results = {name: [mean[key] for mean, _ in entries] for name, key in keys.items()
+               if all(key in mean for mean, _ in entries)}
+    layout = {"name": label, "description": f"{label} on {report['images']}: real files, means over the images; "
+                                            f"checkpoints " + ", ".join(p for _, p in entries), "results": results}
+    with open(path, "w") as f:
+        json.dump(layout, f, indent=2)
 
 
 def write_csv(report, path):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import data
-from machinery import captioner, checkpoints, clip_text, files, metrics
+from machinery import baselines, captioner, checkpoints, clip_text, files, metrics
 from machinery.images import read_pixels
 
 
@@ -70,7 +70,7 @@ def rd_score(mean, cfg):
 def compare_with_baselines(items, rows):
     """The demo's last lesson, a line per held-out photo: its real bpp and PSNR beside JPEG's and WebP's PSNR at
     that bpp, each interpolated over the codec's Pillow quality sweep and never extrapolated. -> the curves."""
-    curves = {source: {codec: metrics.baseline_curve(data.load_rgb(source)[None], codec) for codec in BASELINES}
+    curves = {source: {codec: baselines.baseline_curve(data.load_rgb(source)[None], codec) for codec in BASELINES}
               for source, _ in items}
     print(f"{'held-out image':16s} {'bpp':>6s} {'PSNR':>9s}" + "".join(f" {c + ' at that bpp':>17s}" for c in BASELINES.values()))
     for (source, _), row in zip(items, rows):
@@ -120,7 +120,7 @@ def plot_demo_rd(model, items, curves, log_path, png_path):
         x = data.load_rgb(source)[None]
         coded = model.eval().compress(x, captions[0])
         x_hat, bpp = model.decompress(coded), 8 * len(coded) / (x.shape[-2] * x.shape[-1])      # (1, 3, H, W)
-        quality, jpeg_bpp, jpeg, _, _ = min(metrics.pillow_sweep(x, "JPEG"), key=lambda q: abs(q[1] - bpp))
+        quality, jpeg_bpp, jpeg, _, _ = min(baselines.pillow_sweep(x, "JPEG"), key=lambda q: abs(q[1] - bpp))
         size = min(x.shape[-2:]) // 2
         top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
         window = lambda im: im[0, :, top:top + size, left:left + size].permute(1, 2, 0).clamp(0, 1).numpy()  # noqa: E731

@@ -11,7 +11,7 @@ from skimage.metrics import structural_similarity
 
 import eval as evaluation
 import taco
-from machinery import checkpoints, images, metrics, report
+from machinery import baselines, checkpoints, images, metrics, report
 
 
 def pair(seed=0, size=(2, 3, 96, 112)):
@@ -219,7 +219,7 @@ def test_bad_inputs_stop_with_a_clear_message(weights_folder, tmp_path):
 
 def test_pillow_baseline_bpp_is_the_encoded_size():
     x = pair(size=(1, 3, 48, 64))[1]
-    bpp, decoded, _, _ = metrics.pillow_codec(x, "JPEG", 50)
+    bpp, decoded, _, _ = baselines.pillow_codec(x, "JPEG", 50)
     import io
     buffer = io.BytesIO()
     Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(buffer, "JPEG", quality=50)

@@ -156,7 +156,7 @@ def test_an_unreadable_photo_costs_only_its_row_and_resume_keeps_the_rest(weight
 
     (photos / "rocket.png").unlink()
     monkeypatch.setattr(evaluation.image_files, "read_image", None)        # nothing may be coded again,
-    monkeypatch.setattr(training.metrics, "pillow_sweep", None)              # nor swept
+    monkeypatch.setattr(training.baselines, "pillow_sweep", None)            # nor swept
     evaluation.main(eval_arguments(weights_folder, photos, out, "--resume"))
     assert "1 image(s) of the earlier run are no longer in --images" in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())

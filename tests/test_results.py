@@ -106,6 +106,14 @@ def test_a_finished_run_is_never_overwritten_and_resume_needs_its_settings(weigh
     assert len((out / "rows-0.jsonl").read_text().splitlines()) == 1          # the three earlier rows are gone
 
 
+def test_our_curve_is_written_in_compressais_results_layout(whole):
+    layout = json.loads((whole / "compressai-taco-ours.json").read_text())
+    mean = next(iter(results_of(whole)["checkpoints"].values()))["given"]["mean"]
+    assert layout["name"] == "TACO (ours)"
+    assert layout["results"]["bpp"] == [mean["bpp"]] and layout["results"]["psnr-rgb"] == [mean["psnr"]]
+    assert layout["results"]["ms-ssim-rgb"] == [mean["ms_ssim"]]
+
+
 def without_timings(report):
     """results.json without wall times (which no two runs share) and the output folder's name."""
     for entry in report["checkpoints"].values():
