@@ -136,8 +136,9 @@ def main(argv=None):
                    help=f"refuse files that declare more pixels than this, before decoding anything (default "
                         f"{container.MAX_PIXELS}, about {container.MAX_PIXELS / 1e6:.0f} megapixels; the format "
                         f"allows {container.FORMAT_PIXELS})")
-    d.add_argument("-o", "--output", help="output image (default: <file>_decoded.png; 16-bit sources give "
-                                          "16-bit PNGs)")
+    d.add_argument("-o", "--output", help="output image, its format from the extension (default: "
+                                          "<file>_decoded.png; 16-bit gray sources give 16-bit PNGs; a lossy format "
+                                          "re-encodes, and says so)")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     d.set_defaults(run=command_decompress)
     for command in (c, d):

@@ -104,11 +104,21 @@ def folder_items(root, captions, crop):
     return items
 
 
+def load_pixels(source):
+    """An image path or "skimage:<name>" -> (1 or 3, H, W) as stored (uint8, uint16 or float)."""
+    if source.startswith("skimage:"):
+        return torch.from_numpy(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1)
+    return images.read_pixels(source)[0]
+
+
 def load_rgb(source):
     """An image path or "skimage:<name>" -> (3, H, W) float tensor in [0, 1]."""
-    if source.startswith("skimage:"):
-        return torch.tensor(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1).float() / 255
-    image = images.read_image(source)[0]                                          # (1 or 3, H, W)
+    return to_rgb(load_pixels(source))
+
+
+def to_rgb(pixels):
+    """(1 or 3, H, W) as stored -> (3, H, W) floats in [0, 1]."""
+    image = images.to_unit(pixels)
     return image.expand(3, *image.shape[-2:])
 
 
@@ -125,13 +135,14 @@ class CropDataset(Dataset):
         for attempt in range(len(self.items)):              # an image that fails to decode: take the next
             source, captions = self.items[(index + attempt) % len(self.items)]
             try:
-                image = load_rgb(source)
+                pixels = load_pixels(source)
                 break
             except OSError as error:
                 print(f"warning: skipping unreadable {source}: {error}", file=sys.stderr)
-        _, H, W = image.shape
+        _, H, W = pixels.shape
         top, left = rng.randrange(H - self.crop + 1), rng.randrange(W - self.crop + 1)
-        return image[:, top:top + self.crop, left:left + self.crop], rng.choice(captions)
+        crop = pixels[:, top:top + self.crop, left:left + self.crop]           # cut before it becomes floats
+        return to_rgb(crop), rng.choice(captions)
 
 
 def steps_per_epoch(n_items, per_step):
