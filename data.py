@@ -107,7 +107,8 @@ def folder_items(root, captions, crop):
 def load_pixels(source):
     """An image path or "skimage:<name>" -> (1 or 3, H, W) as stored (uint8, uint16 or float)."""
     if source.startswith("skimage:"):
-        return torch.from_numpy(skimage_photo(source[len("skimage:"):])[:, :, :3]).permute(2, 0, 1)
+        photo = torch.from_numpy(skimage_photo(source[len("skimage:"):]))                  # (H, W) or (H, W, C)
+        return photo[None] if photo.ndim == 2 else photo[:, :, :3].permute(2, 0, 1)        # (1 or 3, H, W)
     return images.read_pixels(source)[0]
 
 
@@ -123,11 +124,12 @@ def to_rgb(pixels):
 
 
 class CropDataset(Dataset):
-    """dataset[(index, seed)] -> a random crop and caption; the randomness is a function of the seed alone,
-    so a resumed run sees exactly the samples the interrupted one would have seen."""
+    """dataset[(index, seed)] -> a random crop (mirrored left to right half of the time, with `flip`) and
+    caption; the randomness is a function of the seed alone, so a resumed run sees exactly the samples the
+    interrupted one would have seen."""
 
-    def __init__(self, items, crop):
-        self.items, self.crop = items, crop
+    def __init__(self, items, crop, flip=False):
+        self.items, self.crop, self.flip = items, crop, flip
 
     def __getitem__(self, key):
         index, seed = key
@@ -142,7 +144,10 @@ class CropDataset(Dataset):
         _, H, W = pixels.shape
         top, left = rng.randrange(H - self.crop + 1), rng.randrange(W - self.crop + 1)
         crop = pixels[:, top:top + self.crop, left:left + self.crop]           # cut before it becomes floats
-        return to_rgb(crop), rng.choice(captions)
+        caption = rng.choice(captions)
+        if self.flip and rng.random() < 0.5:                  # a mirrored photo: as natural, and new to the model
+            crop = crop.flip(-1)
+        return to_rgb(crop), caption
 
 
 def steps_per_epoch(n_items, per_step):

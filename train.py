@@ -14,7 +14,9 @@ torch.norm computes it: not a norm per image, and not a mean.
 """
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
 import sys
 import time
@@ -52,6 +54,7 @@ class TrainConfig:
     val_root: str = option("", "held-out images (e.g. Kodak) for real-bitstream validation")
     val_captions: str = option("", "captions of the held-out images (JSON or JSONL)")
     crop: int = option(256, "random crop size for training")
+    flip: bool = option(False, "mirror half of the crops left to right (the reference does not)")
     # model (TacoConfig)
     backbone: str = option("hyperprior", "hyperprior (GDN mean-scale) or elic (the paper's model, at N=192, "
                                          "M=320 unless --N / --M are given)")
@@ -79,6 +82,9 @@ class TrainConfig:
     lr: float = option(1e-4, "Adam learning rate of the codec")
     aux_lr: float = option(1e-3, "Adam learning rate of the factorized prior's quantiles")
     clip_grad: float = option(1.0, "gradient norm clip (0 or less: no clipping, as the reference)")
+    schedule: str = option("steps", "learning rate: steps (the reference's: x0.1 at 90%% and 96%% of the run) or "
+                                    "cosine (a warm-up, lr held to 30%%, then a cosine decay to 2%% of it)")
+    warmup: int = option(0, "cosine: steps of linear warm-up from 0")
     seed: int = option(100, "seed of weights, data order, crops and noise")
     # machinery
     out: str = option("runs/taco", "folder for checkpoints, log.jsonl, curves.png and explain.png")
@@ -95,9 +101,12 @@ class TrainConfig:
                                       "sweep per image) and explain.png (--no-final-report skips both)")
 
 
-# `python train.py` with no --data: a run that does real work in a few CPU minutes, offline.
-DEMO = dict(data="demo", crop=128, N=64, M=96, steps=800, batch_size=8, lr=1e-3, lmbda=0.0067, val_every=400,
-            log_every=10, workers=0, out="runs/demo", allow_missing_weights=True)
+# `python train.py` with no --data: a run that does real work in a few CPU minutes, offline. Chosen on photos it
+# neither trains on nor reports (docs/training.md, "The demo's recipe"): a low rate, where JPEG is weakest; small
+# batches, which learn more per CPU-second here than large ones; lr held, then a long cosine decay; mirrored crops.
+DEMO = dict(data="demo", crop=128, flip=True, N=64, M=96, steps=3100, batch_size=4, lr=1e-3, schedule="cosine",
+            warmup=100, lmbda=0.0035, val_every=400, log_every=20, workers=0, out="runs/demo",
+            allow_missing_weights=True)
 
 # --backbone elic: the paper's widths (its slices [16, 16, 32, 64, 192] add up to M = 320).
 PAPER_ELIC = dict(N=192, M=320)
@@ -153,13 +162,26 @@ class JointLoss(nn.Module):
 # The loop
 # ----------------------------------------------------------------------------------------------------------
 def make_optimizers(model, cfg):
-    """Adam for the codec, a separate Adam for the factorized prior's quantiles (the reference's aux optimizer),
-    lr x 0.1 at 90% and 96% of the steps (the reference's epochs 45 and 48 of 50)."""
+    """Adam for the codec, a separate Adam for the factorized prior's quantiles (the reference's aux optimizer).
+    The codec's lr: x 0.1 at 90% and 96% of the steps (the reference's epochs 45 and 48 of 50), or --schedule
+    cosine (the demo's: a short run gains most from a long, smooth decay)."""
     optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if not n.endswith("quantiles")], cfg.lr)
     aux_optimizer = torch.optim.Adam([model.entropy_bottleneck.quantiles], cfg.aux_lr)
-    milestones = [int(0.9 * cfg.steps), int(0.96 * cfg.steps)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    if cfg.schedule == "steps":
+        milestones = [int(0.9 * cfg.steps), int(0.96 * cfg.steps)]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(cosine, steps=cfg.steps,
+                                                                                   warmup=cfg.warmup))
     return optimizer, aux_optimizer, scheduler
+
+
+def cosine(step, steps, warmup, hold=0.3, floor=0.02):
+    """The lr's factor at `step`: a linear warm-up, 1 until `hold` of the run, then half a cosine down to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(max(step - hold * steps, 0) / ((1 - hold) * steps), 1)
+    return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def model_config(cfg, text_pretrained, text_dim):
@@ -249,7 +271,7 @@ def train(cfg):
             model.attach_text_encoder(encoder)
     criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
     net = wrap(model, cfg, device, world)
-    loader = DataLoader(data.CropDataset(train_items, cfg.crop), collate_fn=data.collate, num_workers=cfg.workers,
+    loader = DataLoader(data.CropDataset(train_items, cfg.crop, cfg.flip), collate_fn=data.collate, num_workers=cfg.workers,
                         batch_sampler=data.batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
                         pin_memory=on_gpu, persistent_workers=False)
     precision = "bf16 autocast" if on_gpu and cfg.bf16 else "fp32" + (" (TF32 convolutions)" if on_gpu else "")
@@ -358,7 +380,10 @@ def parse_args(argv=None):
     preset = DEMO if given.get("data", "demo") == "demo" else {}
     if given.get("backbone") == "elic":
         preset = {**{k: v for k, v in preset.items() if k not in ("N", "M")}, **PAPER_ELIC}
-    return TrainConfig(**{**preset, **given})
+    cfg = TrainConfig(**{**preset, **given})
+    if cfg.schedule not in ("steps", "cosine"):
+        parser.error(f"--schedule {cfg.schedule!r}: steps or cosine")
+    return cfg
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def check_output(path, extensions=None, what="output"):
     if not os.path.isdir(folder):
         raise ValueError(f"{what} {path}: its folder {os.path.dirname(path) or '.'} does not exist")
     if extensions is not None and os.path.splitext(path)[1].lower() not in extensions:
+        common = [e for e in (".png", ".tif", ".bmp", ".jpg", ".webp") if e in extensions]
         raise ValueError(f"{what} {path}: the extension {os.path.splitext(path)[1] or '(none)'!r} names no image "
-                         f"format this can write; use one of {', '.join(sorted(extensions))}")
+                         f"format this can write: use {', '.join(common)} or another of Pillow's")
 
 
 def check_resumed(earlier, settings, what):

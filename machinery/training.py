@@ -186,8 +186,8 @@ def training_data(cfg, rank=0, world=1, device="cpu"):
 
 
 # Settings that shape the optimization: a resumed run must use the ones it was started with.
-RESUME_MUST_MATCH = ("data", "root", "crop", "lmbda", "k_p", "k_j", "lpips_input", "steps", "batch_size", "lr",
-                     "aux_lr", "clip_grad", "seed")
+RESUME_MUST_MATCH = ("data", "root", "crop", "flip", "lmbda", "k_p", "k_j", "lpips_input", "steps", "batch_size", "lr",
+                     "aux_lr", "clip_grad", "schedule", "warmup", "seed")
 
 
 def check_resumable(checkpoint, config, cfg, path):

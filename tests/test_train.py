@@ -131,8 +131,9 @@ def run_train(args, tmp_path, name, data=()):
 @pytest.mark.usefixtures("no_curves")
 def test_resume_after_interruption_continues_exactly(tmp_path, capsys, small_data):
     """Stopped mid-epoch (6 images, 2 per step: step 5 is the middle of the second epoch), in the third epoch
-    after the resume, with validation on both sides of the stop (steps 4 and 8)."""
-    common = ["--steps", "8", "--val-every", "4"]
+    after the resume, with validation on both sides of the stop (steps 4 and 8); the demo's cosine schedule and
+    mirrored crops, whose state a resume must carry too."""
+    common = ["--steps", "8", "--val-every", "4", "--schedule", "cosine", "--warmup", "2", "--flip"]
     straight, _ = run_train(common, tmp_path, "straight", small_data)
     run_train(common + ["--stop-at", "5"], tmp_path, "interrupted", small_data)
     resumed, checkpoint = run_train(common + ["--resume"], tmp_path, "interrupted", small_data)
@@ -280,6 +281,24 @@ def test_training_starts_from_a_released_checkpoint_with_the_elic_backbone(tmp_p
     assert model.config.backbone == "elic" and model.config.slices == SMALL["slices"] and checkpoint["step"] == 1
     for key in ("g_a.analysis_transform.8.gamma", "channel_context.4.fushion.4.bias", "h_s.increase.4.weight"):
         assert torch.equal(weights[key], state["module." + key]), key                 # lr 0: still the file's
+
+
+def test_the_cosine_schedule_warms_up_holds_then_decays_to_2_percent():
+    factors = [train.cosine(step, steps=100, warmup=10) for step in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])        # linear warm-up
+    assert factors[10:31] == [1.0] * 21                                              # held to 30% of the run
+    assert factors[65] == pytest.approx(0.02 + 0.98 * (1 + np.cos(np.pi * 35 / 70)) / 2)   # half-way down: 0.51
+    assert factors[99] == pytest.approx(0.02, abs=1e-3) and all(np.diff(factors[30:]) <= 0)
+
+
+def test_a_flipped_crop_is_the_same_crop_mirrored(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    items = [(str(tmp_path / "a.png"), ["a"])]
+    plain, flipping = data.CropDataset(items, 32), data.CropDataset(items, 32, flip=True)
+    mirrored = [torch.equal(flipping[(0, s)][0], plain[(0, s)][0].flip(-1)) for s in range(40)]
+    same = [torch.equal(flipping[(0, s)][0], plain[(0, s)][0]) for s in range(40)]
+    assert all(m or s for m, s in zip(mirrored, same)) and 10 < sum(mirrored) < 30
 
 
 def test_backbone_elic_alone_is_the_papers_model_with_the_references_parameter_count():
