@@ -2,6 +2,7 @@
 
     python codec.py compress photo.png --caption "a red barn in the snow" --checkpoint runs/demo/best.pt
     python codec.py decompress photo.taco --checkpoint runs/demo/best.pt
+    python codec.py info photo.taco                 # the file laid open: header, z's and y's bytes, checksum
 """
 import argparse
 import os
@@ -82,6 +83,26 @@ def command_decompress(args):
     print(f"{output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}, {seconds:.2f} s")
 
 
+def command_info(args):
+    """A .taco file laid open without a checkpoint: the header's fields, z's and y's bytes, the checksum."""
+    with open(args.file, "rb") as f:
+        data = f.read()
+    info = container.unpack(data, None, container.FORMAT_PIXELS)          # every check decompress makes first
+    H, W = info.height, info.width
+    bpp = lambda n: 8 * n / (H * W)                                      # noqa: E731
+    print(f"{args.file}: TACO format {container.VERSION}, {len(data)} bytes, {bpp(len(data)):.4f} bpp")
+    rows = [("image", f"{W}x{H}, {'gray' if info.gray else 'RGB'}, {info.bits} bits (coded padded to "
+                      f"{info.padded[1]}x{info.padded[0]})"),
+            ("model", f"fingerprint {info.written_by.hex()}: decode with the checkpoint it names"),
+            ("header", f"{container.HEADER.size} bytes (magic, version, fingerprint, size, flags, the decisions' "
+                       f"check {info.decisions:08x}, the streams' lengths)"),
+            ("z", f"{len(info.z_bytes)} bytes ({bpp(len(info.z_bytes)):.4f} bpp): the hyperprior's side information"),
+            ("y", f"{len(info.y_bytes)} bytes ({bpp(len(info.y_bytes)):.4f} bpp): the image's latent"),
+            ("checksum", f"{container.CHECKSUM.size} bytes (CRC-32 of all the rest: it matches)")]
+    for name, text in rows:
+        print(f"  {name:9s} {text}")
+
+
 LOSSY = {".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".heic", ".jp2", ".j2k", ".jpx"}
 
 
@@ -141,6 +162,10 @@ def main(argv=None):
                                           "re-encodes, and says so)")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     d.set_defaults(run=command_decompress)
+    i = sub.add_parser("info", help=".taco file -> its layout, without a checkpoint: header fields, z's and y's "
+                                    "bytes, the checksum")
+    i.add_argument("file", help="a .taco file")
+    i.set_defaults(run=command_info)
     for command in (c, d):
         command.add_argument("--device", default="cpu", help="where the networks run: cpu, cuda, cuda:1, ... (the "
                                                              "entropy coder always runs on the CPU)")

@@ -71,8 +71,9 @@ def pack(fingerprint, image, decisions, z_bytes, y_bytes):
 
 def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
     """-> height, width, gray, bits, padded (height and width rounded up to 64, as describe()), decisions (the CRC of
-    the coding decisions), z_bytes, y_bytes; raises BitstreamError with the reason. A size above max_pixels is
-    refused here, before anything is allocated."""
+    the coding decisions), z_bytes, y_bytes, written_by (the writer's fingerprint); raises BitstreamError with the
+    reason. A size above max_pixels is refused here, before anything is allocated. fingerprint None: any model's
+    file (codec.py info reads files without a checkpoint)."""
     if len(data) < 5 or data[:4] != MAGIC:
         raise BitstreamError("not a TACO file (no TACO header)")
     if data[4] != VERSION:
@@ -86,7 +87,7 @@ def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
     view = memoryview(data)              # the streams are read in place: a file costs its own size, once
     if CHECKSUM.unpack_from(data, len(data) - CHECKSUM.size)[0] != zlib.crc32(view[:-CHECKSUM.size]):
         raise BitstreamError("corrupted file: checksum mismatch")
-    if written_by != fingerprint:
+    if fingerprint is not None and written_by != fingerprint:
         raise BitstreamError(f"file written by another model (fingerprint {written_by.hex()}); this checkpoint "
                              f"is {fingerprint.hex()}: decode with the checkpoint that wrote it")
     if H == 0 or W == 0 or H * W > FORMAT_PIXELS or flags > GRAY | SIXTEEN_BITS:
@@ -96,7 +97,7 @@ def unpack(data, fingerprint, max_pixels=MAX_PIXELS):
                              f"{max_pixels / 1e6:.0f} (raise it with --max-pixels if you trust the file)")
     z_end = HEADER.size + z_len
     return SimpleNamespace(height=H, width=W, gray=bool(flags & GRAY), bits=16 if flags & SIXTEEN_BITS else 8,
-                           padded=(-(-H // 64) * 64, -(-W // 64) * 64), decisions=decisions,
+                           padded=(-(-H // 64) * 64, -(-W // 64) * 64), decisions=decisions, written_by=written_by,
                            z_bytes=view[HEADER.size:z_end], y_bytes=view[z_end:len(data) - CHECKSUM.size])
 
 

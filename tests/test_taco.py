@@ -1,5 +1,7 @@
 """Claims about taco.py: files decode bit-exactly without the caption, and bad files fail clearly."""
 import os
+import re
+import struct
 
 import numpy as np
 import pytest
@@ -236,6 +238,31 @@ def test_cli_roundtrip_refuses_to_overwrite_and_reports_errors(encoder, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_codec_info_lays_a_file_open_without_a_checkpoint_and_refuses_a_damaged_one_as_decompress(
+        tiny_hyperprior, tmp_path, capsys):
+    from PIL import Image
+    from machinery import container
+    Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    save_checkpoint(str(tmp_path / "model.pt"), tiny_hyperprior)
+    assert codec.main(["compress", str(tmp_path / "a.png"), "--caption", "", "--checkpoint",
+                       str(tmp_path / "model.pt")]) == 0
+    data = (tmp_path / "a.taco").read_bytes()
+    capsys.readouterr()
+    assert codec.main(["info", str(tmp_path / "a.taco")]) == 0
+    out = capsys.readouterr().out
+    sizes = [int(n) for n in re.findall(r"^  (?:header|z|y|checksum) +(\d+) bytes", out, re.M)]
+    assert sum(sizes) == len(data) and f"{len(data)} bytes" in out
+    assert "70x40, RGB, 8 bits" in out and container.fingerprint(tiny_hyperprior).hex() in out
+    z_len, y_len = struct.unpack(">II", data[22:30])                        # the header's own last two fields
+    assert sizes[1:3] == [z_len, y_len]
+    (tmp_path / "b.taco").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    errors = []
+    for command in (["info"], ["decompress", "--checkpoint", str(tmp_path / "model.pt")]):
+        assert codec.main([command[0], str(tmp_path / "b.taco"), *command[1:]]) == 1
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] == "error: corrupted file: checksum mismatch\n"
 
 
 def test_cli_text_model_requires_a_caption(tiny_hyperprior, tmp_path, capsys):
