@@ -145,8 +145,8 @@ class JointLoss(nn.Module):
     def forward(self, out, x, text_embedding=None):
         B, _, H, W = x.shape
         x_hat = out["x_hat"].float()
-        terms = {"bpp": metrics.bits(out["likelihoods"]) / (B * H * W),
-                 "mse": F.mse_loss(x_hat, x)}
+        bits = sum(-torch.log2(p).sum() for p in out["likelihoods"].values())   # -sum log2 p over y and z
+        terms = {"bpp": bits / (B * H * W), "mse": F.mse_loss(x_hat, x)}
         loss = terms["bpp"] + self.lmbda * 255 ** 2 * terms["mse"]
         if self.lpips is not None:
             terms["lpips"] = self.lpips(x_hat, x).mean()
@@ -359,8 +359,9 @@ def finish(model, cfg, val_items, val_rows, lpips):
         source, captions = val_items[0]
         figure = os.path.join(cfg.out, "explain.png")
         explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)
-        print(f"{figure}: where the bits of {os.path.basename(source.split(':')[-1])} go and what its caption "
-              f"changed")
+        name = os.path.basename(source.split(":")[-1])
+        print(f"{figure}: where the bits of {name} go" + (" and what its caption changed" if cfg.text_adapter
+                                                           else ""))
 
 
 def parse_args(argv=None):

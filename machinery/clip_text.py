@@ -75,7 +75,8 @@ def tokenizer(name):
 
 
 @_quiet_stand_in_notes()
-def load_clip(name, pretrained, what="CLIP", option="--clip-pretrained"):
+def load_clip(name, pretrained, what="CLIP", option="--clip-pretrained (in Python: TacoConfig(clip_pretrained=...); "
+                                                   "'random' for an untrained stand-in tower)"):
     """An open_clip model (CLIP, or CoCa for captioner.py): `name` is open_clip's (or "local-dir:<folder>" with an
     open_clip_config.json); `pretrained` is a tag ("openai"), a local weights file, or "random". Weights that
     cannot be had raise WeightsUnavailable, whose message names `what` and the `option` that takes a file.

@@ -236,7 +236,7 @@ def test_missing_or_misshapen_key_gives_an_error_naming_it(tmp_path, small_relea
 
 @pytest.mark.parametrize("size", [pytest.param((64, 64), marks=pytest.mark.core), (70, 100)],
                          ids=["a multiple of 64", "padded"])
-def test_decompress_equals_the_models_own_reconstruction_exactly(tiny_elic, size):
+def test_lossless_round_trip_an_elic_taco_file_decodes_to_the_models_own_reconstruction_exactly(tiny_elic, size):
     model = tiny_elic
     x = torch.rand(1, 3, *size)
     data = model.compress(x, "a lighthouse on a cliff")

@@ -29,7 +29,7 @@ def eval_reconstruction(model, x, caption):
 
 @pytest.mark.parametrize("size", [(17, 33), (130, 200)])
 @pytest.mark.core
-def test_decompress_equals_the_models_own_reconstruction_exactly(tiny_hyperprior, size):
+def test_lossless_round_trip_a_taco_file_decodes_to_the_models_own_reconstruction_exactly(tiny_hyperprior, size):
     model = tiny_hyperprior
     x = natural_image(*size)
     data = model.compress(x, "a red barn in the snow")
@@ -321,10 +321,10 @@ def test_text_features_are_a_hand_written_clip_text_forward_over_38_tokens_with_
         assert torch.allclose(features, encoder.ln_final(x), atol=1e-5)
 
 
-def test_missing_pretrained_weights_fail_at_once_with_instructions(tmp_path, monkeypatch):
+def test_missing_pretrained_weights_fail_at_once_naming_the_flag_and_the_config_field(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))   # whatever this machine has
-    with pytest.raises(clip_text.WeightsUnavailable, match="--clip-pretrained"):
+    with pytest.raises(clip_text.WeightsUnavailable, match=r"--clip-pretrained .*TacoConfig\(clip_pretrained="):
         clip_text.load_clip(TacoConfig().clip_model, "openai")
 
 

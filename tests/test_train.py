@@ -144,6 +144,12 @@ def test_resume_after_interruption_continues_exactly(tmp_path, capsys, small_dat
         assert torch.equal(a, b), name
 
 
+def test_a_run_without_the_adapter_ends_without_speaking_of_a_caption(tmp_path, capsys, small_data):
+    run_train(["--no-text-adapter", "--steps", "1", "--final-report"], tmp_path, "plain", small_data)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("explain.png: where the bits of val-0.png go")
+
+
 @pytest.mark.usefixtures("no_curves")
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, small_data):
     run_train(["--steps", "1", "--val-root", ""], tmp_path, "run", small_data)            # no held-out images
