@@ -2,9 +2,11 @@
 
 Read me first -- the traps this file is built around:
   1. Encoder and decoder must make *bit-identical* decisions. Every quantity the coder sees is an integer
-     (CDF tables with 16-bit precision, integer state), and the tables are frozen by `update()` after
-     training (entropy.py): recomputing them from floats on the decoder side could drift by one unit and
-     derail decoding.
+     (CDF tables with 16-bit precision, integer state). The tables are computed from float weights by
+     `update()` (entropy.py) on whichever machine codes -- the decoder's included -- and that is safe only
+     because tables.py computes them from correctly rounded float64 operations in a fixed order, so every
+     machine gets the same integers; built with ordinary float32 kernels they could differ by one unit between
+     two CPUs and derail decoding.
   2. Every symbol needs a non-zero frequency, or it cannot be coded. `tables.pmf_to_quantized_cdf` guarantees it.
   3. Tables cover a finite range. The last symbol of each table is an *escape*: values outside the range
      are coded as the escape followed by their exact value in bypass (uniform) bits, so any int32 survives.
