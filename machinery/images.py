@@ -37,7 +37,8 @@ def read_pixels(path, max_pixels=None):
             if is_rgb16(opened):
                 print(f"note: {path} has 16 bits per channel; it is read as 8-bit RGB (Pillow reads no 16-bit "
                       f"RGB; 16-bit gray keeps its depth)")
-            image = ImageOps.exif_transpose(opened)      # as viewers show it (a copy when turned, else the same)
+            turned = opened.getexif().get(0x0112, 1) not in (0, 1)          # EXIF orientation: 1 is upright
+            image = ImageOps.exif_transpose(opened) if turned else opened   # as viewers show it (a copy if turned)
             if image.mode in GRAY_MODES:
                 dtype = GRAY_MODES[image.mode]
                 image = image.convert("L") if image.mode in ("1", "LA") else image
