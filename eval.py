@@ -177,7 +177,7 @@ def main(argv=None):
     given = auto_captions(args, images, rank, world) if args.captions == "auto" else None
     store = results.ResultStore(args.out, settings, rank, args.resume, args.force)
     if args.resume and rank == 0:
-        say_what_changed(store, images)
+        store.say_what_changed(images)
     share = images[rank::world]                                            # this process's images
     from tqdm import tqdm
     total = len(args.checkpoint) * (3 if args.ablation else 1) * len(share)
@@ -261,17 +261,6 @@ def run_settings(args, images):
             "--clip-pretrained": args.clip_pretrained, "--alexnet-weights": args.alexnet_weights,
             "--fid-weights": args.fid_weights, "FID features": "torch-fidelity inception-v3-compat 2048",
             "--fid-patches": args.fid_patches, "--fid-few-images": args.fid_few_images}
-
-
-def say_what_changed(store, images):
-    """A resumed run over another set of images keeps the rows of those still there: say what it changed."""
-    earlier = {row["image"] for row in store.every_row()}
-    gone, new = sorted(earlier - set(images)), [name for name in images if name not in earlier]
-    if gone:
-        print(f"resuming: {len(gone)} image(s) of the earlier run are no longer in --images / --image-list "
-              f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}): their rows are left out")
-    if new and earlier:
-        print(f"resuming: {len(new)} image(s) not in the earlier run are coded now")
 
 
 def explain_one(args):

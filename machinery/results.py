@@ -84,6 +84,16 @@ class ResultStore:
             f.write(json.dumps(row) + "\n")
         self.done.add(key(row))
 
+    def say_what_changed(self, images):
+        """A resumed run over another set of images keeps the rows of those still there: say what it changed."""
+        earlier = {row["image"] for row in self.every_row()}
+        gone, new = sorted(earlier - set(images)), [name for name in images if name not in earlier]
+        if gone:
+            print(f"resuming: {len(gone)} image(s) of the earlier run are no longer in --images / --image-list "
+                  f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}): their rows are left out")
+        if new and earlier:
+            print(f"resuming: {len(new)} image(s) not in the earlier run are coded now")
+
     def add_unreadable(self, image, reason):
         """An image that cannot be read: recorded once, so that no later checkpoint, caption mode or resumed run
         tries it again, and results.json names it."""
