@@ -35,6 +35,28 @@ The interval [0, 1) narrows to [0, 1/2) for the 0, to [1/4, 3/8) for the 1, to [
 the 2; the shortest byte string whose value lies inside (the decoder reads zeros past the end) is 0x58, 88/256 =
 11/32: the byte 'X', for 5.0001 bits of information.
 
+A second example shows the two hard parts, renormalization and the carry. One table over 0 (256/65536), 1
+(65024/65536: almost sure) and 2 (255/65536: 8 bits of information), and the escape:
+
+    >>> cdfs = np.array([[0, 256, 65280, 65535, 65536]], dtype=np.int32)
+    >>> indexes = np.zeros(5, dtype=np.int32)
+    >>> data = encode_symbols(np.array([2, 1, 2, 2, 2], dtype=np.int32), indexes, cdfs, lengths, offsets)
+    >>> data.hex()
+    'fffe0002'
+    >>> decode_symbols(data, indexes, cdfs, lengths, offsets)
+    array([2, 1, 2, 2, 2], dtype=int32)
+
+  2  narrows [low, low + rng) to its top 1/257; rng falls to 2**48 or below, so low's top byte can no longer
+     change (short of a carry) and is shifted out: ff.
+  1  costs 0.011 bits: the interval barely narrows, no byte.
+  2  8 more bits: fd leaves (ff fd).
+  2  8 more bits: ff leaves (ff fd ff), and low now sits just under the top of the 56-bit window.
+  2  adding this symbol's start to low passes 2**56: the extra unit belongs to the bytes already written, and
+     ff fd ff + 1 = ff fe 00 -- the trailing ff rolls over to 00 and the carry stops at fd (`_add_carry`).
+     Then 01 leaves (ff fe 00 01).
+  end  the flush writes the shortest value inside the last interval; here that is low rounded up to the next
+     multiple of 2**56, one more carry and no byte: ff fe 00 02, four bytes for 32.0 bits of information.
+
 One stream may be written and read in several calls (`SymbolEncoder`, `SymbolDecoder`): a large image is coded
 band by band, and ELIC's later tables depend on values decoded earlier. The coder is plain Python over numpy
 arrays, compiled by numba. Set NUMBA_DISABLE_JIT=1 to step through it.
