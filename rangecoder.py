@@ -141,6 +141,55 @@ def _decode_interval(code, rng, data, pos, start, freq, precision):
     return code, rng, pos           # 0 <= code < rng still holds: the symbol was chosen so that it does
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Values outside a table: the escape symbol, then the value in bypass bits (trap 3)
+# ----------------------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _zigzag(s, escape):
+    """An escaped value s (below 0, or escape and above) -> a non-negative integer, the sign in its lowest bit."""
+    return -2 * s - 1 if s < 0 else 2 * (s - escape)
+
+
+@numba.njit(cache=True)
+def _unzigzag(raw, escape):
+    return -((raw + 1) >> 1) if raw & 1 else (raw >> 1) + escape
+
+
+@numba.njit(cache=True)
+def _encode_bypass(low, rng, out, pos, raw):
+    """raw's bit length in LENGTH_BITS uniform bits, then its bits, BYPASS_CHUNK at a time, most significant first."""
+    n_bits = 0
+    while (raw >> n_bits) > 0:
+        n_bits += 1
+    low, rng, pos = _encode_interval(low, rng, out, pos, n_bits, 1, LENGTH_BITS)
+    while n_bits > 0:
+        chunk = min(BYPASS_CHUNK, n_bits)
+        n_bits -= chunk
+        bits = (raw >> n_bits) & ((1 << chunk) - 1)
+        low, rng, pos = _encode_interval(low, rng, out, pos, bits, 1, chunk)
+    return low, rng, pos
+
+
+@numba.njit(cache=True)
+def _decode_bypass(code, rng, data, pos):
+    """The twin of `_encode_bypass` -> raw, code, rng, pos."""
+    n_bits = _decode_target(code, rng, LENGTH_BITS)
+    code, rng, pos = _decode_interval(code, rng, data, pos, n_bits, 1, LENGTH_BITS)
+    if n_bits > MAX_RAW_BITS:
+        raise ValueError("corrupted stream: impossible escape length")
+    raw = np.int64(0)
+    while n_bits > 0:
+        chunk = min(BYPASS_CHUNK, n_bits)
+        n_bits -= chunk
+        bits = _decode_target(code, rng, chunk)
+        code, rng, pos = _decode_interval(code, rng, data, pos, bits, 1, chunk)
+        raw = (raw << chunk) | bits
+    return raw, code, rng, pos
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Symbols: one interval each (the textbook's loop), an escaped value's bits after its escape
+# ----------------------------------------------------------------------------------------------------------
 @numba.njit(cache=True)
 def _encode(symbols, indexes, cdfs, cdf_lengths, offsets, state, out):
     """Code symbols[i] with table indexes[i], continuing from `state` (low, rng, pos) and leaving it where this
@@ -149,24 +198,12 @@ def _encode(symbols, indexes, cdfs, cdf_lengths, offsets, state, out):
     for i in range(symbols.size):
         out = _grow(out, pos)
         k = indexes[i]
-        cdf = cdfs[k]
-        escape = cdf_lengths[k] - 2                   # symbols 0 .. escape-1 are regular
+        cdf, escape = cdfs[k], cdf_lengths[k] - 2          # symbols 0 .. escape-1 are regular
         s = np.int64(symbols[i]) - offsets[k]
-        if 0 <= s < escape:
-            low, rng, pos = _encode_interval(low, rng, out, pos, cdf[s], cdf[s + 1] - cdf[s], PRECISION)
-            continue
-        low, rng, pos = _encode_interval(low, rng, out, pos, cdf[escape], cdf[escape + 1] - cdf[escape],
-                                         PRECISION)
-        raw = -2 * s - 1 if s < 0 else 2 * (s - escape)   # zig-zag: sign into the lowest bit
-        n_bits = 0
-        while (raw >> n_bits) > 0:
-            n_bits += 1
-        low, rng, pos = _encode_interval(low, rng, out, pos, n_bits, 1, LENGTH_BITS)
-        while n_bits > 0:
-            chunk = min(BYPASS_CHUNK, n_bits)
-            n_bits -= chunk
-            bits = (raw >> n_bits) & ((1 << chunk) - 1)
-            low, rng, pos = _encode_interval(low, rng, out, pos, bits, 1, chunk)
+        t = s if 0 <= s < escape else escape                  # the symbol, or the escape
+        low, rng, pos = _encode_interval(low, rng, out, pos, cdf[t], cdf[t + 1] - cdf[t], PRECISION)
+        if t == escape:
+            low, rng, pos = _encode_bypass(low, rng, out, pos, _zigzag(s, escape))
     state[0], state[1], state[2] = low, rng, pos
     return out
 
@@ -203,37 +240,31 @@ def _decoder_start(data):
 
 
 @numba.njit(cache=True)
+def _find(cdf, escape, target):
+    """Binary search: the symbol s (an escape included) with cdf[s] <= target < cdf[s + 1]."""
+    lo, hi = 0, escape + 1
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if cdf[mid] <= target:
+            lo = mid
+        else:
+            hi = mid
+    return np.int64(lo)
+
+
+@numba.njit(cache=True)
 def _decode(data, state, indexes, cdfs, cdf_lengths, offsets):
     """Decode len(indexes) values, continuing from `state` and leaving it where this call stopped."""
     symbols = np.empty(indexes.size, dtype=np.int32)
     code, rng, pos = state[0], state[1], state[2]
     for i in range(indexes.size):
         k = indexes[i]
-        cdf = cdfs[k]
-        escape = cdf_lengths[k] - 2
-        target = _decode_target(code, rng, PRECISION)
-        lo, hi = 0, escape + 1      # binary search: the s with cdf[s] <= target < cdf[s + 1]
-        while hi - lo > 1:
-            mid = (lo + hi) >> 1
-            if cdf[mid] <= target:
-                lo = mid
-            else:
-                hi = mid
-        s = np.int64(lo)
+        cdf, escape = cdfs[k], cdf_lengths[k] - 2
+        s = _find(cdf, escape, _decode_target(code, rng, PRECISION))
         code, rng, pos = _decode_interval(code, rng, data, pos, cdf[s], cdf[s + 1] - cdf[s], PRECISION)
         if s == escape:
-            n_bits = _decode_target(code, rng, LENGTH_BITS)
-            code, rng, pos = _decode_interval(code, rng, data, pos, n_bits, 1, LENGTH_BITS)
-            if n_bits > MAX_RAW_BITS:
-                raise ValueError("corrupted stream: impossible escape length")
-            raw = np.int64(0)
-            while n_bits > 0:
-                chunk = min(BYPASS_CHUNK, n_bits)
-                n_bits -= chunk
-                bits = _decode_target(code, rng, chunk)
-                code, rng, pos = _decode_interval(code, rng, data, pos, bits, 1, chunk)
-                raw = (raw << chunk) | bits
-            s = -((raw + 1) >> 1) if raw & 1 else (raw >> 1) + escape
+            raw, code, rng, pos = _decode_bypass(code, rng, data, pos)
+            s = _unzigzag(raw, escape)
         value = s + offsets[k]
         if value < -(1 << 31) or value >= (1 << 31):
             raise ValueError("corrupted stream: decoded value outside int32")
