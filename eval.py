@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import taco
@@ -58,26 +57,12 @@ def evaluate(model, images, captions, lpips_models, clip, inception, folder, sav
                "encode_s": encode, "decode_s": decode}
         for convention, lpips in lpips_models.items():
             row[f"lpips_{convention}"] = float(lpips(x_hat, x))
-        features = {}
-        if inception is not None:                 # whole images, or --fid-patches: the patches of both, aligned
-            cut = metrics.patches if inception.patches else (lambda t: t)
-            for side, t in (("x", x), ("x_hat", x_hat)):
-                features[f"{inception.protocol}_{side}"] = metrics.fid_features(inception, cut(t)).numpy().ravel()
-        if clip is not None:
-            e_hat = clip.encode_image(metrics.clip_preprocess(x_hat))
-            similarity = F.cosine_similarity(e_hat, caption_embedding(clip, model.config.clip_model, own[name]))
-            row["clip_score"] = float(100 * similarity.clamp_min(0))
-            features["clip_x"] = clip.encode_image(metrics.clip_preprocess(x))[0].cpu().numpy()
-            features["clip_x_hat"] = e_hat[0].cpu().numpy()
+        # FID, KID and CMMD are figures of the whole set: keep what they need of this image (and its CLIP score)
+        scores, features = metrics.set_features(x, x_hat, inception, clip, model.config.clip_model, own[name])
+        row.update(scores)
         if save_dir:
             image_files.write_image(x_hat, os.path.join(save_dir, os.path.splitext(name)[0] + ".png"))
         yield row, features
-
-
-def caption_embedding(clip, clip_model, caption):
-    """CLIP's text embedding of `caption`, tokenized by the tokenizer of the CLIP the checkpoint names."""
-    tokens = clip_text.tokenizer(clip_model)([caption])
-    return clip.encode_text(tokens.to(next(clip.parameters()).device))
 
 
 def shuffled(captions, seed=0):

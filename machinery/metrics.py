@@ -183,6 +183,31 @@ def clip_preprocess(x, size=224):
     return (x - CLIP_MEAN.to(x)) / CLIP_STD.to(x)
 
 
+def set_features(x, x_hat, inception, clip, clip_model, caption):
+    """What the set metrics need of one image, x and x_hat (1, 3, H, W): FID/KID's Inception features (whole
+    images, or --fid-patches' patches of both at the same positions) and CMMD's CLIP embeddings of both; with CLIP,
+    also x_hat's CLIP score against `caption`, which shares the embedding. -> ({"clip_score": ...} or {},
+    {name: 1-d array}); a tower that is None adds nothing."""
+    scores, features = {}, {}
+    if inception is not None:
+        cut = patches if inception.patches else (lambda t: t)
+        for side, t in (("x", x), ("x_hat", x_hat)):
+            features[f"{inception.protocol}_{side}"] = fid_features(inception, cut(t)).numpy().ravel()
+    if clip is not None:
+        e_hat = clip.encode_image(clip_preprocess(x_hat))
+        similarity = F.cosine_similarity(e_hat, caption_embedding(clip, clip_model, caption))
+        scores["clip_score"] = float(100 * similarity.clamp_min(0))
+        features["clip_x"] = clip.encode_image(clip_preprocess(x))[0].cpu().numpy()
+        features["clip_x_hat"] = e_hat[0].cpu().numpy()
+    return scores, features
+
+
+def caption_embedding(clip, clip_model, caption):
+    """CLIP's text embedding of `caption`, tokenized by the tokenizer of the CLIP the checkpoint names."""
+    tokens = clip_text.tokenizer(clip_model)([caption])
+    return clip.encode_text(tokens.to(next(clip.parameters()).device))
+
+
 def psnr_at_bpp(curve, bpp):
     """PSNR of a [(bpp, psnr)] curve at `bpp`, linearly interpolated; None outside the curve's range."""
     rates, quality = zip(*curve)
