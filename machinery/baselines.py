@@ -12,7 +12,7 @@ from machinery.images import to_pixels
 
 # HEIC is HEVC intra through x265 (pillow-heif's libheif), set up as close to BPG as the library allows: 4:4:4,
 # constant QP (x265's qp, swept from 51 down), preset slow, tune ssim; one still image is one intra frame.
-HEVC_SETTINGS = {"chroma": 444, "preset": "slow", "tune": "ssim"}
+HEVC_CHROMA, HEVC_SETTINGS = 444, {"preset": "slow", "tune": "ssim"}
 PLUGINS = {"HEIC": ("pillow_heif", "pillow-heif"), "JXL": ("pillow_jxl", "pillow-jxl-plugin")}
 
 
@@ -39,8 +39,7 @@ def pillow_codec(x, codec, quality):
     image, buffer = Image.fromarray(array), io.BytesIO()
     settings = {"quality": quality, **({"effort": 7} if codec == "JXL" else {})}    # JPEG XL's default effort
     if codec == "HEIC":
-        settings = {"chroma": HEVC_SETTINGS["chroma"], "enc_params": {"x265:qp": str(quality),
-                                                                      **HEVC_SETTINGS}}
+        settings = {"chroma": HEVC_CHROMA, "enc_params": {"x265:qp": str(quality), **HEVC_SETTINGS}}
     start = time.perf_counter()
     image.save(buffer, format="HEIF" if codec == "HEIC" else codec, **settings)
     encode = time.perf_counter() - start

@@ -32,7 +32,9 @@ def check_device(name):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {name!r}: cpu, cuda, cuda:N (the N-th GPU) or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}: cpu, cuda, cuda:N (the N-th GPU) or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device on this machine (--device cpu runs on the CPU)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -40,8 +42,6 @@ def check_device(name):
                          f"numbered from 0")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: no MPS device on this machine (--device cpu runs on the CPU)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {name!r}: cpu, cuda, cuda:N (the N-th GPU) or mps")
     return device
 
 

@@ -58,7 +58,7 @@ def test_hevc_is_4_4_4_at_constant_qp_and_counts_its_stream_without_the_heif_box
     files = {}
     for quality in (10, 90):                                 # Pillow's quality is ignored: the QP decides
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="HEIF", quality=quality, chroma=444,
+        Image.fromarray(array).save(buffer, format="HEIF", quality=quality, chroma=baselines.HEVC_CHROMA,
                                     enc_params={"x265:qp": "30", **baselines.HEVC_SETTINGS})
         files[quality] = buffer.getvalue()
     assert files[10] == files[90]
