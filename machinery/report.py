@@ -65,8 +65,8 @@ def write_report(args, images, store):
         if row["image"] in order:                          # a resumed run may no longer hold an image
             groups.setdefault((row["checkpoint"], row["captions"]), []).append(row)
     report, curves_by_label = {"images": args.images, "checkpoints": {}, "unreadable": unreadable}, {}
-    for name, why in unreadable.items():
-        print(f"skipped (unreadable): {why}")
+    if unreadable:                                      # each was named when it was found; results.json says why
+        print(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable)}")
     for path in args.checkpoint:
         model, _ = checkpoints.load_checkpoint(path)
         entry = {"config": dataclasses.asdict(model.config), "complexity": metrics.complexity(model)}

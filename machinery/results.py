@@ -23,6 +23,12 @@ def key(row):
     return row["checkpoint"], row["captions"], row["image"]
 
 
+def append(path, row):
+    """One finished line at the end of a JSON-lines file (a kill leaves at most a cut-off last line)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def check(folder, settings, resume=False, force=False):
     """Refuse, before anything is computed or written: --resume of nothing or with other settings than the
     interrupted run's (naming the setting), and a fresh run in a folder that holds rows or results."""
@@ -58,6 +64,7 @@ class ResultStore:
         every = self.every_row()
         self.done = {key(row) for row in every if "unreadable" not in row}
         self.unreadable = {row["image"]: row["unreadable"] for row in every if "unreadable" in row}
+        self.earlier_images = {row["image"] for row in every}                  # what an interrupted run reached
 
     def prepare(self, settings, resume, force):
         check(self.folder, settings, resume, force)
@@ -80,13 +87,12 @@ class ResultStore:
                 f.write(np.asarray(value, dtype=np.float32).tobytes())
         row = dict(row, features={"file": os.path.basename(self.features_path), "offset": offset,
                                   "sizes": {name: int(np.size(value)) for name, value in features.items()}})
-        with open(self.rows_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append(self.rows_path, row)
         self.done.add(key(row))
 
     def say_what_changed(self, images):
         """A resumed run over another set of images keeps the rows of those still there: say what it changed."""
-        earlier = {row["image"] for row in self.every_row()}
+        earlier = self.earlier_images
         gone, new = sorted(earlier - set(images)), [name for name in images if name not in earlier]
         if gone:
             print(f"resuming: {len(gone)} image(s) of the earlier run are no longer in --images / --image-list "
@@ -97,8 +103,7 @@ class ResultStore:
     def add_unreadable(self, image, reason):
         """An image that cannot be read: recorded once, so that no later checkpoint, caption mode or resumed run
         tries it again, and results.json names it."""
-        with open(self.rows_path, "a") as f:
-            f.write(json.dumps({"image": image, "unreadable": reason}) + "\n")
+        append(self.rows_path, {"image": image, "unreadable": reason})
         self.unreadable[image] = reason
 
     def every_row(self):
@@ -111,8 +116,7 @@ class ResultStore:
 
     def add_baseline(self, row):
         """One finished image of a Pillow baseline's quality sweep."""
-        with open(self.baselines_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append(self.baselines_path, row)
 
     def baselines(self):
         """{(codec, image): row} of the finished baseline sweeps."""
