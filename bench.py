@@ -179,8 +179,9 @@ def reference_case(checkpoint, backbone, queue):
     conditional = model.gaussian_conditional
     levels = conditional.scale_table.double()
     nearest = conditional.build_indexes
-    round_up = lambda scales: torch.bucketize(entropy.to_cpu(scales).double().contiguous(), levels).clamp_max(   # noqa: E731
-        len(levels) - 1).to(torch.int32)
+    def round_up(scales):                                   # CompressAI's rule: the first level >= sigma
+        first_above = torch.bucketize(entropy.to_cpu(scales).double().contiguous(), levels)
+        return first_above.clamp_max(len(levels) - 1).to(torch.int32)
     rows = {}
     coco_sized = {f"{name} (crop)": photo(name)[..., :480, :640] for name in ("hubble_deep_field", "stereo_motorcycle")}
     for name, x in [*((name, photo(name)) for name in PHOTOS), *coco_sized.items()]:   # COCO's 640x480: 32 rows

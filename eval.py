@@ -278,7 +278,8 @@ def explain_one(args):
     if args.caption == "auto" and config.text_adapter:
         args.caption = captioner.auto_caption(args, pixels)
         source = f"written by {args.captioner} ({args.captioner_pretrained})"
-    with_caption, empty = explain.explain(model, image_files.to_unit(pixels), args.caption or "", args.output, lpips, source)
+    with_caption, empty = explain.explain(model, image_files.to_unit(pixels), args.caption or "", args.output, lpips,
+                                          source)
     print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
           f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 

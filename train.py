@@ -271,9 +271,9 @@ def train(cfg):
             model.attach_text_encoder(encoder)
     criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
     net = wrap(model, cfg, device, world)
-    loader = DataLoader(data.CropDataset(train_items, cfg.crop, cfg.flip), collate_fn=data.collate, num_workers=cfg.workers,
+    loader = DataLoader(data.CropDataset(train_items, cfg.crop, cfg.flip), collate_fn=data.collate,
                         batch_sampler=data.batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
-                        pin_memory=on_gpu, persistent_workers=False)
+                        num_workers=cfg.workers, pin_memory=on_gpu, persistent_workers=False)
     precision = "bf16 autocast" if on_gpu and cfg.bf16 else "fp32" + (" (TF32 convolutions)" if on_gpu else "")
     say(f"training on {device} x{world} in {precision}: {len(train_items)} images, {len(val_items)} held out, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M codec parameters, "

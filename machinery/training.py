@@ -67,26 +67,28 @@ def rd_score(mean, cfg):
     return mean["bpp"] + cfg.lmbda * 255 ** 2 * 10 ** (-mean["psnr"] / 10) + cfg.k_p * mean.get("lpips", 0)
 
 
+BASELINES = {"JPEG": "JPEG", "WEBP": "WebP"}                    # Pillow's format name: the name people know
+
+
 def compare_with_baselines(items, rows):
     """The demo's last lesson, a line per held-out photo: its real bpp and PSNR beside JPEG's and WebP's PSNR at
     that bpp, each interpolated over the codec's Pillow quality sweep and never extrapolated. -> the curves."""
     curves = {source: {codec: baselines.baseline_curve(data.load_rgb(source)[None], codec) for codec in BASELINES}
               for source, _ in items}
-    print(f"{'held-out image':16s} {'bpp':>6s} {'PSNR':>9s}" + "".join(f" {c + ' at that bpp':>17s}" for c in BASELINES.values()))
+    print(f"{'held-out image':16s} {'bpp':>6s} {'PSNR':>9s}"
+          + "".join(f" {name + ' at that bpp':>17s}" for name in BASELINES.values()))
     for (source, _), row in zip(items, rows):
         line = f"{source.split(':')[-1][:16]:16s} {row['bpp']:6.3f} {row['psnr']:6.2f} dB"
-        for codec, curve in curves[source].items():
+        for curve in curves[source].values():
             at = metrics.psnr_at_bpp(curve, row["bpp"])
-            line += f" {at:14.2f} dB" if at is not None else f" {'below its range' if row['bpp'] < curve[0][0] else 'above its range':>17s}"
+            outside = "below its range" if row["bpp"] < curve[0][0] else "above its range"
+            line += f" {at:14.2f} dB" if at is not None else f" {outside:>17s}"
         print(line)
         smallest = curves[source]["JPEG"][0]
         if row["bpp"] < smallest[0]:
             verdict = "smaller and better than" if row["psnr"] > smallest[1] else "smaller but worse than"
             print(f"{'':16s} {verdict} JPEG's smallest file ({smallest[0]:.3f} bpp, {smallest[1]:.2f} dB)")
     return curves
-
-
-BASELINES = {"JPEG": "JPEG", "WEBP": "WebP"}                    # Pillow's format name: the name people know
 
 
 def plot_demo_rd(model, items, curves, log_path, png_path):
@@ -123,8 +125,9 @@ def plot_demo_rd(model, items, curves, log_path, png_path):
         quality, jpeg_bpp, jpeg, _, _ = min(baselines.pillow_sweep(x, "JPEG"), key=lambda q: abs(q[1] - bpp))
         size = min(x.shape[-2:]) // 2
         top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        window = lambda im: im[0, :, top:top + size, left:left + size].permute(1, 2, 0).clamp(0, 1).numpy()  # noqa: E731
-        crops.imshow(np.concatenate([window(x), window(x_hat), window(jpeg)], axis=1))
+        windows = [im[0, :, top:top + size, left:left + size].permute(1, 2, 0).clamp(0, 1).numpy()
+                   for im in (x, x_hat, jpeg)]                                  # original | learned | JPEG
+        crops.imshow(np.concatenate(windows, axis=1))
         crops.set_title(f"original | learned codec {bpp:.3f} bpp, {float(metrics.psnr(x_hat, x)):.2f} dB | "
                         f"JPEG q{quality} {jpeg_bpp:.3f} bpp, {float(metrics.psnr(jpeg, x)):.2f} dB", fontsize=9)
         crops.axis("off")
@@ -186,8 +189,8 @@ def training_data(cfg, rank=0, world=1, device="cpu"):
 
 
 # Settings that shape the optimization: a resumed run must use the ones it was started with.
-RESUME_MUST_MATCH = ("data", "root", "crop", "flip", "lmbda", "k_p", "k_j", "lpips_input", "steps", "batch_size", "lr",
-                     "aux_lr", "clip_grad", "schedule", "warmup", "seed")
+RESUME_MUST_MATCH = ("data", "root", "crop", "flip", "lmbda", "k_p", "k_j", "lpips_input", "steps", "batch_size",
+                     "lr", "aux_lr", "clip_grad", "schedule", "warmup", "seed")
 
 
 def check_resumable(checkpoint, config, cfg, path):

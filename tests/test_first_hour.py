@@ -34,7 +34,8 @@ def test_codec_refuses_bad_outputs_and_devices_in_one_line_before_reading_the_ch
     (tmp_path / "folder").mkdir()
     cases = [(["compress", str(photo), "-o", str(tmp_path / "nodir" / "a.taco")], "its folder .* does not exist"),
              (["compress", str(photo), "-o", str(tmp_path / "folder"), "--force"], "is a folder"),
-             (["decompress", str(tmp_path / "a.taco"), "-o", str(tmp_path / "decoded_noext")], "extension '\\(none\\)'"),
+             (["decompress", str(tmp_path / "a.taco"), "-o", str(tmp_path / "decoded_noext")],
+              "extension '\\(none\\)'"),
              (["compress", str(photo), "--device", "gpu"], "unknown device 'gpu': cpu, cuda"),
              (["decompress", str(tmp_path / "a.taco"), "--device", "cuda:7"], "cuda")]
     for argv, message in cases:
