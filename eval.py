@@ -21,7 +21,7 @@ import torch
 
 import data
 import taco
-from machinery import captioner, checkpoints, clip_text, container, devices, explain, files, metrics, report, results
+from machinery import captioner, checkpoints, clip_text, container, devices, explain, metrics, report, results
 from machinery import images as image_files
 
 
@@ -148,7 +148,7 @@ def main(argv=None):
                         help="where the networks run (entropy coding is always on the CPU)")
     args = parser.parse_args(argv)
     if args.explain:
-        return explain_one(args)
+        return explain.from_command_line(args)            # one figure for one image (machinery/explain.py)
     if not args.images:
         parser.error("--images is required (or --explain IMAGE)")
 
@@ -246,42 +246,6 @@ def run_settings(args, images):
             "--clip-pretrained": args.clip_pretrained, "--alexnet-weights": args.alexnet_weights,
             "--fid-weights": args.fid_weights, "FID features": "torch-fidelity inception-v3-compat 2048",
             "--fid-patches": args.fid_patches, "--fid-few-images": args.fid_few_images}
-
-
-def explain_one(args):
-    """eval.py --explain: the figure of explain.py for one image and the first checkpoint."""
-    try:
-        devices.check_device(args.device)
-        files.check_output(args.output)
-        files.refuse_overwrite(args.output, args.force)
-        explain.check_output(args.output)
-    except (FileExistsError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
-    if not os.path.isfile(args.explain):
-        raise SystemExit(f"error: no such image: {args.explain}")
-    try:
-        model, _ = checkpoints.load_checkpoint(args.checkpoint[0], args.device)
-    except checkpoints.CheckpointError as error:
-        raise SystemExit(f"error: {error}")
-    config = model.config
-    if config.text_adapter and args.caption is None:
-        raise SystemExit("error: this model reads a caption: give --caption (--caption '' explains the empty one)")
-    if config.text_adapter:
-        pretrained = args.clip_pretrained or config.clip_pretrained
-        encoder = clip_text.TextEncoder(config.clip_model, pretrained, config.text_tokens)
-        model.attach_text_encoder(encoder.to(args.device))
-    try:
-        lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
-    except clip_text.WeightsUnavailable:
-        lpips = None
-    pixels, source = image_files.read_pixels(args.explain), None
-    if args.caption == "auto" and config.text_adapter:
-        args.caption = captioner.auto_caption(args, pixels)
-        source = f"written by {args.captioner} ({args.captioner_pretrained})"
-    with_caption, empty = explain.explain(model, image_files.to_unit(pixels), args.caption or "", args.output, lpips,
-                                          source)
-    print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
-          f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ STATE_BITS = 56                     # the coder's low end lives in [0, 2**56), o
 TOP = 1 << STATE_BITS
 STATE_MASK = TOP - 1
 BOTTOM = 1 << (STATE_BITS - 8)      # renormalize while range <= 2**48, so range >> 16 >= 2**32 > 0
-HEAD_BYTES = STATE_BITS // 8        # the decoder primes its state with 7 bytes
+HEAD_BYTES = STATE_BITS // 8        # the decoder primes its position (code) with the first 7 bytes
 LENGTH_BITS = 6                     # an escaped value's bit length is sent in 6 bypass bits
 MAX_RAW_BITS = 34                   # |v - offset| < 2**33 for int32 v and offsets, so raw < 2**34
 BYPASS_CHUNK = 16                   # raw bits go out 16 at a time
@@ -231,15 +231,6 @@ def _flush(state, out):
 
 
 @numba.njit(cache=True)
-def _decoder_start(data):
-    """The decoder's state (code, rng, pos) after priming it with the first 7 bytes."""
-    code = np.int64(0)
-    for pos in range(HEAD_BYTES):
-        code = (code << 8) | (data[pos] if pos < data.size else 0)
-    return np.array([code, TOP, HEAD_BYTES], dtype=np.int64)
-
-
-@numba.njit(cache=True)
 def _find(cdf, escape, target):
     """Binary search: the symbol s (an escape included) with cdf[s] <= target < cdf[s + 1]."""
     lo, hi = 0, escape + 1
@@ -336,7 +327,8 @@ class SymbolDecoder:
 
     def __init__(self, data):
         self.data = np.frombuffer(memoryview(data).toreadonly(), dtype=np.uint8)   # no copy, one numba type
-        self.state = _decoder_start(self.data)
+        head = self.data[:HEAD_BYTES].tobytes().ljust(HEAD_BYTES, b"\0")         # zeros past the end
+        self.state = np.array([int.from_bytes(head, "big"), TOP, HEAD_BYTES], dtype=np.int64)   # code, rng, pos
 
     def decode(self, indexes, cdfs, cdf_lengths, offsets):
         indexes, cdfs, cdf_lengths, offsets = _coder_arrays(indexes, cdfs, cdf_lengths, offsets)

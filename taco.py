@@ -327,10 +327,8 @@ class TACO(nn.Module):
         return next(self.parameters()).device
 
     def fits(self, image, memory):
-        """Does an image (container.describe's or unpack's) code in one piece within `memory` bytes? The transforms'
-        widest activations hold N channels at a quarter of the padded pixels in float32, about four at a time (a
-        layer's input and output, GDN's two temporaries): 4 N bytes per pixel, the bands' own estimate for g_a and g_s
-        (machinery/bands.bytes_per_output) without a band's halo."""
+        """Does an image (container.describe's or unpack's) code in one piece within `memory` bytes? 4 N bytes per
+        pixel: N float32 channels at 1/4 of the pixels, 4 copies at once (bands.bytes_per_output, without a halo)."""
         return 4 * self.config.N * image.padded[0] * image.padded[1] <= memory
 
     @torch.no_grad()

@@ -8,9 +8,6 @@ GPU or several.
 
     loss = lambda * 255^2 * MSE(x_hat, x) + bpp + k_P * LPIPS(x_hat, x) + k_J * J(x_hat, x, caption)
     J    = InfoNCE(CLIP text t, CLIP image e_hat of x_hat) + 40 * ||e_hat - e||_2
-
-||e_hat - e||_2 is one Frobenius norm over the whole batch of (normalised) image embeddings, as the reference's
-torch.norm computes it: not a norm per image, and not a mean.
 """
 import argparse
 import dataclasses
@@ -30,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import data
 import taco
-from machinery import captioner, checkpoints, clip_text, devices, explain, files, metrics, training
+from machinery import captioner, checkpoints, clip_text, devices, files, metrics, training
 
 
 def option(default, help):
@@ -215,27 +212,12 @@ def build_model(cfg, config, device, say):
     return model, optimizers, step, best
 
 
-def wrap(model, cfg, device, world):
-    """DDP across processes (the quantiles have their own optimizer and are averaged by hand), then compile."""
-    net = model
-    if world > 1:
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, ["entropy_bottleneck.quantiles"])
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
-    return torch.compile(net) if cfg.compile else net
-
-
 def checkpoint_and_validate(model, cfg, step, best, optimizers, val_items, lpips, log, progress):
     """Rank 0: validate on real bitstreams (keeping best.pt), then write latest.pt. -> best, per-image rows."""
     rows = None
     if val_items:
         mean, rows = training.validate(model, val_items, lpips)
-        per_image = {source.split(":")[-1]: row for (source, _), row in zip(val_items, rows)}   # for rd.png
-        log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}, "val_images": per_image})
-                  + "\n")
-        progress.write(f"step {step}: held-out real bpp {mean['bpp']:.3f}, PSNR {mean['psnr']:.2f} dB"
-                       + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
+        training.log_validation(step, mean, rows, val_items, log, progress)     # log.jsonl row, one line shown
         if training.rd_score(mean, cfg) < best:
             best = training.rd_score(mean, cfg)
             checkpoints.save_checkpoint(os.path.join(cfg.out, "best.pt"), model, step=step, val=mean,
@@ -270,7 +252,7 @@ def train(cfg):
         if cfg.text_adapter:
             model.attach_text_encoder(encoder)
     criterion = JointLoss(cfg.lmbda, cfg.k_p, cfg.k_j, lpips, clip_visual).to(device)
-    net = wrap(model, cfg, device, world)
+    net = training.wrap(model, cfg, device, world)      # DDP across processes, then torch.compile
     loader = DataLoader(data.CropDataset(train_items, cfg.crop, cfg.flip), collate_fn=data.collate,
                         batch_sampler=data.batches(len(train_items), cfg.batch_size, rank, world, cfg.seed, step),
                         num_workers=cfg.workers, pin_memory=on_gpu, persistent_workers=False)
@@ -320,7 +302,7 @@ def train(cfg):
     progress.close()
     if rank == 0:
         log.close()
-        finish(model, cfg, val_items, val_rows if step == cfg.steps else None, lpips)
+        training.finish(model, cfg, val_items, val_rows if step == cfg.steps else None, lpips)   # plots, report
     if world > 1:
         dist.destroy_process_group()
 
@@ -343,25 +325,6 @@ def optimization_step(model, optimizers, loss, clip_grad, world):
         quantiles.grad /= world
     aux_optimizer.step()
     return aux_loss
-
-
-def finish(model, cfg, val_items, val_rows, lpips):
-    """Rank 0, after the loop: the curves; at the end of a run with held-out images (unless --no-final-report),
-    the comparison with JPEG and WebP at equal bpp, its picture (rd.png), and where the first one's bits go
-    (explain.png)."""
-    training.plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
-    print(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
-    if val_rows and cfg.final_report:
-        curves = training.compare_with_baselines(val_items, val_rows)
-        training.plot_demo_rd(model, val_items, curves, os.path.join(cfg.out, "log.jsonl"),
-                              os.path.join(cfg.out, "rd.png"))
-        print(f"{cfg.out}/rd.png: the learned codec's point at each validation step beside JPEG's and WebP's curves")
-        source, captions = val_items[0]
-        figure = os.path.join(cfg.out, "explain.png")
-        explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)
-        name = os.path.basename(source.split(":")[-1])
-        print(f"{figure}: where the bits of {name} go" + (" and what its caption changed" if cfg.text_adapter
-                                                           else ""))
 
 
 def parse_args(argv=None):
@@ -394,7 +357,4 @@ if __name__ == "__main__":
     except (checkpoints.CheckpointError, clip_text.WeightsUnavailable, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        latest = os.path.join(cfg.out, "latest.pt")
-        where = f"{latest} holds step {torch.load(latest, weights_only=True, mmap=True)['step']}" \
-            if os.path.isfile(latest) else "no checkpoint was written yet"
-        sys.exit(f"interrupted: {where}; the same command with --resume continues from it")
+        sys.exit(training.interrupted(cfg.out))                     # one line: where --resume would continue

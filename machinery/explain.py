@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import taco
-from machinery import container, files, metrics
+from machinery import captioner, checkpoints, clip_text, container, devices, files, metrics
+from machinery.images import read_pixels, to_unit
 
 
 def injectors(model):
@@ -198,3 +199,38 @@ def explain(model, x, caption, path, lpips=None, source=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure(model, with_caption, empty, path, lpips, stand_in, source)
     return with_caption, empty
+
+
+def from_command_line(args):
+    """eval.py --explain: the figure of explain.py for one image and the first checkpoint."""
+    try:
+        devices.check_device(args.device)
+        files.check_output(args.output)
+        files.refuse_overwrite(args.output, args.force)
+        check_output(args.output)
+    except (FileExistsError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    if not os.path.isfile(args.explain):
+        raise SystemExit(f"error: no such image: {args.explain}")
+    try:
+        model, _ = checkpoints.load_checkpoint(args.checkpoint[0], args.device)
+    except checkpoints.CheckpointError as error:
+        raise SystemExit(f"error: {error}")
+    config = model.config
+    if config.text_adapter and args.caption is None:
+        raise SystemExit("error: this model reads a caption: give --caption (--caption '' explains the empty one)")
+    if config.text_adapter:
+        pretrained = args.clip_pretrained or config.clip_pretrained
+        encoder = clip_text.TextEncoder(config.clip_model, pretrained, config.text_tokens)
+        model.attach_text_encoder(encoder.to(args.device))
+    try:
+        lpips = metrics.load_lpips("reference", args.alexnet_weights).to(args.device)
+    except clip_text.WeightsUnavailable:
+        lpips = None
+    pixels, source = read_pixels(args.explain), None
+    if args.caption == "auto" and config.text_adapter:
+        args.caption = captioner.auto_caption(args, pixels)
+        source = f"written by {args.captioner} ({args.captioner_pretrained})"
+    with_caption, empty = explain(model, to_unit(pixels), args.caption or "", args.output, lpips, source)
+    print(f"{args.output}: {with_caption['bpp']:.4f} bpp, {with_caption['psnr']:.2f} dB with the caption; "
+          f"{empty['bpp']:.4f} bpp, {empty['psnr']:.2f} dB without")

@@ -17,11 +17,17 @@ every partial sum of every output is an integer below 2**52 in magnitude, whatev
 float64 -- which holds such integers exactly -- computes it exactly on any BLAS and any device. Convolutions
 run as sums of matrix products (one per kernel tap): plain multiply-adds, never Winograd or FFT.
 ReLU is max(a, 0); LeakyReLU's slope becomes a multiply by an integer and a shift.
+
+Read `integer_conv` first: the whole computation over a whole small image, in a few lines, which can be checked
+against the float convolution. `IntegerConv` converts a layer, and its `__call__` is the engine that coding runs:
+the same integers, computed tap by tap, so that bands of a large image (bands.py) need no k*k copies of their
+input and ELIC's checkerboard skips the taps it knows read zeros (tests/test_integer.py holds it to the definition).
 """
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from machinery import container, devices
 
@@ -40,6 +46,22 @@ def to_fixed(x):
 def powers_of_two(exponents):
     """Exact 2**e for each integer e (math.ldexp is exact by definition; a float pow need not be)."""
     return torch.tensor([math.ldexp(1.0, int(e)) for e in exponents], dtype=torch.float64)
+
+
+def integer_conv(layer, a):
+    """The definition, over a whole image: a (B, Cin, H, W) integers at 2**FRACTION_BITS -> the integers at
+    2**FRACTION_BITS that the IntegerConv `layer` gives. Every product and partial sum is an integer below 2**52
+    (the shifts see to it), so float64 holds each exactly and torch's own convolution, summing in any order, is
+    exact -- run without cuDNN, whose algorithms may transform the inputs (FFT, Winograd) and round. Checked
+    against the float layer: integer_conv(IntegerConv(conv), to_fixed(x)) * 2**-FRACTION_BITS is conv(x) to
+    within the rounding of x and of the weights."""
+    convolve = F.conv_transpose2d if layer.transposed else F.conv2d
+    extra = {"output_padding": layer.output_padding} if layer.transposed else {}
+    with torch.backends.cudnn.flags(enabled=False):
+        total = convolve(a.double(), layer.weight.to(a.device), layer.bias.to(a.device), layer.stride, layer.padding,
+                         **extra)                                              # (B, Cout, H', W')
+    down = layer.down.to(a.device).view(1, -1, 1, 1)                           # 2**-s_c: back to 2**FRACTION_BITS
+    return total.mul_(down).add_(0.5).floor_().clamp_(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)   # round half up, exact
 
 
 class IntegerConv:
@@ -106,7 +128,7 @@ class IntegerConv:
         return shifts
 
     def __call__(self, a):
-        """a (B, Cin, H, W) integers -> (B, Cout, H', W') integers, both at 2**FRACTION_BITS.
+        """a (B, Cin, H, W) integers -> (B, Cout, H', W') integers, both at 2**FRACTION_BITS: integer_conv's result.
 
         A k x k convolution is k*k shifted matrix products, summed: out[u, v] += x[u + dy, v + dx] @ w[dy, dx].
         With x channels-last and zero-padded, row-major (padded rows, padded width Wp, Cin), the inputs of tap
@@ -135,7 +157,7 @@ class IntegerConv:
                     start = (top + dy) * Wp + left + dx
                     total.addmm_(flat[b, start:start + rows * Wp], taps[ty, tx])   # exact: integers < 2**52
                 out[b, py::sy, px::sx] = total.view(rows, Wp, -1)[:, :columns]
-        out.mul_(down).add_(0.5).floor_().clamp_(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)  # round half up, exact
+        out.mul_(down).add_(0.5).floor_().clamp_(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)  # as integer_conv rounds
         return out.permute(0, 3, 1, 2)                                          # (B, Cout, H', W')
 
     def output_length(self, n, dim):

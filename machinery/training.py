@@ -1,14 +1,16 @@
 """What a training run needs beyond the loop (train.py): the frozen towers with their offline stand-ins, the
-training data, resume checks, validation on real bitstreams, and the curves."""
+training data, resume checks, DDP, validation on real bitstreams, the curves and the end-of-run report."""
 import dataclasses
+import json
 import os
 import sys
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import data
-from machinery import baselines, captioner, checkpoints, clip_text, files, metrics
+from machinery import baselines, captioner, checkpoints, clip_text, explain, files, metrics
 from machinery.images import read_pixels
 
 
@@ -60,6 +62,22 @@ def validate(model, items, lpips=None):
     model.train()
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     return mean, rows
+
+
+def log_validation(step, mean, rows, items, log, progress):
+    """A validation's row in log.jsonl (the mean and each image's, for rd.png) and its line under the progress bar."""
+    per_image = {source.split(":")[-1]: row for (source, _), row in zip(items, rows)}
+    log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in mean.items()}, "val_images": per_image}) + "\n")
+    progress.write(f"step {step}: held-out real bpp {mean['bpp']:.3f}, PSNR {mean['psnr']:.2f} dB"
+                   + (f", LPIPS {mean['lpips']:.4f}" if "lpips" in mean else ""))
+
+
+def interrupted(out):
+    """What Ctrl-C leaves, in one line: the step latest.pt holds, and how to go on."""
+    latest = os.path.join(out, "latest.pt")
+    where = f"{latest} holds step {torch.load(latest, weights_only=True, mmap=True)['step']}" \
+        if os.path.isfile(latest) else "no checkpoint was written yet"
+    return f"interrupted: {where}; the same command with --resume continues from it"
 
 
 def rd_score(mean, cfg):
@@ -238,3 +256,33 @@ def plot_log(log_path, png_path):
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
+
+
+def wrap(model, cfg, device, world):
+    """DDP across processes (the quantiles have their own optimizer and are averaged by hand), then compile."""
+    net = model
+    if world > 1:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, ["entropy_bottleneck.quantiles"])
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
+    return torch.compile(net) if cfg.compile else net
+
+
+def finish(model, cfg, val_items, val_rows, lpips):
+    """Rank 0, after the loop: the curves; at the end of a run with held-out images (unless --no-final-report),
+    the comparison with JPEG and WebP at equal bpp, its picture (rd.png), and where the first one's bits go
+    (explain.png)."""
+    plot_log(os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "curves.png"))
+    print(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
+    if val_rows and cfg.final_report:
+        curves = compare_with_baselines(val_items, val_rows)
+        plot_demo_rd(model, val_items, curves, os.path.join(cfg.out, "log.jsonl"),
+                              os.path.join(cfg.out, "rd.png"))
+        print(f"{cfg.out}/rd.png: the learned codec's point at each validation step beside JPEG's and WebP's curves")
+        source, captions = val_items[0]
+        figure = os.path.join(cfg.out, "explain.png")
+        explain.explain(model.eval(), data.load_rgb(source)[None], captions[0], figure, lpips)
+        name = os.path.basename(source.split(":")[-1])
+        print(f"{figure}: where the bits of {name} go" + (" and what its caption changed" if cfg.text_adapter
+                                                           else ""))

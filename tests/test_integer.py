@@ -41,14 +41,15 @@ def model_for(config, encoder):
                                   nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(3, 4, 5, 2, 2, 1),
                                   nn.ConvTranspose2d(3, 4, 3, 1, 1), nn.ConvTranspose2d(3, 4, (4, 3), (3, 2), 1)],
                          ids=["3x3", "5x3", "1x1", "transposed-5x5/2", "transposed-3x3/1", "transposed-4x3/(3,2)"])
-def test_integer_convolution_is_the_exact_integer_formula(conv):
-    """Against an independent integer computation: int64 products summed by F.conv2d in float64 would be the
-    same thing; here numpy int64 does the multiply-adds one output at a time."""
+def test_integer_convolution_engine_and_definition_are_the_exact_integer_formula(conv):
+    """The engine (IntegerConv, tap by tap) and the definition (integer_conv, torch's convolution in float64) give
+    the same integers, and both are the formula: int64 products summed in int64, rounded half up by the shift."""
     torch.manual_seed(0)
     transposed = isinstance(conv, nn.ConvTranspose2d)
     layer = integer.IntegerConv(conv.double())
     a = torch.randint(-2 ** 20, 2 ** 20, (2, 3, 5, 6)).double()
     out = layer(a)
+    assert torch.equal(out, integer.integer_conv(layer, a))
     w = layer.weight.long().numpy()
     reference = (F.conv_transpose2d if transposed else F.conv2d)(
         torch.from_numpy(a.long().numpy()).double(), torch.from_numpy(w).double(), None, conv.stride,
@@ -60,6 +61,22 @@ def test_integer_convolution_is_the_exact_integer_formula(conv):
         assert np.array_equal(out[:, c].numpy(), expected)
     bound = integer.ACTIVATION_LIMIT * layer.weight.abs().transpose(0, 1 if transposed else 0).flatten(1).sum(1)
     assert (bound + layer.bias.abs() < integer.EXACT_LIMIT).all()             # every partial sum is exact
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 5, 3, 1, 1), nn.ConvTranspose2d(6, 5, 5, 2, 2, 1)],
+                         ids=["3x3", "transposed-5x5/2"])
+def test_the_definition_is_the_float_convolution_to_its_resolution(conv):
+    """integer_conv over to_fixed(x), back at 2**-16, against the float layer in float64: off by no more than the
+    rounding of x and of the weights (each below half a unit of their grids) could make it."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 7, 8, dtype=torch.float64) * 4
+    layer = integer.IntegerConv(conv)
+    approx = integer.integer_conv(layer, integer.to_fixed(x)) * 2.0 ** -integer.FRACTION_BITS
+    with torch.no_grad():
+        exact = conv.double()(x)
+    weight_error = (x.abs().max() * 2.0 ** -layer.shifts.double().min() * conv.weight[0].numel() / 2).item()
+    input_error = conv.weight.abs().sum().item() * 2.0 ** -integer.FRACTION_BITS / 2
+    assert (approx - exact).abs().max() <= weight_error + input_error + 2.0 ** -integer.FRACTION_BITS
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(3, 4, 3, dilation=2),
