@@ -13,7 +13,7 @@ from test_train import ROOT, TINY_RUN, free_port
 import eval as evaluation
 import taco
 import train
-from machinery import checkpoints, clip_text
+from machinery import checkpoints, clip_text, integer
 
 pytestmark = pytest.mark.gpu
 
@@ -42,6 +42,18 @@ def test_compress_on_the_gpu_decodes_on_the_gpu_and_on_the_cpu(config):
     on_gpu = model.decompress(data).cpu()
     on_cpu = model.cpu().decompress(data)
     assert (on_gpu - on_cpu).abs().max() <= 2 / 255                     # g_s may round differently
+
+
+def test_the_integer_engine_and_definition_give_the_cpus_integers_on_the_gpu():
+    """Exact float64 arithmetic is exact on any device: cuBLAS's summation orders (the engine) and torch's
+    convolution without cuDNN (the definition) give the CPU's integers, for a convolution and a transposed one."""
+    torch.manual_seed(0)
+    for conv in (torch.nn.Conv2d(24, 16, 3, 1, 1), torch.nn.ConvTranspose2d(24, 16, 5, 2, 2, 1)):
+        layer = integer.IntegerConv(conv)
+        a = torch.randint(-2 ** 24, 2 ** 24, (1, 24, 9, 11)).double()
+        on_cpu = layer(a)
+        assert torch.equal(layer(a.cuda()).cpu(), on_cpu)
+        assert torch.equal(integer.integer_conv(layer, a.cuda()).cpu(), on_cpu)
 
 
 def test_eval_runs_its_networks_on_the_gpu(weights_folder, alexnet_weights, tmp_path):
