@@ -277,8 +277,7 @@ def finish(model, cfg, val_items, val_rows, lpips):
     print(f"checkpoints in {cfg.out}/ (latest.pt" + (", best.pt)" if val_items else ")"))
     if val_rows and cfg.final_report:
         curves = compare_with_baselines(val_items, val_rows)
-        plot_demo_rd(model, val_items, curves, os.path.join(cfg.out, "log.jsonl"),
-                              os.path.join(cfg.out, "rd.png"))
+        plot_demo_rd(model, val_items, curves, os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "rd.png"))
         print(f"{cfg.out}/rd.png: the learned codec's point at each validation step beside JPEG's and WebP's curves")
         source, captions = val_items[0]
         figure = os.path.join(cfg.out, "explain.png")
